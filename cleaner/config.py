@@ -1,0 +1,153 @@
+"""Typed, validated job configuration: loaded from YAML, overridable with key=value pairs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+
+class ConfigError(ValueError):
+    """A job configuration that cannot be loaded or does not validate."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Strict):
+    """Where the shards are and how their samples are labelled."""
+
+    input: str | list[str] = Field(
+        description="folder, s3:// prefix, brace pattern (shard-{000..009}.tar) or list of these"
+    )
+    classes: str = Field(description="class spec YAML (local, file:// or s3://); 'demo' = bundled")
+    image_extensions: list[str] = ["jpg", "jpeg", "png", "webp", "bmp"]
+
+
+class ModelConfig(_Strict):
+    """Which CLIP scores the images (any open_clip model)."""
+
+    name: str = "tiny-clip-shapes"
+    pretrained: str | None = Field(
+        default=None, description="open_clip tag, local path, file:// or s3:// checkpoint"
+    )
+    config_file: str | None = Field(
+        default=None, description="extra open_clip model config JSON (local or s3://)"
+    )
+    cache_dir: str | None = Field(default=None, description="per-node cache for s3:// files")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+
+
+class ScoringConfig(_Strict):
+    """The Ray Data scoring stage."""
+
+    batch_size: int = Field(default=256, gt=0)
+    min_actors: int = Field(default=1, gt=0)
+    max_actors: int = Field(default=2, gt=0)
+    gpus_per_actor: float | Literal["auto"] = "auto"
+    cpus_per_actor: float = Field(default=1.0, gt=0)
+    read_batch_size: int = Field(default=256, gt=0, description="samples per block from a shard")
+    tau: float = Field(default=0.07, gt=0)
+    top_k: int = Field(default=5, gt=0)
+
+    @field_validator("max_actors")
+    @classmethod
+    def _max_at_least_min(cls, v: int, info) -> int:
+        low = info.data.get("min_actors", 1)
+        if v < low:
+            raise ValueError(f"max_actors ({v}) must be >= min_actors ({low})")
+        return v
+
+
+class SelectionConfig(_Strict):
+    """The global clean-sample selection (METHOD.md sections 2-3)."""
+
+    theta_gmm: float = Field(default=0.5, ge=0.0, le=1.0)
+    theta_cons: float = Field(default=0.8, ge=0.0, le=1.0)
+    gmm: Literal["per_class", "global"] = "per_class"
+    probe: Literal["insample", "crossfit", "none"] = "crossfit"
+    probe_folds: int = Field(default=5, ge=2)
+    probe_c: float = Field(default=1.0, gt=0)
+    suggest_min_confidence: float = Field(
+        default=0.5, ge=0.0, le=1.0, description="suggest a label only this confident or more"
+    )
+
+
+class RayConfig(_Strict):
+    """How the job reaches Ray: an address, RAY_ADDRESS, or a new local instance."""
+
+    address: str | None = None
+    num_cpus: int | None = Field(default=None, gt=0)
+
+
+class CleanJobConfig(_Strict):
+    """Everything the cleaning job needs; written beside its outputs."""
+
+    data: DataConfig
+    output: str = Field(description="output folder URI (local, file:// or s3://)")
+    model: ModelConfig = ModelConfig()
+    scoring: ScoringConfig = ScoringConfig()
+    selection: SelectionConfig = SelectionConfig()
+    ray: RayConfig = RayConfig()
+    seed: int = 0
+    resume: bool = Field(default=True, description="skip shards whose scores already exist")
+
+    def fingerprint(self, *parts: str) -> str:
+        """A short hash of what decides the scores (model, classes, tau): reused scores must match."""
+        payload = json.dumps(
+            [self.model.model_dump(exclude={"cache_dir"}), self.scoring.tau, *parts],
+            sort_keys=True,
+        )
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b.c=value` overrides (values parsed as YAML) to a nested mapping, in place."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        key, raw = item.split("=", 1)
+        parts = [p for p in key.strip().split(".") if p]
+        if not parts:
+            raise ConfigError(f"override {item!r} has an empty key")
+        node = data
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is not a section")
+            node = child
+        try:
+            node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override {item!r}: value is not valid YAML: {err}") from None
+    return data
+
+
+def load_config(
+    path: str | Path | None, overrides: list[str] | None = None, model: type[BaseModel] = CleanJobConfig
+):
+    """Load a YAML config, apply overrides, validate. Raises ConfigError naming each problem."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+        data = loaded or {}
+    apply_overrides(data, overrides or [])
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}" for e in err.errors()
+        )
+        raise ConfigError(f"invalid config: {problems}") from None

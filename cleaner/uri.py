@@ -1,0 +1,143 @@
+"""One way to reach files: local paths, file:// and s3:// URIs, through pyarrow.fs.
+
+S3-compatible endpoints come from the standard AWS environment (AWS_ENDPOINT_URL,
+AWS_DEFAULT_REGION / AWS_REGION, credentials chain); no keys are ever passed in code.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import uuid
+from collections.abc import Iterable
+from pathlib import Path
+
+import pyarrow.fs as pafs
+from braceexpand import braceexpand
+
+S3_RETRY_ATTEMPTS = 8
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith("s3://")
+
+
+def _strip_file_scheme(uri: str) -> str:
+    return uri[len("file://") :] if uri.startswith("file://") else uri
+
+
+def s3_filesystem() -> pafs.S3FileSystem:
+    """An S3 filesystem honouring AWS_ENDPOINT_URL and the region env vars, with retries."""
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    kwargs: dict = {"retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=S3_RETRY_ATTEMPTS)}
+    if endpoint:
+        kwargs["endpoint_override"] = endpoint
+        if endpoint.startswith("http://"):
+            kwargs["scheme"] = "http"
+        kwargs["region"] = region or "us-east-1"
+    elif region:
+        kwargs["region"] = region
+    return pafs.S3FileSystem(**kwargs)
+
+
+def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path inside it) for a local path, file:// or s3:// URI."""
+    if is_s3(uri):
+        return s3_filesystem(), uri[len("s3://") :].rstrip("/")
+    if "://" in uri and not uri.startswith("file://"):
+        raise ValueError(f"unsupported URI scheme in {uri!r} (use a local path, file:// or s3://)")
+    return pafs.LocalFileSystem(), os.path.abspath(_strip_file_scheme(uri))
+
+
+def join(uri: str, *parts: str) -> str:
+    """Join path parts onto a URI (keeps the scheme)."""
+    if is_s3(uri):
+        return "s3://" + posixpath.join(uri[len("s3://") :].rstrip("/"), *parts)
+    return os.path.join(_strip_file_scheme(uri), *parts)
+
+
+def basename(uri: str) -> str:
+    return posixpath.basename(uri.rstrip("/"))
+
+
+def exists(uri: str) -> bool:
+    fs, path = resolve(uri)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def makedirs(uri: str) -> None:
+    """Create a folder (no-op on S3, where folders are implicit)."""
+    if not is_s3(uri):
+        fs, path = resolve(uri)
+        fs.create_dir(path, recursive=True)
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = resolve(uri)
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
+def read_text(uri: str) -> str:
+    return read_bytes(uri).decode("utf-8")
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write a whole file atomically: a temp name then rename locally, a single PUT on S3."""
+    fs, path = resolve(uri)
+    if is_s3(uri):
+        with fs.open_output_stream(path) as f:
+            f.write(data)
+        return
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def write_text(uri: str, text: str) -> None:
+    write_bytes(uri, text.encode("utf-8"))
+
+
+def list_files(uri: str, suffix: str = "") -> list[str]:
+    """All files under a folder or prefix (recursive) ending with `suffix`, sorted, as URIs."""
+    fs, path = resolve(uri)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"no such folder or prefix: {uri}")
+    if info.type == pafs.FileType.File:
+        return [uri] if uri.endswith(suffix) else []
+    selector = pafs.FileSelector(path, recursive=True)
+    found = [
+        f.path
+        for f in fs.get_file_info(selector)
+        if f.type == pafs.FileType.File and f.path.endswith(suffix)
+    ]
+    prefix = "s3://" if is_s3(uri) else ""
+    return sorted(prefix + p for p in found)
+
+
+def expand_shard_spec(spec: str | Iterable[str]) -> list[str]:
+    """Shard URIs from a folder/prefix (all *.tar below it), a brace pattern, a file, or a list."""
+    specs = [spec] if isinstance(spec, str) else list(spec)
+    shards: list[str] = []
+    for item in specs:
+        if "{" in item:
+            shards.extend(braceexpand(item))
+        elif item.endswith(".tar"):
+            shards.append(item)
+        else:
+            found = list_files(item, ".tar")
+            if not found:
+                raise FileNotFoundError(f"no .tar shards found under {item}")
+            shards.extend(found)
+    if not shards:
+        raise FileNotFoundError(f"no shards in {spec!r}")
+    missing = [s for s in shards if not exists(s)]
+    if missing:
+        more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
+        raise FileNotFoundError(f"shard(s) not found: {', '.join(missing[:3])}{more}")
+    seen: set[str] = set()
+    return [s for s in shards if not (s in seen or seen.add(s))]
