@@ -129,7 +129,9 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 
 def load_config(
-    path: str | Path | None, overrides: list[str] | None = None, model: type[BaseModel] = CleanJobConfig
+    path: str | Path | None,
+    overrides: list[str] | None = None,
+    model: type[BaseModel] = CleanJobConfig,
 ):
     """Load a YAML config, apply overrides, validate. Raises ConfigError naming each problem."""
     data: dict[str, Any] = {}

@@ -101,9 +101,11 @@ class LoadedClip:
 
     @property
     def embed_dim(self) -> int:
-        return int(self.model.text_projection.shape[1]) if hasattr(
-            self.model, "text_projection"
-        ) and self.model.text_projection is not None else int(self.model.visual.output_dim)
+        return (
+            int(self.model.text_projection.shape[1])
+            if hasattr(self.model, "text_projection") and self.model.text_projection is not None
+            else int(self.model.visual.output_dim)
+        )
 
 
 def load_clip(config: ModelConfig, device: str | torch.device | None = None) -> LoadedClip:
@@ -124,7 +126,7 @@ def load_clip(config: ModelConfig, device: str | torch.device | None = None) -> 
         bundled = ASSETS_DIR / f"{name}.pt"
         pretrained = str(bundled) if bundled.exists() else None
     target = select_device(str(device) if device is not None else None)
-    model, _, preprocess = open_clip.create_model_and_transforms(
+    model = open_clip.create_model(
         name, pretrained=pretrained, device=target, cache_dir=config.cache_dir
     )
     model.eval().requires_grad_(False)

@@ -30,7 +30,9 @@ def s3_filesystem() -> pafs.S3FileSystem:
     """An S3 filesystem honouring AWS_ENDPOINT_URL and the region env vars, with retries."""
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-    kwargs: dict = {"retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=S3_RETRY_ATTEMPTS)}
+    kwargs: dict = {
+        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=S3_RETRY_ATTEMPTS)
+    }
     if endpoint:
         kwargs["endpoint_override"] = endpoint
         if endpoint.startswith("http://"):

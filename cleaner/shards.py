@@ -1,0 +1,237 @@
+"""Reading WebDataset tar shards into labelled, decoded samples; failures become rows.
+
+A sample is the group of consecutive tar members sharing a key (the member path up to the
+first dot of its file name, as in webdataset). Its label comes from `{key}.cls` (an integer
+or a class name) or `{key}.json` ("label"; "true_label" when the truth is known).
+Nothing is dropped: a sample that cannot be used is emitted with status "failed" and a
+reason, and a shard that cannot be read completely adds a shard-level failure row.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image
+
+from cleaner import uri as uri_lib
+
+STATUS_OK = "ok"
+STATUS_FAILED = "failed"
+SHARD_ERROR_PREFIX = "__shard_error__"
+MISSING_LABEL = -1
+
+
+@dataclass
+class RawSample:
+    """The members of one sample: extension (lower case) -> bytes."""
+
+    key: str
+    members: dict[str, bytes] = field(default_factory=dict)
+    problem: str | None = None
+
+
+def split_member_name(name: str) -> tuple[str, str]:
+    """('dir/abc', 'jpg') for 'dir/abc.jpg'; the key ends at the first dot of the file name."""
+    directory, _, filename = name.rpartition("/")
+    stem, dot, ext = filename.partition(".")
+    key = f"{directory}/{stem}" if directory else stem
+    return key, (ext.lower() if dot else "")
+
+
+def iter_tar_samples(stream) -> Iterator[RawSample]:
+    """Group a tar stream's members into samples; raises tarfile/OS errors on a broken tar."""
+    current: RawSample | None = None
+    finished: set[str] = set()
+    with tarfile.open(fileobj=stream, mode="r|") as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            key, ext = split_member_name(member.name)
+            if key.startswith("__") or key.startswith("."):
+                continue  # webdataset metadata members
+            data = tar.extractfile(member).read()
+            if current is not None and key != current.key:
+                finished.add(current.key)
+                yield current
+                current = None
+            if current is None:
+                current = RawSample(key)
+                if key in finished:
+                    current.problem = (
+                        f"tar members of key {key!r} are not contiguous (key seen earlier in shard)"
+                    )
+            current.members[ext] = data
+    if current is not None:
+        yield current
+
+
+def parse_label(value, class_names: list[str]) -> tuple[int, str | None]:
+    """(label, None) or (MISSING_LABEL, reason) from an int, a digit string or a class name."""
+    if isinstance(value, bool):
+        return MISSING_LABEL, f"label {value!r} is not an integer or class name"
+    if isinstance(value, (int, np.integer)):
+        label = int(value)
+    elif isinstance(value, str):
+        text = value.strip()
+        if text.lstrip("-").isdigit():
+            label = int(text)
+        elif text in class_names:
+            return class_names.index(text), None
+        else:
+            return MISSING_LABEL, f"label {text!r} is neither an integer nor a known class name"
+    else:
+        return MISSING_LABEL, f"label {value!r} is not an integer or class name"
+    if not 0 <= label < len(class_names):
+        return MISSING_LABEL, f"label {label} out of range [0, {len(class_names)})"
+    return label, None
+
+
+def sample_labels(sample: RawSample, class_names: list[str]) -> tuple[int, int, str | None]:
+    """(label, true_label, problem) for a sample; true_label is -1 when unknown."""
+    meta: dict = {}
+    if "json" in sample.members:
+        try:
+            loaded = json.loads(sample.members["json"].decode("utf-8"))
+            meta = loaded if isinstance(loaded, dict) else {}
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            return MISSING_LABEL, MISSING_LABEL, f"unreadable .json: {err}"
+    true_label = MISSING_LABEL
+    if "true_label" in meta:
+        parsed, problem = parse_label(meta["true_label"], class_names)
+        true_label = parsed if problem is None else MISSING_LABEL
+    if "cls" in sample.members:
+        try:
+            raw = sample.members["cls"].decode("utf-8")
+        except UnicodeDecodeError:
+            return MISSING_LABEL, true_label, "unreadable .cls (not UTF-8 text)"
+        label, problem = parse_label(raw, class_names)
+    elif "label" in meta:
+        label, problem = parse_label(meta["label"], class_names)
+    else:
+        return MISSING_LABEL, true_label, "no label (.cls or .json 'label')"
+    return label, true_label, problem
+
+
+def decode_image(data: bytes, size: int) -> np.ndarray:
+    """Decode, convert to RGB, resize the short side to `size` (bicubic), centre-crop: uint8 HxWx3."""
+    with Image.open(io.BytesIO(data)) as img:
+        img.load()
+        rgb = img.convert("RGB")
+    width, height = rgb.size
+    if width < 1 or height < 1:
+        raise ValueError("empty image")
+    scale = size / min(width, height)
+    new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
+    if (new_w, new_h) != (width, height):
+        rgb = rgb.resize((new_w, new_h), Image.Resampling.BICUBIC)
+    left, top = (new_w - size) // 2, (new_h - size) // 2
+    return np.asarray(rgb.crop((left, top, left + size, top + size)), dtype=np.uint8)
+
+
+def find_image(sample: RawSample, extensions: list[str]) -> bytes | None:
+    for ext in extensions:
+        if ext in sample.members:
+            return sample.members[ext]
+    return None
+
+
+class _BatchBuilder:
+    """Accumulates decoded rows and hands them out as column batches."""
+
+    def __init__(self, shard: str, image_size: int):
+        self.shard, self.image_size = shard, image_size
+        self.rows: list[tuple] = []
+        self.position = 0
+
+    def add(self, key, label, true_label, image, status, reason) -> None:
+        self.rows.append((self.position, key, label, true_label, image, status, reason))
+        self.position += 1
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def flush(self, count: int | None = None, shard_total: int = -1) -> dict[str, np.ndarray]:
+        """Hand out the first `count` rows (all by default) as columns."""
+        count = len(self.rows) if count is None else count
+        taken, self.rows = self.rows[:count], self.rows[count:]
+        positions, keys, labels, truths, images, statuses, reasons = zip(*taken, strict=True)
+        n = len(keys)
+        return {
+            "key": np.array(keys, dtype=object),
+            "shard_pos": np.array(positions, dtype=np.int64),
+            "shard": np.array([self.shard] * n, dtype=object),
+            "label": np.array(labels, dtype=np.int64),
+            "true_label": np.array(truths, dtype=np.int64),
+            "image": np.stack(images),
+            "status": np.array(statuses, dtype=object),
+            "reason": np.array(reasons, dtype=object),
+            "shard_total": np.full(n, shard_total, dtype=np.int64),
+        }
+
+
+def read_shard(
+    shard: str,
+    *,
+    class_names: list[str],
+    image_size: int,
+    extensions: list[str],
+    batch_size: int = 256,
+) -> Iterator[dict[str, np.ndarray]]:
+    """Yield column batches of decoded samples of one shard; the last batch carries the total.
+
+    Every sample of the shard appears exactly once, failed ones with a reason; a shard
+    that cannot be opened or is truncated adds one failure row keyed SHARD_ERROR_PREFIX.
+    """
+    builder = _BatchBuilder(shard, image_size)
+    blank = np.zeros((image_size, image_size, 3), dtype=np.uint8)
+    total = 0
+    try:
+        fs, path = uri_lib.resolve(shard)
+        with fs.open_input_stream(path) as stream:
+            for sample in iter_tar_samples(stream):
+                total += 1
+                label, true_label, problem = sample_labels(sample, class_names)
+                problem = sample.problem or problem
+                image = blank
+                if problem is None:
+                    data = find_image(sample, extensions)
+                    if data is None:
+                        problem = f"no image member (expected one of {', '.join(extensions)})"
+                    else:
+                        try:
+                            image = decode_image(data, image_size)
+                        except (OSError, ValueError, Image.DecompressionBombError) as err:
+                            problem = f"image decode error: {type(err).__name__}: {err}"
+                            image = blank
+                status = STATUS_OK if problem is None else STATUS_FAILED
+                builder.add(sample.key, label, true_label, image, status, problem or "")
+                if len(builder) > batch_size:  # keep a row back to carry the shard total
+                    yield builder.flush(batch_size)
+    except (tarfile.TarError, OSError, EOFError) as err:
+        total += 1
+        reason = f"shard unreadable after {total - 1} samples: {type(err).__name__}: {err}"
+        builder.add(
+            f"{SHARD_ERROR_PREFIX}/{uri_lib.basename(shard)}",
+            MISSING_LABEL,
+            MISSING_LABEL,
+            blank,
+            STATUS_FAILED,
+            reason,
+        )
+    if total == 0:
+        # An empty shard still reports itself through one shard-level row.
+        total = 1
+        builder.add(
+            f"{SHARD_ERROR_PREFIX}/{uri_lib.basename(shard)}",
+            MISSING_LABEL,
+            MISSING_LABEL,
+            blank,
+            STATUS_FAILED,
+            "empty shard: no samples",
+        )
+    yield builder.flush(shard_total=total)

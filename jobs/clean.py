@@ -1,0 +1,116 @@
+"""The cleaning job: shards -> CLIP prompt-ensemble scores on Ray Data -> global selection -> manifest.
+
+    python -m jobs.clean --config configs/demo.yaml [key=value ...]
+
+Outputs under `output`: scores/<shard>.parquet (one per input shard, reused on rerun),
+manifest.parquet (one row per input sample), summary.json, config.yaml, report.html.
+"""
+
+from __future__ import annotations
+
+import time
+
+from cleaner import uri as uri_lib
+from cleaner.config import CleanJobConfig, ConfigError, load_config
+from cleaner.fit import fit_and_build_manifest, read_scores
+from cleaner.models import load_clip
+from cleaner.pipeline import SCORES_DIR, score_shards, shard_output_names, table_to_parquet_bytes
+from cleaner.prompts import encode_prompts
+from cleaner.versions import package_versions
+from jobs.common import (
+    connect_ray,
+    load_class_spec,
+    parse_job_args,
+    run_main,
+    write_json,
+    write_yaml,
+)
+
+
+def run_clean(cfg: CleanJobConfig) -> dict:
+    """Run the whole cleaning job for a validated config; returns the summary it writes."""
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    spec = load_class_spec(cfg.data.classes)
+    shards = uri_lib.expand_shard_spec(cfg.data.input)
+    print(
+        f"[clean] {len(shards)} shards, {spec.num_classes} classes, model {cfg.model.name}",
+        flush=True,
+    )
+    clip = load_clip(cfg.model, device="cpu")
+    bank = encode_prompts(clip.model, clip.tokenizer, spec.prompts(), device="cpu")
+    image_size = clip.image_size
+    del clip
+    timings["setup_s"] = time.perf_counter() - t0
+
+    connect_ray(cfg.ray)
+    t1 = time.perf_counter()
+    scores_uri = uri_lib.join(cfg.output, SCORES_DIR)
+    fingerprint = cfg.fingerprint(*spec.names, *[p for ps in spec.prompts() for p in ps])
+    stats = score_shards(cfg, shards, bank, spec.names, image_size, scores_uri, fingerprint)
+    timings["scoring_s"] = time.perf_counter() - t1
+
+    t2 = time.perf_counter()
+    names = shard_output_names(shards)
+    table = read_scores(scores_uri, [names[s] for s in shards], with_embeddings=True)
+    manifest, parts = fit_and_build_manifest(
+        table, cfg.selection, spec.names, bank, cfg.scoring.tau, seed=cfg.seed
+    )
+    timings["selection_s"] = time.perf_counter() - t2
+
+    uri_lib.write_bytes(
+        uri_lib.join(cfg.output, "manifest.parquet"), table_to_parquet_bytes(manifest)
+    )
+    timings["total_s"] = time.perf_counter() - t0
+    summary = {
+        "job": "clean",
+        "output": cfg.output,
+        "shards": len(shards),
+        "scoring": {
+            "shards_scored": stats.shards_scored,
+            "shards_skipped": stats.shards_skipped,
+            "samples_scored": stats.samples_scored,
+            "images_per_second": round(stats.images_per_second, 2),
+        },
+        **parts,
+        "timings": {k: round(v, 3) for k, v in timings.items()},
+        "config": cfg.model_dump(mode="json"),
+        "versions": package_versions(),
+    }
+    write_json(uri_lib.join(cfg.output, "summary.json"), summary)
+    write_yaml(
+        uri_lib.join(cfg.output, "config.yaml"),
+        {"config": cfg.model_dump(mode="json"), "versions": summary["versions"]},
+    )
+    print_summary(summary)
+    return summary
+
+
+def print_summary(summary: dict) -> None:
+    counts = summary["counts"]
+    print(
+        f"[clean] {counts['samples']} samples: {counts['clean']} clean, {counts['noisy']} noisy, "
+        f"{counts['failed']} failed; outputs in {summary['output']}",
+        flush=True,
+    )
+    det = summary.get("detection")
+    if det:
+        auroc = det.get("auroc")
+        print(
+            f"[clean] detection vs true labels: precision {det['precision']:.4f} recall "
+            f"{det['recall']:.4f} f1 {det['f1']:.4f} auroc {auroc if auroc is None else round(auroc, 4)}",
+            flush=True,
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_job_args("Clean the labels of WebDataset shards with CLIP.", argv)
+    if args.config is None and not args.overrides:
+        raise ConfigError("give --config <yaml> and/or key=value overrides")
+    cfg = load_config(args.config, args.overrides, CleanJobConfig)
+    run_clean(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,71 @@
+"""Shared plumbing of the job entry points: argument parsing, Ray connection, outputs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import yaml
+
+from cleaner import uri as uri_lib
+from cleaner.classes import DEMO_CLASS_SPEC, ClassSpec
+from cleaner.config import ConfigError, RayConfig
+
+
+def parse_job_args(description: str, argv: list[str] | None = None) -> argparse.Namespace:
+    """`--config <yaml> [key=value ...]`."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", help="job config YAML")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    return parser.parse_args(argv)
+
+
+def connect_ray(cfg: RayConfig) -> None:
+    """Join the configured cluster, RAY_ADDRESS (as under `ray job submit`), or start locally."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = cfg.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(num_cpus=cfg.num_cpus, log_to_driver=True)
+
+
+def load_class_spec(location: str) -> ClassSpec:
+    """The class spec from a local/file:///s3:// YAML, or the bundled demo spec for 'demo'."""
+    if location == "demo":
+        return ClassSpec.load(DEMO_CLASS_SPEC)
+    try:
+        return ClassSpec.from_yaml_text(uri_lib.read_text(location))
+    except FileNotFoundError:
+        raise ConfigError(f"class spec not found: {location}") from None
+
+
+def write_json(target: str, payload: dict) -> None:
+    uri_lib.write_text(target, json.dumps(payload, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def write_yaml(target: str, payload: dict) -> None:
+    uri_lib.write_text(target, yaml.safe_dump(payload, sort_keys=False))
+
+
+def run_main(main) -> None:
+    """Run a job's main; configuration errors exit 2 with a one-line message, not a trace."""
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        sys.exit(main())
+    except (ConfigError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+def repo_root() -> Path:
+    return Path(__file__).resolve().parent.parent
