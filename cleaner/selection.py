@@ -45,10 +45,13 @@ GMM_MODES: tuple[str, ...] = ("per_class", "global")
 LOG_EPSILON = 1e-12  # probabilities are clipped here before the log
 DEGENERATE_RANGE = 1e-12  # a class whose loss-score range is at most this cannot be split
 CONSISTENCY_TOLERANCE = 1e-9  # so that c_i == 1.0 (label is the argmax) passes theta 1.0
-GMM_SETTINGS: dict[str, float | int] = {
+# k-means++ initialisation: same fits as the default full k-means init on these 1-D
+# scores, about 15x faster (matters with one mixture per class and K ~ 1000).
+GMM_SETTINGS: dict[str, float | int | str] = {
     "max_iter": 100,
     "tol": 1e-3,
     "reg_covar": 5e-4,
+    "init_params": "k-means++",
     "random_state": 0,
 }
 

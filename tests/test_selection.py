@@ -1,0 +1,449 @@
+"""Tests for cleaner.selection (METHOD.md section 3), with real scikit-learn mixtures."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from cleaner.selection import (
+    SelectionResult,
+    SourceScores,
+    select_clean,
+    select_clean_result,
+    select_from_scores,
+)
+
+
+def _probs_for(true: np.ndarray, num_classes: int, seed: int, signal: float = 4.0) -> np.ndarray:
+    """Probabilities [N, K] peaked (softly) on the TRUE label."""
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(0.0, 1.0, (true.shape[0], num_classes))
+    logits[np.arange(true.shape[0]), true] += signal
+    probs = np.exp(logits)
+    return probs / probs.sum(axis=1, keepdims=True)
+
+
+def _noisy_probs(
+    num_samples: int, num_classes: int, noise_rate: float, seed: int, signal: float = 4.0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(noisy labels, true labels, probabilities peaked on the TRUE label)."""
+    rng = np.random.default_rng(seed)
+    true = rng.integers(0, num_classes, num_samples)
+    flip = rng.random(num_samples) < noise_rate
+    noisy = np.where(flip, (true + rng.integers(1, num_classes, num_samples)) % num_classes, true)
+    return noisy, true, _probs_for(true, num_classes, seed + 1000, signal)
+
+
+def _compact(p_label: np.ndarray) -> SourceScores:
+    """A source whose labels are always the argmax (consistency 1): isolates the GMM."""
+    p_label = np.asarray(p_label, dtype=np.float64)
+    return SourceScores(p_label=p_label, max_p=p_label.copy())
+
+
+def _consistency_source(p_label: np.ndarray, consistent: np.ndarray) -> SourceScores:
+    """A source where `consistent` samples have c = 1 and the others c = 0.5."""
+    p_label = np.asarray(p_label, dtype=np.float64)
+    return SourceScores(p_label=p_label, max_p=np.where(consistent, p_label, 2.0 * p_label))
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+@pytest.mark.parametrize("gmm", ["per_class", "global"])
+def test_synthetic_selection_has_high_precision_and_recall(gmm: str) -> None:
+    labels, true, zeroshot = _noisy_probs(3000, 10, 0.3, seed=0)
+    probe = _probs_for(true, 10, seed=1, signal=3.0)
+    clean_truth = labels == true
+
+    only_zeroshot = select_clean(labels, zeroshot, gmm=gmm)
+    both = select_clean(labels, zeroshot, zeroshot * 0.5 + probe * 0.5, gmm=gmm)
+    for selected in (only_zeroshot, both):
+        assert selected.dtype == bool and selected.shape == (3000,)
+        precision = clean_truth[selected].mean()
+        recall = selected[clean_truth].mean()
+        assert precision > 0.97
+        assert recall > 0.85
+
+
+def test_select_clean_matches_select_from_scores_on_compact_columns() -> None:
+    labels, _, zeroshot = _noisy_probs(500, 5, 0.3, seed=2)
+    _, _, probe = _noisy_probs(500, 5, 0.3, seed=3)
+    expected = select_clean(labels, zeroshot, probe, theta_cons=0.7)
+    sources = {
+        "zeroshot": SourceScores(
+            p_label=zeroshot[np.arange(500), labels], max_p=zeroshot.max(axis=1)
+        ),
+        "probe": SourceScores(p_label=probe[np.arange(500), labels], max_p=probe.max(axis=1)),
+    }
+    result = select_from_scores(labels, 5, sources, theta_gmm=0.5, theta_cons=0.7, gmm="per_class")
+    assert isinstance(result, SelectionResult)
+    assert np.array_equal(result.is_clean, expected)
+
+
+def test_selection_is_deterministic() -> None:
+    labels, _, zeroshot = _noisy_probs(800, 8, 0.4, seed=4)
+    first = select_clean_result(labels, zeroshot)
+    second = select_clean_result(labels, zeroshot)
+    assert np.array_equal(first.is_clean, second.is_clean)
+    assert np.array_equal(
+        first.sources["zeroshot"].gmm_p_clean, second.sources["zeroshot"].gmm_p_clean
+    )
+
+
+# --------------------------------------------------------------------------- loss score + GMM
+
+
+def test_loss_score_is_per_class_min_max_normalised_log_p() -> None:
+    labels, _, zeroshot = _noisy_probs(400, 4, 0.3, seed=5)
+    result = select_clean_result(labels, zeroshot)
+    score = result.sources["zeroshot"].loss_score
+    log_p = np.log(zeroshot[np.arange(400), labels] / zeroshot.sum(axis=1))
+    for k in range(4):
+        members = labels == k
+        lo, hi = log_p[members].min(), log_p[members].max()
+        np.testing.assert_allclose(score[members], (log_p[members] - lo) / (hi - lo), atol=1e-12)
+        assert score[members].min() == pytest.approx(0.0)
+        assert score[members].max() == pytest.approx(1.0)
+
+
+def test_loss_score_clips_zero_probabilities() -> None:
+    labels = np.array([0, 0, 0, 1, 1])
+    probs = np.array([[1.0, 0.0], [0.0, 1.0], [0.5, 0.5], [0.0, 1.0], [0.2, 0.8]])
+    result = select_clean_result(labels, probs, theta_cons=0.0)
+    score = result.sources["zeroshot"].loss_score
+    assert np.isfinite(score).all()
+    assert score[1] == 0.0 and score[0] == 1.0
+
+
+def test_gmm_p_clean_favours_the_higher_scores() -> None:
+    labels, true, zeroshot = _noisy_probs(1000, 5, 0.4, seed=6)
+    result = select_clean_result(labels, zeroshot)
+    p_clean = result.sources["zeroshot"].gmm_p_clean
+    clean_truth = labels == true
+    assert p_clean[clean_truth].mean() > 0.9
+    assert p_clean[~clean_truth].mean() < 0.1
+    assert np.array_equal(result.sources["zeroshot"].gmm_selected, p_clean >= 0.5)
+
+
+def test_per_class_gmm_differs_from_global_gmm() -> None:
+    """Class 0: two far modes on a wide scale. Class 1: modes at 0 and 0.35 (plus a top
+    outlier) on a narrow, much lower scale. Per class, 0.35 is the upper mode (clean);
+    pooled with class 0's modes at 0 and 1, it falls with the lower, noisy component."""
+    rng = np.random.default_rng(7)
+    class0 = np.concatenate([rng.normal(1.0, 0.01, 50), rng.normal(0.0, 0.01, 50)])
+    class1 = np.concatenate([rng.normal(0.0, 0.01, 40), rng.normal(0.35, 0.01, 40), [1.0, 1.0]])
+    class0 = (class0 - class0.min()) / (class0.max() - class0.min())
+    class1 = (class1 - class1.min()) / (class1.max() - class1.min())
+    log_p = np.concatenate([-5.0 + 5.0 * class0, -20.0 + 2.0 * class1])  # different scales
+    labels = np.array([0] * 100 + [1] * 82)
+    sources = {"zeroshot": _compact(np.exp(log_p))}
+
+    per_class = select_from_scores(labels, 2, sources, gmm="per_class")
+    pooled = select_from_scores(labels, 2, sources, gmm="global")
+    np.testing.assert_allclose(
+        per_class.sources["zeroshot"].loss_score, pooled.sources["zeroshot"].loss_score
+    )
+    middle = np.arange(100 + 40, 100 + 80)
+    assert per_class.is_clean[middle].all()
+    assert not pooled.is_clean[middle].any()
+    # class 0 is split the same way by both
+    assert np.array_equal(per_class.is_clean[:100], pooled.is_clean[:100])
+    assert per_class.is_clean[:50].all() and not per_class.is_clean[50:100].any()
+
+
+# --------------------------------------------------------------------------- consistency
+
+
+def test_consistency_theta_one_means_label_is_argmax() -> None:
+    labels, _, zeroshot = _noisy_probs(600, 6, 0.3, seed=8)
+    result = select_clean_result(labels, zeroshot, theta_gmm=0.0, theta_cons=1.0)
+    expected = zeroshot.argmax(axis=1) == labels
+    source = result.sources["zeroshot"]
+    assert np.array_equal(source.consistency_selected, expected)
+    np.testing.assert_allclose(
+        source.consistency, zeroshot[np.arange(600), labels] / zeroshot.max(axis=1)
+    )
+
+
+def test_consistency_exact_ties_count_as_argmax() -> None:
+    labels = np.array([0, 1, 0, 1])
+    probs = np.array([[0.4, 0.4, 0.2], [0.1, 0.1, 0.8], [0.3, 0.3, 0.4], [0.7, 0.3, 0.0]])
+    result = select_clean_result(labels, probs, theta_gmm=0.0, theta_cons=1.0)
+    source = result.sources["zeroshot"]
+    assert source.consistency[0] == 1.0
+    assert source.consistency_selected.tolist() == [True, False, False, False]
+    # a ratio exactly at the threshold passes (0.4 / 0.5 = 0.8); 0.39 / 0.5 does not
+    ratio = select_clean_result(
+        np.array([0, 1]), np.array([[0.4, 0.5, 0.1], [0.5, 0.39, 0.11]]), theta_gmm=0.0
+    )
+    assert ratio.sources["zeroshot"].consistency_selected.tolist() == [True, False]
+
+
+# --------------------------------------------------------------------------- intersection
+
+
+def test_final_selection_is_the_intersection_of_all_four_criteria() -> None:
+    labels, _, zeroshot = _noisy_probs(1000, 5, 0.3, seed=9)
+    _, _, probe = _noisy_probs(1000, 5, 0.3, seed=10)
+    result = select_clean_result(labels, zeroshot, probe)
+    assert not result.backfilled.any()
+    criteria = [
+        mask
+        for source in result.sources.values()
+        for mask in (source.gmm_selected, source.consistency_selected)
+    ]
+    assert len(criteria) == 4
+    assert np.array_equal(result.is_clean, np.logical_and.reduce(criteria))
+    # every criterion removes something on its own here, and nothing failing one is kept
+    for mask in criteria:
+        assert (~mask).any()
+        assert not (result.is_clean & ~mask).any()
+
+
+def test_a_sample_failing_one_criterion_is_not_clean() -> None:
+    labels = np.array([0] * 10 + [1] * 10)
+    good = np.tile([0.9, 0.1], (10, 1))
+    probs = np.vstack([good, good[:, ::-1]])
+    # sample 3: the probe disagrees (consistency 0.1 / 0.9); everything else agrees
+    probe = probs.copy()
+    probe[3] = [0.1, 0.9]
+    without_probe = select_clean(labels, probs)
+    with_probe = select_clean_result(labels, probs, probe)
+    assert without_probe.all()
+    assert not with_probe.is_clean[3]
+    assert with_probe.sources["probe"].gmm_selected[3] == np.False_
+    assert with_probe.is_clean.sum() == 19
+
+
+def test_probe_none_uses_only_zeroshot_source() -> None:
+    labels, _, zeroshot = _noisy_probs(300, 3, 0.2, seed=11)
+    alone = select_clean_result(labels, zeroshot)
+    assert list(alone.sources) == ["zeroshot"]
+    both = select_clean_result(labels, zeroshot, zeroshot)
+    assert list(both.sources) == ["zeroshot", "probe"]
+    assert np.array_equal(alone.is_clean, both.is_clean)  # identical sources: same selection
+    np.testing.assert_allclose(alone.clean_score, both.clean_score)
+
+
+def test_clean_score_is_mean_p_label_over_sources() -> None:
+    labels, _, zeroshot = _noisy_probs(200, 4, 0.2, seed=12)
+    _, _, probe = _noisy_probs(200, 4, 0.2, seed=13)
+    result = select_clean_result(labels, zeroshot, probe)
+    rows = np.arange(200)
+    expected = (zeroshot[rows, labels] + probe[rows, labels]) / 2
+    np.testing.assert_allclose(result.clean_score, expected)
+
+
+# --------------------------------------------------------------------------- backfill
+
+
+def test_backfill_picks_the_best_samples_with_min_nonzero_count() -> None:
+    # K=3, N=30: floor(N / K^2) = 3; clean counts 6 and 5 -> m = max(5, 3) = 5
+    labels = np.repeat([0, 1, 2], 10)
+    consistent = np.zeros(30, dtype=bool)
+    consistent[:6] = True
+    consistent[10:15] = True
+    rng = np.random.default_rng(14)
+    p_label = rng.uniform(0.05, 0.9, 30)
+    sources = {"zeroshot": _consistency_source(p_label, consistent)}
+    result = select_from_scores(labels, 3, sources, theta_gmm=0.0)
+    assert result.backfill_size == 5
+    class2 = np.arange(20, 30)
+    best5 = class2[np.argsort(-p_label[class2])[:5]]
+    assert set(np.flatnonzero(result.backfilled)) == set(best5)
+    assert result.is_clean[best5].all()
+    assert result.counts()["per_class"]["clean"] == [6, 5, 5]
+
+
+def test_backfill_size_uses_floor_n_over_k_squared() -> None:
+    # K=2, N=60: floor(60 / 4) = 15 > smallest non-zero clean count 3
+    labels = np.repeat([0, 1], [40, 20])
+    consistent = np.zeros(60, dtype=bool)
+    consistent[:3] = True
+    p_label = np.linspace(0.1, 0.9, 60)
+    sources = {"zeroshot": _consistency_source(p_label, consistent)}
+    result = select_from_scores(labels, 2, sources, theta_gmm=0.0)
+    assert result.backfill_size == 15
+    assert np.flatnonzero(result.backfilled).tolist() == list(range(45, 60))  # highest p_label
+
+
+def test_backfill_when_no_class_has_a_clean_sample() -> None:
+    labels = np.repeat([0, 1], [30, 6])  # N=36, K=2: floor(36/4) = 9, capped at 6 for class 1
+    p_label = np.linspace(0.1, 0.5, 36)
+    sources = {"zeroshot": _consistency_source(p_label, np.zeros(36, dtype=bool))}
+    result = select_from_scores(labels, 2, sources, theta_gmm=0.0)
+    assert result.backfill_size == 9
+    assert result.counts()["per_class"]["backfilled"] == [9, 6]
+    assert np.flatnonzero(result.backfilled[:30]).tolist() == list(range(21, 30))
+
+
+def test_backfill_is_at_least_one() -> None:
+    labels = np.array([0, 1, 2, 3])  # floor(4 / 16) = 0, no clean sample anywhere
+    probs = np.full((4, 4), 0.25)
+    probs[np.arange(4), labels] = 0.01
+    result = select_clean_result(labels, probs)
+    assert result.backfill_size == 1
+    assert result.is_clean.all() and result.backfilled.all()
+
+
+def test_backfill_ranks_by_mean_loss_score_over_sources() -> None:
+    # K=2, N=10: class 0 has 1 clean sample, floor(10/4) = 2 -> m = 2 for class 1
+    labels = np.repeat([0, 1], [6, 4])
+    consistent = np.r_[True, np.zeros(9, dtype=bool)]
+    zeroshot = np.r_[np.full(6, 0.9), [0.1, 0.2, 0.3, 0.4]]  # alone: best are 9, 8
+    probe = np.r_[np.full(6, 0.9), [0.4, 0.35, 0.1, 0.2]]  # alone: best are 6, 7
+    sources = {
+        "zeroshot": _consistency_source(zeroshot, consistent),
+        "probe": _consistency_source(probe, consistent),
+    }
+    result = select_from_scores(labels, 2, sources, theta_gmm=0.0)
+    assert result.backfill_size == 2
+    assert np.flatnonzero(result.backfilled).tolist() == [7, 9]
+
+
+# --------------------------------------------------------------------------- degenerate classes
+
+
+def test_class_with_one_sample() -> None:
+    labels = np.r_[np.zeros(20, dtype=int), [1, 2]]
+    probs = np.tile([0.8, 0.1, 0.1], (22, 1))
+    probs[20] = [0.1, 0.8, 0.1]  # class-1 singleton agrees with its label
+    probs[21] = [0.8, 0.1, 0.1]  # class-2 singleton does not
+    result = select_clean_result(labels, probs)
+    source = result.sources["zeroshot"]
+    assert source.gmm_p_clean[20] == 1.0 and source.gmm_p_clean[21] == 1.0
+    assert source.loss_score[20] == 1.0
+    assert result.is_clean[20] and not result.backfilled[20]
+    assert result.is_clean[21] and result.backfilled[21]  # backfilled, capped at size 1
+
+
+def test_class_with_identical_scores_is_not_split() -> None:
+    labels = np.repeat([0, 1], 20)
+    probs = np.tile([0.7, 0.3], (40, 1))
+    probs[20:] = [0.2, 0.8]
+    for gmm in ("per_class", "global"):
+        result = select_clean_result(labels, probs, gmm=gmm)
+        source = result.sources["zeroshot"]
+        assert np.all(source.gmm_p_clean == 1.0)
+        assert np.all(source.loss_score == 1.0)
+        assert result.is_clean.all()
+
+
+def test_absent_class_is_skipped() -> None:
+    labels, _, probs = _noisy_probs(400, 4, 0.2, seed=15)
+    labels = np.where(labels == 3, 0, labels)  # no sample labelled 3
+    result = select_clean_result(labels, probs)
+    counts = result.counts()
+    assert counts["per_class"]["total"][3] == 0
+    assert counts["per_class"]["clean"][3] == 0
+    assert counts["per_class"]["backfilled"][3] == 0
+    assert counts["num_present_classes"] == 3
+    assert np.isfinite(result.sources["zeroshot"].loss_score).all()
+
+
+def test_single_class_dataset() -> None:
+    rng = np.random.default_rng(16)
+    labels = np.zeros(50, dtype=int)
+    probs = rng.uniform(0.01, 1.0, (50, 1))
+    result = select_clean_result(labels, probs)
+    assert result.sources["zeroshot"].consistency_selected.all()
+    assert result.is_clean.any()
+
+
+# --------------------------------------------------------------------------- counts
+
+
+def test_counts_are_json_serialisable_and_consistent() -> None:
+    labels, _, zeroshot = _noisy_probs(500, 5, 0.3, seed=17)
+    _, _, probe = _noisy_probs(500, 5, 0.3, seed=18)
+    result = select_clean_result(labels, zeroshot, probe)
+    counts = result.counts()
+    assert json.loads(json.dumps(counts)) == counts
+    assert counts["num_samples"] == 500 and counts["num_classes"] == 5
+    assert counts["num_clean"] == int(result.is_clean.sum())
+    assert sum(counts["per_class"]["clean"]) == counts["num_clean"]
+    assert sum(counts["per_class"]["total"]) == 500
+    assert set(counts["per_criterion"]) == {
+        "zeroshot_gmm",
+        "zeroshot_consistency",
+        "probe_gmm",
+        "probe_consistency",
+    }
+    assert counts["per_criterion"]["probe_gmm"] == int(result.sources["probe"].gmm_selected.sum())
+
+
+# --------------------------------------------------------------------------- bad input
+
+_LABELS = np.array([0, 1, 2, 1])
+_PROBS = np.array([[0.7, 0.2, 0.1], [0.1, 0.8, 0.1], [0.2, 0.2, 0.6], [0.3, 0.4, 0.3]])
+
+
+def _with(row: int, col: int, value: float) -> np.ndarray:
+    probs = _PROBS.copy()
+    probs[row, col] = value
+    return probs
+
+
+@pytest.mark.parametrize(
+    ("labels", "zeroshot", "probe", "kwargs", "match"),
+    [
+        (_LABELS[:3], _PROBS, None, {}, "shape mismatch"),
+        (_LABELS, _PROBS, _PROBS[:3], {}, "shape mismatch: probe_probs"),
+        (_LABELS, _PROBS, _PROBS[:, :2], {}, "shape mismatch: probe_probs has 2 classes"),
+        (_LABELS, _PROBS[:, 0], None, {}, "zeroshot_probs must be a 2-D"),
+        (_LABELS[:0], _PROBS[:0], None, {}, "empty"),
+        (_LABELS, np.zeros((4, 0)), None, {}, "zeroshot_probs is empty"),
+        (_LABELS[None, :], _PROBS, None, {}, "labels must be a 1-D"),
+        (np.array([0, 1, 3, 1]), _PROBS, None, {}, r"labels must be in \[0, 3\)"),
+        (np.array([0, -1, 2, 1]), _PROBS, None, {}, r"labels must be in \[0, 3\)"),
+        (np.array([0.0, 1.5, 2.0, 1.0]), _PROBS, None, {}, "labels must be integers"),
+        (np.array(["a", "b", "c", "d"]), _PROBS, None, {}, "labels must be integers"),
+        (_LABELS, _with(1, 1, np.nan), None, {}, "zeroshot_probs contains NaN"),
+        (_LABELS, _PROBS, _with(1, 1, np.nan), {}, "probe_probs contains NaN"),
+        (_LABELS, _with(0, 2, np.inf), None, {}, "zeroshot_probs contains inf"),
+        (_LABELS, _with(2, 0, -0.1), None, {}, "zeroshot_probs contains negative"),
+        (_LABELS, _PROBS, _with(2, 0, -0.1), {}, "probe_probs contains negative"),
+        (_LABELS, np.vstack([_PROBS[:3], np.zeros(3)]), None, {}, "all zeros"),
+        (_LABELS, _PROBS, None, {"theta_gmm": 1.5}, "theta_gmm"),
+        (_LABELS, _PROBS, None, {"theta_gmm": -0.1}, "theta_gmm"),
+        (_LABELS, _PROBS, None, {"theta_cons": 2.0}, "theta_cons"),
+        (_LABELS, _PROBS, None, {"theta_cons": float("nan")}, "theta_cons"),
+        (_LABELS, _PROBS, None, {"gmm": "per_shard"}, "unknown gmm mode"),
+    ],
+)
+def test_bad_input_raises_value_error_naming_the_problem(
+    labels: np.ndarray,
+    zeroshot: np.ndarray,
+    probe: np.ndarray | None,
+    kwargs: dict,
+    match: str,
+) -> None:
+    with pytest.raises(ValueError, match=match):
+        select_clean(labels, zeroshot, probe, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("num_classes", "sources", "match"),
+    [
+        (3, {}, "sources is empty"),
+        (3, {"zeroshot": SourceScores(np.ones(3), np.ones(3))}, "shape mismatch: source"),
+        (3, {"zeroshot": SourceScores(np.full(4, np.nan), np.ones(4))}, "p_label contains NaN"),
+        (3, {"zeroshot": SourceScores(np.ones(4), np.zeros(4))}, "max_p"),
+        (3, {"zeroshot": SourceScores(np.ones(4), np.full(4, 0.5))}, "p_label exceeds max_p"),
+        (3, {"zeroshot": np.ones(4)}, "must be a SourceScores"),
+        (2, {"zeroshot": SourceScores(np.ones(4), np.ones(4))}, r"labels must be in \[0, 2\)"),
+        (0, {"zeroshot": SourceScores(np.ones(4), np.ones(4))}, "num_classes"),
+    ],
+)
+def test_select_from_scores_validates(num_classes: int, sources: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        select_from_scores(_LABELS, num_classes, sources)
+
+
+def test_source_scores_rejects_mismatched_columns() -> None:
+    with pytest.raises(ValueError, match="p_label has 3 values but max_p has 2"):
+        SourceScores(np.ones(3), np.ones(2))
+    with pytest.raises(ValueError, match="1-D"):
+        SourceScores(np.ones((3, 1)), np.ones((3, 1)))
