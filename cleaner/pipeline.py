@@ -194,6 +194,9 @@ def score_shards(
         read_shards_udf,
         batch_size=1,
         num_cpus=1,
+        # Declaring the decoder's memory also keeps Ray from fusing it into the scorer
+        # actors on CPU clusters: decoding stays in CPU tasks, in parallel with scoring.
+        memory=cfg.scoring.reader_memory_mb * 1024 * 1024,
         fn_kwargs={
             "class_names": list(class_names),
             "image_size": image_size,

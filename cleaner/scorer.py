@@ -61,8 +61,8 @@ class ClipScorer:
         if num_threads:
             torch.set_num_threads(num_threads)
         self.clip: LoadedClip = load_clip(ModelConfig(**model_config), device=device)
-        self.text = torch.from_numpy(prompt_bank.features).to(self.clip.device)
-        self.mask = torch.from_numpy(prompt_bank.mask).to(self.clip.device)
+        self.text = torch.tensor(prompt_bank.features).to(self.clip.device)
+        self.mask = torch.tensor(prompt_bank.mask).to(self.clip.device)
         self.tau, self.top_k = tau, min(top_k, prompt_bank.num_classes)
         shape = (1, 3, 1, 1)
         self.mean = torch.from_numpy(self.clip.mean).reshape(shape).to(self.clip.device)
@@ -71,7 +71,7 @@ class ClipScorer:
     @torch.no_grad()
     def embed(self, images: np.ndarray) -> torch.Tensor:
         """uint8 [B, S, S, 3] -> L2-normalised float32 image embeddings [B, D]."""
-        pixels = torch.from_numpy(np.ascontiguousarray(images)).to(self.clip.device)
+        pixels = torch.from_numpy(np.array(images, dtype=np.uint8, copy=True)).to(self.clip.device)
         pixels = pixels.permute(0, 3, 1, 2).float().div_(255.0).sub_(self.mean).div_(self.std)
         amp = (
             torch.autocast(self.clip.device.type, dtype=self.clip.amp_dtype)
