@@ -121,7 +121,11 @@ class SelectionResult:
     settings: dict[str, float | int | str] = field(default_factory=dict)
 
     def counts(self) -> dict:
-        """Per-class and per-criterion counts as plain (JSON-serialisable) dicts and ints."""
+        """Per-class and per-criterion counts as plain (JSON-serialisable) dicts and ints.
+
+        per_class maps a count name to a list of K ints ("clean" includes backfilled
+        samples); per_criterion maps "<source>_gmm" / "<source>_consistency" to an int.
+        """
         k = self.num_classes
 
         def per_class(mask: np.ndarray) -> list[int]:
