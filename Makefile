@@ -1,0 +1,47 @@
+# Every target installs what it needs into .venv (created on first use).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+INSTALLED := $(VENV)/.installed
+
+DEMO_DATA := data/demo
+DEMO_ARGS := --out $(DEMO_DATA) --num-samples 6000 --test-samples 1000 --samples-per-shard 500 --noise symmetric --rate 0.4 --seed 0
+
+.PHONY: install demo demo-data test lint format bench tiny-clip clean-runs
+
+install: $(INSTALLED)
+
+$(INSTALLED): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+demo-data: $(INSTALLED)
+	$(PY) -m jobs.make_demo_data $(DEMO_ARGS)
+
+demo: demo-data
+	$(PY) -m jobs.clean --config configs/demo.yaml
+
+test: $(INSTALLED)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(PY) -m pytest -q
+
+lint: $(INSTALLED)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(INSTALLED)
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+bench: demo-data
+	$(PY) -m benchmarks.throughput --input $(DEMO_DATA)/train
+	$(PY) -m benchmarks.probe_modes --input $(DEMO_DATA)/train
+
+tiny-clip: $(INSTALLED)
+	$(PY) -m jobs.train_tiny_clip
+
+clean-runs:
+	rm -rf runs

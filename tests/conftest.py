@@ -1,0 +1,103 @@
+"""Shared fixtures: generated demo shards, a moto S3 endpoint on loopback, a local Ray."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+S3_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_port(port: int, timeout: float = 30.0) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
+
+
+@pytest.fixture(scope="session")
+def demo_shards(tmp_path_factory) -> Path:
+    """Four small shards of the demo dataset (400 samples, 40% symmetric noise)."""
+    from cleaner.demo.dataset import write_demo_shards
+
+    out = tmp_path_factory.mktemp("demo") / "train"
+    write_demo_shards(out, 400, samples_per_shard=100, noise="symmetric", noise_rate=0.4, seed=7)
+    return out
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A moto S3 server on 127.0.0.1 with the AWS environment pointing at it."""
+    port = free_port()
+    moto = Path(sys.executable).parent / "moto_server"
+    proc = subprocess.Popen(
+        [str(moto), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    saved = {k: os.environ.get(k) for k in [*S3_ENV, "AWS_ENDPOINT_URL"]}
+    os.environ.update(S3_ENV, AWS_ENDPOINT_URL=endpoint)
+    try:
+        wait_for_port(port)
+        yield endpoint
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def make_bucket(name: str):
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"])
+    client.create_bucket(Bucket=name)
+    return client
+
+
+def upload_folder(client, folder: Path, bucket: str, prefix: str) -> list[str]:
+    keys = []
+    for path in sorted(folder.iterdir()):
+        if path.is_file():
+            key = f"{prefix}/{path.name}"
+            client.upload_file(str(path), bucket, key)
+            keys.append(key)
+    return keys
+
+
+@pytest.fixture(scope="module")
+def local_ray(s3_endpoint):
+    """A local Ray instance (2 CPUs) whose workers see the S3 test environment."""
+    import ray
+
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        runtime_env={"env_vars": {**S3_ENV, "AWS_ENDPOINT_URL": s3_endpoint}},
+    )
+    yield ray
+    ray.shutdown()

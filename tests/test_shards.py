@@ -1,0 +1,157 @@
+"""The shard reader: grouping, labels, decoding, and failures that become rows."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cleaner.shards import (
+    SHARD_ERROR_PREFIX,
+    decode_image,
+    parse_label,
+    read_shard,
+    split_member_name,
+)
+
+CLASSES = ["circle", "square", "star"]
+
+
+def jpeg(color=(200, 10, 10), size=(40, 30)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def write_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def read_all(path: Path, batch_size: int = 256) -> tuple[list[dict], dict]:
+    batches = list(
+        read_shard(
+            str(path),
+            class_names=CLASSES,
+            image_size=16,
+            extensions=["jpg", "png"],
+            batch_size=batch_size,
+        )
+    )
+    merged = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+    return batches, merged
+
+
+def test_split_member_name_uses_first_dot_of_file_name():
+    assert split_member_name("a/b.c/key.seg.JPG") == ("a/b.c/key", "seg.jpg")
+    assert split_member_name("k001.cls") == ("k001", "cls")
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [(1, (1, None)), ("2\n", (2, None)), ("star", (2, None)), ("7", (-1, "out of range"))],
+)
+def test_parse_label(value, expected):
+    label, problem = parse_label(value, CLASSES)
+    assert label == expected[0]
+    assert (problem is None) if expected[1] is None else (expected[1] in problem)
+
+
+def test_parse_label_rejects_unknown_names_and_bools():
+    assert "neither an integer nor a known class name" in parse_label("hexagon", CLASSES)[1]
+    assert parse_label(True, CLASSES)[0] == -1
+
+
+def test_decode_image_resizes_short_side_and_centre_crops():
+    img = Image.new("RGB", (60, 30), (0, 0, 0))
+    img.paste((255, 255, 255), (20, 0, 40, 30))  # white centre stripe
+    out = decode_image(_png(img), 16)
+    assert out.shape == (16, 16, 3) and out.dtype == np.uint8
+    assert out[:, 8].mean() > 200 and out[:, 0].mean() < 60
+
+
+def _png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_every_sample_appears_once_with_status_and_reason(tmp_path):
+    members = [
+        ("good.jpg", jpeg()),
+        ("good.cls", b"1"),
+        ("named.jpg", jpeg()),
+        ("named.cls", b"star"),
+        ("json.png", _png(Image.new("RGB", (20, 20)))),
+        ("json.json", json.dumps({"label": 0, "true_label": 2}).encode()),
+        ("corrupt.jpg", b"not an image at all"),
+        ("corrupt.cls", b"0"),
+        ("nolabel.jpg", jpeg()),
+        ("outofrange.jpg", jpeg()),
+        ("outofrange.cls", b"9"),
+        ("noimage.cls", b"1"),
+        ("split.jpg", jpeg()),
+        ("other.jpg", jpeg()),
+        ("other.cls", b"0"),
+        ("split.cls", b"1"),  # same key again, not contiguous
+    ]
+    _, rows = read_all(write_tar(tmp_path / "mixed.tar", members))
+    by_key = {}
+    for i, key in enumerate(rows["key"]):
+        by_key.setdefault(key, []).append(i)
+    assert sum(len(v) for v in by_key.values()) == len(rows["key"]) == 10
+    status = {k: rows["status"][v[-1]] for k, v in by_key.items()}
+    reason = {k: rows["reason"][v[-1]] for k, v in by_key.items()}
+    assert status["good"] == status["named"] == status["json"] == status["other"] == "ok"
+    assert rows["label"][by_key["named"][0]] == 2
+    assert rows["true_label"][by_key["json"][0]] == 2
+    assert "image decode error" in reason["corrupt"]
+    assert "no label" in reason["nolabel"]
+    assert "out of range" in reason["outofrange"]
+    assert "no image member" in reason["noimage"]
+    assert "not contiguous" in reason["split"]
+    assert rows["shard_total"].max() == 10
+    assert list(rows["shard_pos"]) == list(range(10))
+
+
+def test_last_batch_carries_total_even_on_batch_boundary(tmp_path):
+    members = []
+    for i in range(6):
+        members += [(f"k{i}.jpg", jpeg()), (f"k{i}.cls", b"0")]
+    batches, rows = read_all(write_tar(tmp_path / "six.tar", members), batch_size=3)
+    assert len(rows["key"]) == 6
+    assert all(b["shard_total"].max() == -1 for b in batches[:-1])
+    assert batches[-1]["shard_total"].max() == 6
+
+
+def test_truncated_tar_keeps_read_samples_and_adds_a_shard_failure(tmp_path):
+    members = []
+    for i in range(5):
+        members += [(f"k{i}.jpg", jpeg(size=(200, 200))), (f"k{i}.cls", b"0")]
+    path = write_tar(tmp_path / "full.tar", members)
+    data = path.read_bytes()
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(data[: len(data) // 2])
+    _, rows = read_all(cut)
+    ok = rows["status"] == "ok"
+    assert 0 < ok.sum() < 5
+    shard_rows = [k for k in rows["key"] if k.startswith(SHARD_ERROR_PREFIX)]
+    assert len(shard_rows) == 1
+    assert "shard unreadable" in rows["reason"][list(rows["key"]).index(shard_rows[0])]
+    assert rows["shard_total"].max() == len(rows["key"])
+
+
+def test_empty_and_missing_shards_report_a_failure_row(tmp_path):
+    _, rows = read_all(write_tar(tmp_path / "empty.tar", []))
+    assert list(rows["status"]) == ["failed"] and "empty shard" in rows["reason"][0]
+    _, rows = read_all(tmp_path / "missing.tar")
+    assert list(rows["status"]) == ["failed"] and "shard unreadable" in rows["reason"][0]
