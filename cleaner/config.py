@@ -52,6 +52,9 @@ class ScoringConfig(_Strict):
     gpus_per_actor: float | Literal["auto"] = "auto"
     cpus_per_actor: float = Field(default=1.0, gt=0)
     read_batch_size: int = Field(default=256, gt=0, description="samples per block from a shard")
+    max_readers: int | None = Field(
+        default=None, gt=0, description="shard-reader tasks at once (None: as resources allow)"
+    )
     reader_memory_mb: int = Field(default=512, gt=0, description="memory of one shard-reader task")
     tau: float = Field(default=0.07, gt=0)
     top_k: int = Field(default=5, gt=0)

@@ -160,6 +160,50 @@ def actor_resources(cfg: CleanJobConfig) -> dict[str, float]:
     return {"num_gpus": float(gpus), "num_cpus": float(cfg.scoring.cpus_per_actor)}
 
 
+def read_stage(cfg: CleanJobConfig, shards: list[str], class_names: list[str], image_size: int):
+    """Ray Dataset of decoded samples: one CPU task per shard, uint8 images of image_size."""
+    import ray
+    from ray.data import TaskPoolStrategy
+
+    ds = ray.data.from_items([{"shard": s} for s in shards], override_num_blocks=len(shards))
+    return ds.map_batches(
+        read_shards_udf,
+        batch_size=1,
+        num_cpus=1,
+        compute=TaskPoolStrategy(size=cfg.scoring.max_readers),
+        # Declaring the decoder's memory also keeps Ray from fusing it into the scorer
+        # actors on CPU clusters: decoding stays in CPU tasks, in parallel with scoring.
+        memory=cfg.scoring.reader_memory_mb * 1024 * 1024,
+        fn_kwargs={
+            "class_names": list(class_names),
+            "image_size": image_size,
+            "extensions": cfg.data.image_extensions,
+            "batch_size": cfg.scoring.read_batch_size,
+        },
+    )
+
+
+def score_stage(ds, cfg: CleanJobConfig, bank_ref):
+    """Append the ClipScorer actor pool (bounded min/max, GPUs when present) to a dataset."""
+    from ray.data import ActorPoolStrategy
+
+    resources = actor_resources(cfg)
+    threads = max(1, int(cfg.scoring.cpus_per_actor)) if resources["num_gpus"] == 0 else None
+    return ds.map_batches(
+        ClipScorer,
+        batch_size=cfg.scoring.batch_size,
+        compute=ActorPoolStrategy(min_size=cfg.scoring.min_actors, max_size=cfg.scoring.max_actors),
+        fn_constructor_kwargs={
+            "model_config": cfg.model.model_dump(),
+            "prompt_bank": [bank_ref],
+            "tau": cfg.scoring.tau,
+            "top_k": cfg.scoring.top_k,
+            "num_threads": threads,
+        },
+        **resources,
+    )
+
+
 def score_shards(
     cfg: CleanJobConfig,
     shards: list[str],
@@ -171,7 +215,6 @@ def score_shards(
 ) -> ScoringStats:
     """Score every shard not already scored; one parquet file per shard under scores_uri."""
     import ray
-    from ray.data import ActorPoolStrategy
 
     start = time.perf_counter()
     uri_lib.makedirs(scores_uri)
@@ -186,37 +229,7 @@ def score_shards(
     if not todo:
         return ScoringStats(len(shards), skipped, 0, 0, time.perf_counter() - start)
 
-    resources = actor_resources(cfg)
-    threads = max(1, int(cfg.scoring.cpus_per_actor)) if resources["num_gpus"] == 0 else None
-    bank_ref = ray.put(bank)
-    ds = ray.data.from_items([{"shard": s} for s in todo], override_num_blocks=len(todo))
-    ds = ds.map_batches(
-        read_shards_udf,
-        batch_size=1,
-        num_cpus=1,
-        # Declaring the decoder's memory also keeps Ray from fusing it into the scorer
-        # actors on CPU clusters: decoding stays in CPU tasks, in parallel with scoring.
-        memory=cfg.scoring.reader_memory_mb * 1024 * 1024,
-        fn_kwargs={
-            "class_names": list(class_names),
-            "image_size": image_size,
-            "extensions": cfg.data.image_extensions,
-            "batch_size": cfg.scoring.read_batch_size,
-        },
-    )
-    ds = ds.map_batches(
-        ClipScorer,
-        batch_size=cfg.scoring.batch_size,
-        compute=ActorPoolStrategy(min_size=cfg.scoring.min_actors, max_size=cfg.scoring.max_actors),
-        fn_constructor_kwargs={
-            "model_config": cfg.model.model_dump(),
-            "prompt_bank": [bank_ref],
-            "tau": cfg.scoring.tau,
-            "top_k": cfg.scoring.top_k,
-            "num_threads": threads,
-        },
-        **resources,
-    )
+    ds = score_stage(read_stage(cfg, todo, class_names, image_size), cfg, ray.put(bank))
     samples = 0
     done = 0
 

@@ -71,6 +71,19 @@ def s3_endpoint():
                 os.environ[key] = value
 
 
+def count_samples(folder: Path) -> int:
+    """Samples (distinct keys) in all the tar shards of a folder, counted with tarfile."""
+    import tarfile
+
+    from cleaner.shards import split_member_name
+
+    keys = set()
+    for shard in sorted(folder.glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            keys.update(f"{shard.name}/{split_member_name(m.name)[0]}" for m in tar if m.isfile())
+    return len(keys)
+
+
 def make_bucket(name: str):
     import boto3
 

@@ -1,0 +1,125 @@
+"""End to end: a Ray head with token authentication, `ray job submit` of the clean job
+reading its shards from S3 (moto on loopback) and writing its outputs back to S3."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from tests.conftest import (
+    REPO_ROOT,
+    S3_ENV,
+    count_samples,
+    free_port,
+    make_bucket,
+    upload_folder,
+)
+
+pytestmark = pytest.mark.e2e
+BIN = Path(sys.executable).parent
+
+
+def ray_cli(*args: str, env: dict, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(BIN / "ray"), *args],
+        env=env,
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+@pytest.fixture(scope="module")
+def token_head(s3_endpoint, tmp_path_factory):
+    """`ray start --head` with RAY_AUTH_MODE=token; yields (dashboard address, env with token)."""
+    home = tmp_path_factory.mktemp("home")  # no ~/.ray/auth_token to fall back on
+    token = uuid.uuid4().hex + uuid.uuid4().hex
+    base = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    base.update(S3_ENV, AWS_ENDPOINT_URL=s3_endpoint, HOME=str(home), RAY_AUTH_MODE="token")
+    env = {**base, "RAY_AUTH_TOKEN": token}
+    dash_port, gcs_port = free_port(), free_port()
+    started = ray_cli(
+        "start",
+        "--head",
+        f"--port={gcs_port}",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dash_port}",
+        "--num-cpus=2",
+        "--disable-usage-stats",
+        env=env,
+    )
+    assert started.returncode == 0, started.stderr + started.stdout
+    try:
+        yield f"http://127.0.0.1:{dash_port}", env, base
+    finally:
+        ray_cli("stop", "--force", env=env, timeout=120)
+
+
+def test_submitted_clean_job_reads_and_writes_s3(token_head, demo_shards):
+    address, env, _ = token_head
+    client = make_bucket("e2e-data")
+    uploaded = upload_folder(client, demo_shards, "e2e-data", "train")
+    shards = [k for k in uploaded if k.endswith(".tar")]
+    submitted = ray_cli(
+        "job",
+        "submit",
+        f"--address={address}",
+        "--runtime-env=ray_config.yaml",
+        "--",
+        "python",
+        "-m",
+        "jobs.clean",
+        "--config=configs/demo.yaml",
+        "data.input=s3://e2e-data/train/",
+        "output=s3://e2e-data/runs/e2e",
+        "ray.num_cpus=null",
+        env=env,
+        timeout=600,
+    )
+    assert submitted.returncode == 0, submitted.stdout[-4000:] + submitted.stderr[-4000:]
+    assert "succeeded" in submitted.stdout
+
+    manifest = pq.read_table(
+        io.BytesIO(
+            client.get_object(Bucket="e2e-data", Key="runs/e2e/manifest.parquet")["Body"].read()
+        )
+    )
+    expected = count_samples(demo_shards)
+    assert manifest.num_rows == expected
+    assert len(set(manifest.column("key").to_pylist())) == expected
+    summary = json.loads(
+        client.get_object(Bucket="e2e-data", Key="runs/e2e/summary.json")["Body"].read()
+    )
+    assert summary["counts"]["samples"] == expected and summary["counts"]["failed"] == 0
+    listed = client.list_objects_v2(Bucket="e2e-data", Prefix="runs/e2e/scores/")["Contents"]
+    assert len([o for o in listed if o["Key"].endswith(".parquet")]) == len(shards)
+    assert "testing" not in json.dumps(summary)  # no credential leaks into the summary
+
+
+def test_submission_without_the_token_is_refused(token_head):
+    address, _, env_without_token = token_head
+    refused = ray_cli(
+        "job",
+        "submit",
+        f"--address={address}",
+        "--",
+        "python",
+        "-c",
+        "print('should not run')",
+        env=env_without_token,
+        timeout=120,
+    )
+    assert refused.returncode != 0
+    assert "should not run" not in refused.stdout
+    text = (refused.stdout + refused.stderr).lower()
+    assert "token" in text or "unauthenticated" in text or "401" in text

@@ -1,0 +1,90 @@
+"""The clean job on a local Ray: local folders and an S3 endpoint, reruns, bad shards."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from cleaner.config import load_config
+from jobs.clean import run_clean
+from tests.conftest import count_samples, make_bucket, upload_folder
+
+pytestmark = pytest.mark.integration
+
+
+def config(input_uri: str, output_uri: str, *extra: str):
+    return load_config(
+        None,
+        [
+            f"data.input={input_uri}",
+            "data.classes=demo",
+            f"output={output_uri}",
+            "scoring.max_actors=1",
+            "scoring.batch_size=128",
+            *extra,
+        ],
+    )
+
+
+def test_local_folder_every_sample_once_and_rerun_skips(local_ray, demo_shards, tmp_path):
+    out = tmp_path / "run"
+    summary = run_clean(config(str(demo_shards), str(out)))
+    expected = count_samples(demo_shards)
+    manifest = pq.read_table(out / "manifest.parquet")
+    keys = manifest.column("key").to_pylist()
+    assert manifest.num_rows == expected == summary["counts"]["samples"]
+    assert len(set(keys)) == expected
+    assert set(manifest.column("status").to_pylist()) <= {"clean", "noisy"}
+    score_files = sorted(p.name for p in (out / "scores").glob("*.parquet"))
+    assert score_files == sorted(p.stem + ".parquet" for p in demo_shards.glob("*.tar"))
+    assert summary["scoring"]["shards_scored"] == len(score_files)
+    assert "detection" in summary and 0.0 <= summary["detection"]["precision"] <= 1.0
+    for name in ("summary.json", "config.yaml"):
+        assert (out / name).exists()
+    assert summary["versions"]["ray"] and summary["config"]["selection"]["probe"] == "crossfit"
+
+    rerun = run_clean(config(str(demo_shards), str(out)))
+    assert rerun["scoring"]["shards_scored"] == 0
+    assert rerun["scoring"]["shards_skipped"] == len(score_files)
+    again = pq.read_table(out / "manifest.parquet")
+    assert again.column("is_clean").to_pylist() == manifest.column("is_clean").to_pylist()
+
+
+def test_s3_input_and_output(local_ray, demo_shards):
+    client = make_bucket("integration")
+    upload_folder(client, demo_shards, "integration", "shards/train")
+    summary = run_clean(config("s3://integration/shards/train", "s3://integration/runs/one"))
+    body = client.get_object(Bucket="integration", Key="runs/one/manifest.parquet")["Body"].read()
+    manifest = pq.read_table(io.BytesIO(body))
+    expected = count_samples(demo_shards)
+    assert manifest.num_rows == expected == len(set(manifest.column("key").to_pylist()))
+    stored = json.loads(
+        client.get_object(Bucket="integration", Key="runs/one/summary.json")["Body"].read()
+    )
+    assert stored["counts"] == summary["counts"]
+
+
+def test_bad_samples_and_shards_become_failed_rows(local_ray, demo_shards, tmp_path):
+    folder = tmp_path / "shards"
+    shutil.copytree(demo_shards, folder)
+    first = sorted(folder.glob("*.tar"))[0]
+    data = first.read_bytes()
+    (folder / "truncated.tar").write_bytes(data[: len(data) // 3])
+    (folder / "empty.tar").write_bytes(b"\0" * 1024)
+    out = tmp_path / "run"
+    summary = run_clean(config(str(folder), str(out)))
+    manifest = pq.read_table(out / "manifest.parquet").to_pydict()
+    status = np.array(manifest["status"])
+    reasons = [r for r, s in zip(manifest["reason"], status, strict=True) if s == "failed"]
+    # the truncated copy repeats keys of the first shard: those rows fail as duplicates
+    assert any("duplicate key" in r for r in reasons)
+    assert any("shard unreadable" in r for r in reasons)
+    assert any("empty shard" in r for r in reasons)
+    assert summary["counts"]["failed"] == len(reasons) > 0
+    assert summary["counts"]["samples"] == len(status)
+    assert all(r for r in reasons)  # every failure has a reason
