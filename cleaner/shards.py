@@ -43,11 +43,28 @@ def split_member_name(name: str) -> tuple[str, str]:
     return key, (ext.lower() if dot else "")
 
 
+class _CountingReader:
+    """A read-only stream wrapper that counts the bytes handed out."""
+
+    def __init__(self, stream):
+        self.stream, self.bytes_read = stream, 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.stream.read(size)
+        self.bytes_read += len(data)
+        return data
+
+
 def iter_tar_samples(stream) -> Iterator[RawSample]:
-    """Group a tar stream's members into samples; raises tarfile/OS errors on a broken tar."""
+    """Group a tar stream's members into samples; raises tarfile/OS errors on a broken tar.
+
+    A tar cut at a member boundary reads like a shorter archive to Python's tarfile; it is
+    caught here because its end-of-archive block is missing.
+    """
     current: RawSample | None = None
     finished: set[str] = set()
-    with tarfile.open(fileobj=stream, mode="r|") as tar:
+    counted = _CountingReader(stream)
+    with tarfile.open(fileobj=counted, mode="r|") as tar:
         for member in tar:
             if not member.isfile():
                 continue
@@ -66,8 +83,12 @@ def iter_tar_samples(stream) -> Iterator[RawSample]:
                         f"tar members of key {key!r} are not contiguous (key seen earlier in shard)"
                     )
             current.members[ext] = data
+        truncated = counted.bytes_read < tar.offset + tarfile.BLOCKSIZE
+        end_offset = tar.offset
     if current is not None:
         yield current
+    if truncated:
+        raise tarfile.ReadError(f"truncated tar: no end-of-archive block after {end_offset} bytes")
 
 
 def parse_label(value, class_names: list[str]) -> tuple[int, str | None]:

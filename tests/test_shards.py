@@ -150,6 +150,23 @@ def test_truncated_tar_keeps_read_samples_and_adds_a_shard_failure(tmp_path):
     assert rows["shard_total"].max() == len(rows["key"])
 
 
+def test_tar_cut_at_a_member_boundary_is_reported(tmp_path):
+    members = []
+    for i in range(4):
+        members += [(f"k{i}.jpg", jpeg()), (f"k{i}.cls", b"0")]
+    whole = write_tar(tmp_path / "whole.tar", members).read_bytes()
+    with tarfile.open(tmp_path / "whole.tar") as tar:
+        boundary = [m for m in tar.getmembers() if m.name == "k2.jpg"][0].offset
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(whole[:boundary])
+    _, rows = read_all(cut)
+    assert [k for k, s in zip(rows["key"], rows["status"], strict=True) if s == "ok"] == [
+        "k0",
+        "k1",
+    ]
+    assert "truncated tar" in rows["reason"][-1]
+
+
 def test_empty_and_missing_shards_report_a_failure_row(tmp_path):
     _, rows = read_all(write_tar(tmp_path / "empty.tar", []))
     assert list(rows["status"]) == ["failed"] and "empty shard" in rows["reason"][0]
