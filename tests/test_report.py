@@ -1,0 +1,280 @@
+"""Tests for cleaner.report: the self-contained HTML report of a cleaning run."""
+
+from __future__ import annotations
+
+import base64
+import io
+import re
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from PIL import Image
+
+from cleaner.report import SECTIONS, render_report, top_noisy_keys, write_report
+
+TITLES = dict(SECTIONS)
+PNG_SRC = re.compile(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"')
+IMG_SRC = re.compile(r'<img [^>]*src="data:(image/[a-z]+);base64,([A-Za-z0-9+/=]+)"')
+TOP_K = 3
+
+
+def make_manifest(
+    n: int = 300,
+    num_classes: int = 5,
+    *,
+    truth: bool = True,
+    probe: bool = True,
+    failed_every: int = 23,
+    seed: int = 0,
+) -> pa.Table:
+    """A synthetic manifest with the columns of cleaner.fit.fit_and_build_manifest."""
+    rng = np.random.default_rng(seed)
+    true_label = rng.integers(0, num_classes, n)
+    flip = rng.random(n) < 0.3
+    label = np.where(flip, rng.integers(0, num_classes, n), true_label)
+    failed = np.zeros(n, bool)
+    if failed_every:
+        failed[::failed_every] = True
+    status = np.where(failed, "failed", "ok").astype(object)
+    p_true = rng.beta(5, 2, n)
+    p_label = np.where(label == true_label, p_true, rng.beta(1, 6, n))
+    max_p = np.maximum(p_label, rng.uniform(0.3, 0.9, n))
+    loss = np.clip(p_label + rng.normal(0, 0.05, n), 0, 1)
+    consistency = p_label / max_p
+    is_clean = (loss > 0.45) & (consistency > 0.8) & ~failed
+    status[~failed] = np.where(is_clean[~failed], "clean", "noisy")
+    suggested = np.where(rng.random(n) < 0.8, true_label, rng.integers(0, num_classes, n))
+    confidence = rng.uniform(0.3, 1.0, n).astype(np.float32)
+    suggested = np.where(confidence >= 0.5, suggested, -1)
+    suggested = np.where(is_clean, label, suggested)
+    suggested = np.where(failed, -1, suggested)
+    confidence = np.where(failed, np.nan, confidence)
+    names = [f"class {k}" for k in range(num_classes)]
+
+    def nan_failed(values: np.ndarray) -> pa.Array:
+        return pa.array(np.where(failed, np.nan, values).astype(np.float32))
+
+    def names_of(values: np.ndarray) -> list[str | None]:
+        return [names[v] if v >= 0 else None for v in values]
+
+    columns = {
+        "key": [f"sample{i:06d}" for i in range(n)],
+        "shard": [f"s3://bucket/train/shard-{i // 100:04d}.tar" for i in range(n)],
+        "shard_pos": pa.array(np.arange(n) % 100),
+        "label": pa.array(label),
+        "label_name": names_of(label),
+        "is_clean": pa.array(is_clean),
+        "status": status.tolist(),
+        "reason": ["decode error: truncated JPEG" if f else "" for f in failed],
+        "suggested_label": pa.array(suggested),
+        "suggested_name": names_of(suggested),
+        "suggested_confidence": pa.array(confidence.astype(np.float32)),
+        "clean_score": nan_failed(p_label),
+        "backfilled": pa.array(np.zeros(n, bool)),
+    }
+    for source in ("zeroshot", "probe") if probe else ("zeroshot",):
+        columns[f"p_label_{source}"] = nan_failed(p_label)
+        columns[f"max_p_{source}"] = nan_failed(max_p)
+        columns[f"loss_score_{source}"] = nan_failed(loss)
+        columns[f"gmm_p_clean_{source}"] = nan_failed(loss)
+        columns[f"consistency_{source}"] = nan_failed(consistency)
+    columns["argmax_zeroshot"] = pa.array(np.where(failed, -1, suggested))
+    topk = rng.integers(0, num_classes, (n, TOP_K))
+    columns["topk_labels_zeroshot"] = pa.FixedSizeListArray.from_arrays(
+        pa.array(topk.ravel()), TOP_K
+    )
+    columns["topk_probs_zeroshot"] = pa.FixedSizeListArray.from_arrays(
+        pa.array(rng.random(n * TOP_K).astype(np.float32)), TOP_K
+    )
+    if truth:
+        columns["true_label"] = pa.array(true_label)
+    return pa.table(columns)
+
+
+def make_summary(manifest: pa.Table, class_names: list[str] | None = None) -> dict:
+    status = np.asarray(manifest.column("status").to_pylist())
+    num_classes = int(manifest.column("label").to_numpy().max()) + 1
+    names = class_names or [f"class {k}" for k in range(num_classes)]
+    ok = status != "failed"
+    labels = manifest.column("label").to_numpy()[ok]
+    clean = manifest.column("is_clean").to_numpy(zero_copy_only=False)[ok]
+    per_class = {
+        "total": np.bincount(labels, minlength=num_classes).tolist(),
+        "clean": np.bincount(labels[clean], minlength=num_classes).tolist(),
+        "backfilled": [0] * num_classes,
+        "zeroshot_gmm": np.bincount(labels[clean], minlength=num_classes).tolist(),
+        "zeroshot_consistency": np.bincount(labels, minlength=num_classes).tolist(),
+    }
+    summary = {
+        "job": "clean",
+        "output": "s3://bucket/runs/test",
+        "counts": {
+            "samples": len(status),
+            "ok": int(ok.sum()),
+            "failed": int((~ok).sum()),
+            "clean": int((status == "clean").sum()),
+            "noisy": int((status == "noisy").sum()),
+            "failed_by_reason": {"decode error": int((~ok).sum())},
+        },
+        "selection": {"num_clean": int(clean.sum()), "per_class": per_class},
+        "class_names": names,
+        "zero_shot_accuracy_vs_given_labels": 0.71,
+        "timings": {"setup_s": 1.5, "scoring_s": 12.25, "total_s": 20.0},
+        "config": {
+            "model": {"name": "ViT-B-32", "pretrained": "openai"},
+            "selection": {"probe": "crossfit", "theta_gmm": 0.5, "theta_cons": 0.8},
+        },
+        "versions": {"python": "3.11", "torch": "2.5"},
+    }
+    if "true_label" in manifest.column_names:
+        summary["detection"] = {"precision": 0.93, "recall": 0.81, "f1": 0.866, "auroc": 0.95}
+        summary["zero_shot_accuracy_vs_true_labels"] = 0.8
+    return summary
+
+
+def png_images(text: str) -> list[Image.Image]:
+    images = []
+    for encoded in PNG_SRC.findall(text):
+        image = Image.open(io.BytesIO(base64.b64decode(encoded)))
+        image.load()
+        images.append(image)
+    return images
+
+
+def test_full_report_has_every_section_and_decodable_plots() -> None:
+    manifest = make_manifest(truth=True, probe=True)
+    text = render_report(manifest, make_summary(manifest))
+    assert text.startswith("<!DOCTYPE html>")
+    for title in TITLES.values():
+        assert title in text
+    images = png_images(text)
+    # selection histograms, truth histograms, clean-fraction bars, ROC + PR
+    assert len(images) == 4
+    assert all(im.format == "PNG" and im.width > 100 and im.height > 100 for im in images)
+    assert "s3://bucket/runs/test" in text
+    assert "ViT-B-32" in text and "crossfit" in text
+    assert "0.9500" in text  # headline AUROC card
+    assert "decode error" in text and "shard-0000.tar" in text
+    assert "zeroshot gmm" in text and "probe gmm" not in text  # the summary's criteria
+
+
+def test_criterion_counts_fall_back_to_the_manifest() -> None:
+    manifest = make_manifest(truth=True, probe=True)
+    summary = make_summary(manifest)
+    del summary["selection"]
+    text = render_report(manifest, summary)
+    for column in ("zeroshot gmm", "zeroshot consistency", "probe gmm", "probe consistency"):
+        assert f">{column}</th>" in text
+
+
+def test_no_truth_omits_roc_and_truth_plots() -> None:
+    manifest = make_manifest(truth=False, probe=False)
+    text = render_report(manifest, make_summary(manifest))
+    assert TITLES["roc"] not in text
+    assert 'id="roc"' not in text
+    assert "true label" not in text.lower().replace("vs true labels", "")
+    assert len(png_images(text)) == 2  # selection histograms, clean-fraction bars
+    for sid, title in SECTIONS:
+        if sid != "roc":
+            assert title in text
+
+
+def test_class_names_and_keys_are_escaped() -> None:
+    evil = "<script>alert('x')</script>"
+    manifest = make_manifest(num_classes=5)
+    names = [evil, "a & b", "$5 bill", "plain", 'quote "q"']
+    key_col = manifest.column_names.index("key")
+    keys = manifest.column("key").to_pylist()
+    keys[1] = "<img src=x onerror=alert(1)>"
+    manifest = manifest.set_column(key_col, "key", pa.array(keys))
+    text = render_report(manifest, make_summary(manifest, names))
+    assert "<script>" not in text
+    assert "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt;" in text
+    assert "a &amp; b" in text
+    assert "<img src=x" not in text
+    assert len(png_images(text)) == 4  # "$" in a class name does not break matplotlib
+
+
+def test_mostly_failed_manifest() -> None:
+    manifest = make_manifest(n=200, failed_every=0)
+    status = np.array(manifest.column("status").to_pylist(), dtype=object)
+    status[5:] = "failed"
+    manifest = manifest.set_column(
+        manifest.column_names.index("status"), "status", pa.array(status.tolist())
+    )
+    text = render_report(manifest, {})  # no summary at all
+    for sid, title in SECTIONS:
+        if sid != "roc":
+            assert title in text
+    assert "First 20 of 195 failed samples" in text
+    assert len(png_images(text)) >= 2
+
+
+def test_every_sample_failed_still_renders() -> None:
+    manifest = make_manifest(n=50, failed_every=1, truth=False)
+    text = render_report(manifest, make_summary(manifest))
+    assert "No noisy sample" in text and TITLES["failures"] in text
+
+
+def test_thumbnails_are_embedded_for_listed_noisy_samples() -> None:
+    manifest = make_manifest()
+    keys = top_noisy_keys(manifest, 5)
+    assert len(keys) == 5
+
+    def encoded(fmt: str, colour: str, size: int = 24) -> bytes:
+        out = io.BytesIO()
+        Image.new("RGB", (size, size), colour).save(out, format=fmt)
+        return out.getvalue()
+
+    thumbs = {keys[0]: encoded("JPEG", "red"), keys[1]: encoded("PNG", "blue")}
+    big = np.random.default_rng(0).integers(0, 255, (600, 600, 3), dtype=np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(big).save(out, format="PNG")
+    thumbs[keys[2]] = out.getvalue()  # too large: re-encoded as a small JPEG
+    thumbs[keys[3]] = b"not an image"
+    text = render_report(manifest, make_summary(manifest), thumbnails=thumbs)
+    found = [(mime, base64.b64decode(data)) for mime, data in IMG_SRC.findall(text)]
+    thumbs_found = [(m, d) for m, d in found if len(d) < 200_000 and m == "image/jpeg"]
+    assert len(thumbs_found) == 2
+    for _, data in thumbs_found:
+        with Image.open(io.BytesIO(data)) as image:
+            assert max(image.size) <= 128
+    assert 'class="thumb"' in text and text.count('class="thumb"') == 3
+    assert "unreadable" in text
+    assert len(png_images(text)) == 4 + 1  # the plots plus the PNG thumbnail
+
+
+def test_large_class_count_is_capped(tmp_path) -> None:
+    manifest = make_manifest(n=4000, num_classes=300, failed_every=50)
+    target = tmp_path / "out" / "report.html"
+    write_report(manifest, make_summary(manifest), str(target))
+    text = target.read_text(encoding="utf-8")
+    assert text.startswith("<!DOCTYPE html>")
+    assert "Showing the 50 largest of" in text
+    assert "Listing the 200 largest of" in text
+    assert "Showing the 30 most involved" in text
+    assert text.count("<tr>") < 400
+
+
+@pytest.mark.parametrize("drop", ["true_label", "loss_score_zeroshot", "clean_score", "status"])
+def test_missing_columns_are_tolerated(drop: str) -> None:
+    manifest = make_manifest()
+    manifest = manifest.drop_columns([drop])
+    text = render_report(manifest, {"class_names": ["a", "b"]})  # too few names: extended
+    assert TITLES["per-class"] in text
+
+
+def test_degenerate_inputs() -> None:
+    manifest = make_manifest()
+    assert "No usable sample" in render_report(manifest.slice(0, 0), {})
+    assert TITLES["failures"] in render_report(manifest.select(["key"]), None)
+    junk = {
+        "counts": "x",
+        "selection": {"per_class": {"zeroshot_gmm": [1]}},  # wrong length: ignored
+        "detection": None,
+        "config": 3,
+        "timings": [1],
+        "class_names": "abc",
+    }
+    assert TITLES["noisy"] in render_report(manifest, junk)
