@@ -46,6 +46,7 @@ def token_head(s3_endpoint, tmp_path_factory):
     token = uuid.uuid4().hex + uuid.uuid4().hex
     base = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     base.update(S3_ENV, AWS_ENDPOINT_URL=s3_endpoint, HOME=str(home), RAY_AUTH_MODE="token")
+    base["PATH"] = f"{BIN}{os.pathsep}{base.get('PATH', '')}"  # the job's `python` is this venv's
     env = {**base, "RAY_AUTH_TOKEN": token}
     dash_port, gcs_port = free_port(), free_port()
     started = ray_cli(
