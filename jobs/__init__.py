@@ -1,0 +1,1 @@
+"""Ray jobs and command-line entry points."""
