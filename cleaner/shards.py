@@ -256,3 +256,35 @@ def read_shard(
             "empty shard: no samples",
         )
     yield builder.flush(shard_total=total)
+
+
+def fetch_thumbnails(
+    keys_by_shard: dict[str, list[str]], extensions: list[str], size: int = 96
+) -> dict[str, bytes]:
+    """Small PNG thumbnails for the given keys, read back from their shards (best effort).
+
+    Samples whose image cannot be read are left out; the caller shows them without one.
+    """
+    thumbs: dict[str, bytes] = {}
+    for shard, keys in keys_by_shard.items():
+        wanted = set(keys)
+        try:
+            fs, path = uri_lib.resolve(shard)
+            with fs.open_input_stream(path) as stream:
+                for sample in iter_tar_samples(stream):
+                    if sample.key not in wanted:
+                        continue
+                    data = find_image(sample, extensions)
+                    if data is not None:
+                        with Image.open(io.BytesIO(data)) as img:
+                            thumb = img.convert("RGB")
+                            thumb.thumbnail((size, size))
+                            buf = io.BytesIO()
+                            thumb.save(buf, format="PNG")
+                            thumbs[sample.key] = buf.getvalue()
+                    wanted.discard(sample.key)
+                    if not wanted:
+                        break
+        except (tarfile.TarError, OSError, EOFError, ValueError):
+            continue
+    return thumbs

@@ -8,6 +8,7 @@ manifest.parquet (one row per input sample), summary.json, config.yaml, report.h
 
 from __future__ import annotations
 
+import logging
 import time
 
 from cleaner import uri as uri_lib
@@ -16,6 +17,8 @@ from cleaner.fit import fit_and_build_manifest, read_scores
 from cleaner.models import load_clip
 from cleaner.pipeline import SCORES_DIR, score_shards, shard_output_names, table_to_parquet_bytes
 from cleaner.prompts import encode_prompts
+from cleaner.report import top_noisy_keys, write_report
+from cleaner.shards import fetch_thumbnails
 from cleaner.versions import package_versions
 from jobs.common import (
     connect_ray,
@@ -25,6 +28,8 @@ from jobs.common import (
     write_json,
     write_yaml,
 )
+
+log = logging.getLogger(__name__)
 
 
 def run_clean(cfg: CleanJobConfig) -> dict:
@@ -77,6 +82,18 @@ def run_clean(cfg: CleanJobConfig) -> dict:
         "config": cfg.model_dump(mode="json"),
         "versions": package_versions(),
     }
+    t3 = time.perf_counter()
+    try:
+        write_report(
+            manifest,
+            summary,
+            uri_lib.join(cfg.output, "report.html"),
+            thumbnails=report_thumbnails(manifest, cfg.data.image_extensions),
+        )
+    except Exception as err:  # the report must not fail a job whose manifest is written
+        log.exception("report.html could not be written")
+        summary["report_error"] = f"{type(err).__name__}: {err}"
+    summary["timings"]["report_s"] = round(time.perf_counter() - t3, 3)
     write_json(uri_lib.join(cfg.output, "summary.json"), summary)
     write_yaml(
         uri_lib.join(cfg.output, "config.yaml"),
@@ -84,6 +101,18 @@ def run_clean(cfg: CleanJobConfig) -> dict:
     )
     print_summary(summary)
     return summary
+
+
+def report_thumbnails(manifest, extensions: list[str]) -> dict[str, bytes]:
+    """Thumbnails of the noisy samples the report lists, read back from their shards."""
+    keys = set(top_noisy_keys(manifest))
+    by_shard: dict[str, list[str]] = {}
+    for key, shard in zip(
+        manifest.column("key").to_pylist(), manifest.column("shard").to_pylist(), strict=True
+    ):
+        if key in keys:
+            by_shard.setdefault(shard, []).append(key)
+    return fetch_thumbnails(by_shard, extensions)
 
 
 def print_summary(summary: dict) -> None:
