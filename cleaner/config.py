@@ -55,7 +55,7 @@ class ScoringConfig(_Strict):
     max_readers: int | None = Field(
         default=None, gt=0, description="shard-reader tasks at once (None: as resources allow)"
     )
-    reader_memory_mb: int = Field(default=512, gt=0, description="memory of one shard-reader task")
+    reader_memory_mb: int = Field(default=768, gt=0, description="memory of one shard-reader task")
     tau: float = Field(default=0.07, gt=0)
     top_k: int = Field(default=5, gt=0)
 
