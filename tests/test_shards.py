@@ -156,7 +156,7 @@ def test_tar_cut_at_a_member_boundary_is_reported(tmp_path):
         members += [(f"k{i}.jpg", jpeg()), (f"k{i}.cls", b"0")]
     whole = write_tar(tmp_path / "whole.tar", members).read_bytes()
     with tarfile.open(tmp_path / "whole.tar") as tar:
-        boundary = [m for m in tar.getmembers() if m.name == "k2.jpg"][0].offset
+        boundary = next(m for m in tar.getmembers() if m.name == "k2.jpg").offset
     cut = tmp_path / "cut.tar"
     cut.write_bytes(whole[:boundary])
     _, rows = read_all(cut)
