@@ -1,0 +1,608 @@
+"""MixFix training core (METHOD.md section 4), pure torch/numpy: no Ray here.
+
+One MixFix epoch, as the Ray Train loop drives it:
+
+1. `balanced_epoch_indices(...)`: the sample indices of the epoch, class-balanced over the
+   currently selected set, `iterations_per_epoch(N_total, batch) * batch` of them.
+2. The data pipeline loads/augments them (`augment_batch` on CPU workers) with the state's
+   `current_labels` as targets; `train_one_epoch(...)` runs mixup + soft cross-entropy.
+3. `predict(...)` over every training sample (eval transform `to_tensor_batch`), then
+   `update_selection(...)` gives the next epoch's selected set and labels.
+
+`MixFixState` holds the selection between epochs and round-trips through checkpoints with
+`state_dict()` / `from_state_dict()`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Per-channel RGB statistics for normalising inputs in [0, 1].
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+CIFAR10_MEAN: tuple[float, float, float] = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD: tuple[float, float, float] = (0.2470, 0.2435, 0.2616)
+CIFAR100_MEAN: tuple[float, float, float] = (0.5071, 0.4865, 0.4409)
+CIFAR100_STD: tuple[float, float, float] = (0.2673, 0.2564, 0.2762)
+
+
+# --------------------------------------------------------------------------------------
+# Mixup and loss
+# --------------------------------------------------------------------------------------
+
+
+def sample_mixup(
+    batch_size: int, beta: float, generator: np.random.Generator
+) -> tuple[float, np.ndarray]:
+    """(lam, permutation) for one batch: lam ~ Beta(beta, beta), lam = max(lam, 1 - lam).
+
+    beta <= 0 disables mixup: lam = 1 and the identity permutation (no random draws).
+    """
+    if beta <= 0:
+        return 1.0, np.arange(batch_size)
+    lam = float(generator.beta(beta, beta))
+    return max(lam, 1.0 - lam), generator.permutation(batch_size)
+
+
+def mixup(
+    inputs: torch.Tensor,
+    soft_targets: torch.Tensor,
+    beta: float,
+    generator: np.random.Generator,
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Mix a batch with a random permutation of itself: (mixed inputs, mixed targets, lam).
+
+    mixed = lam * x + (1 - lam) * x[perm], same for the [B, K] soft targets; lam >= 0.5.
+    beta <= 0 returns the inputs and targets unchanged with lam = 1.
+    """
+    if inputs.shape[0] != soft_targets.shape[0]:
+        raise ValueError(
+            f"inputs ({inputs.shape[0]}) and targets ({soft_targets.shape[0]}) differ in batch size"
+        )
+    lam, permutation = sample_mixup(inputs.shape[0], beta, generator)
+    if lam == 1.0:
+        return inputs, soft_targets, lam
+    perm = torch.from_numpy(permutation).to(inputs.device)
+    mixed_inputs = inputs.mul(lam).add_(inputs[perm], alpha=1.0 - lam)
+    mixed_targets = soft_targets.mul(lam).add_(soft_targets[perm], alpha=1.0 - lam)
+    return mixed_inputs, mixed_targets, lam
+
+
+def soft_cross_entropy(logits: torch.Tensor, soft_targets: torch.Tensor) -> torch.Tensor:
+    """Mean over the batch of -sum_k t_k log softmax(logits)_k (computed in float32)."""
+    log_probs = F.log_softmax(logits.float(), dim=1)
+    return -(soft_targets.float() * log_probs).sum(dim=1).mean()
+
+
+# --------------------------------------------------------------------------------------
+# Class-balanced sampling
+# --------------------------------------------------------------------------------------
+
+
+def iterations_per_epoch(num_total: int, batch_size: int) -> int:
+    """Iterations of one epoch: N_total // batch_size (floor), at least 1.
+
+    N_total counts every training sample, selected or not (METHOD.md: N_total / batch size);
+    the floor keeps all batches full, which DDP and BatchNorm prefer.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    return max(1, num_total // batch_size)
+
+
+def balanced_epoch_indices(
+    selected_indices: np.ndarray,
+    labels: np.ndarray,
+    num_classes: int,
+    iterations_per_epoch: int,
+    batch_size: int,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """Dataset indices for one epoch, class-balanced over the selected samples.
+
+    selected_indices: int[S], indices into the dataset of the selected samples.
+    labels: int[N_total], the current label of EVERY dataset sample (indexed by
+        selected_indices; entries of unselected samples are ignored).
+    Returns int64[iterations_per_epoch * batch_size], shuffled. Each class present in the
+    selection is drawn equally often (counts differ by at most 1; which classes get the
+    extra draw is random), as if every class were repeated up to the largest class's size;
+    within a class, samples are drawn by cycling a fresh permutation, so their counts also
+    differ by at most 1. Only selected samples appear. Classes absent from the selection
+    are not drawn.
+    """
+    selected_indices = np.asarray(selected_indices)
+    labels = np.asarray(labels)
+    total = iterations_per_epoch * batch_size
+    if total < 1:
+        raise ValueError("iterations_per_epoch and batch_size must be >= 1")
+    if selected_indices.ndim != 1 or selected_indices.size == 0:
+        raise ValueError("selected_indices must be a non-empty 1-D array")
+    if labels.ndim != 1:
+        raise ValueError("labels must be a 1-D array over the whole dataset")
+    if selected_indices.min() < 0 or selected_indices.max() >= labels.shape[0]:
+        raise ValueError("selected_indices out of range for labels")
+    selected_indices = np.unique(selected_indices).astype(np.int64)
+    selected_labels = labels[selected_indices]
+    if selected_labels.min() < 0 or selected_labels.max() >= num_classes:
+        raise ValueError(f"labels of selected samples must lie in [0, {num_classes})")
+
+    # Group the selected indices by class (stable sort keeps them contiguous per class).
+    order = np.argsort(selected_labels, kind="stable")
+    grouped = selected_indices[order]
+    counts = np.bincount(selected_labels, minlength=num_classes)
+    present = np.flatnonzero(counts)
+    starts = np.concatenate(([0], np.cumsum(counts)))[present]
+    sizes = counts[present]
+
+    # Equal quota per present class; the remainder goes to randomly chosen classes.
+    quotas = np.full(present.size, total // present.size, dtype=np.int64)
+    quotas[rng.choice(present.size, total % present.size, replace=False)] += 1
+
+    # Position j of a class's quota takes its (j mod size)-th sample in a fresh permutation.
+    # Vectorised: a random key per selected sample, sorted within its class.
+    permuted = grouped[
+        np.lexsort((rng.random(grouped.size), np.repeat(np.arange(present.size), sizes)))
+    ]
+    class_of_draw = np.repeat(np.arange(present.size), quotas)
+    position = np.arange(total) - np.repeat(np.cumsum(quotas) - quotas, quotas)
+    draws = permuted[starts[class_of_draw] + position % sizes[class_of_draw]]
+    return draws[rng.permutation(total)]
+
+
+class ClassBalancedSampler(torch.utils.data.Sampler[int]):
+    """A map-style Sampler over `balanced_epoch_indices`; call set_epoch() each epoch.
+
+    The draw of epoch e depends only on (seed, e), so every DDP rank can compute the
+    same epoch order and take its own slice.
+    """
+
+    def __init__(
+        self,
+        selected_indices: np.ndarray,
+        labels: np.ndarray,
+        num_classes: int,
+        num_total: int,
+        batch_size: int,
+        seed: int = 0,
+    ) -> None:
+        self.selected_indices = np.asarray(selected_indices)
+        self.labels = np.asarray(labels)
+        self.num_classes = num_classes
+        self.iterations = iterations_per_epoch(num_total, batch_size)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose draw __iter__ yields."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.iterations * self.batch_size
+
+    def __iter__(self) -> Iterator[int]:
+        rng = np.random.default_rng((self.seed, self.epoch))
+        indices = balanced_epoch_indices(
+            self.selected_indices,
+            self.labels,
+            self.num_classes,
+            self.iterations,
+            self.batch_size,
+            rng,
+        )
+        return iter(indices.tolist())
+
+
+# --------------------------------------------------------------------------------------
+# Selection state and update
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class MixFixState:
+    """The MixFix selection between epochs (one entry per training sample).
+
+    initial_clean: bool[N], the offline CLIP selection (never leaves the set).
+    original_labels: int64[N], the noisy labels as given (never modified).
+    selected: bool[N], the set trained on next.
+    current_labels: int64[N], labels trained with next (original or relabelled).
+    epoch: number of selection updates applied (= training epochs completed).
+    """
+
+    initial_clean: np.ndarray
+    original_labels: np.ndarray
+    selected: np.ndarray
+    current_labels: np.ndarray
+    epoch: int = 0
+
+    def __post_init__(self) -> None:
+        self.initial_clean = np.asarray(self.initial_clean, dtype=bool)
+        self.original_labels = np.asarray(self.original_labels, dtype=np.int64)
+        self.selected = np.asarray(self.selected, dtype=bool)
+        self.current_labels = np.asarray(self.current_labels, dtype=np.int64)
+        self.epoch = int(self.epoch)
+        shapes = {
+            name: getattr(self, name).shape
+            for name in ("initial_clean", "original_labels", "selected", "current_labels")
+        }
+        if len(set(shapes.values())) != 1 or len(self.initial_clean.shape) != 1:
+            raise ValueError(f"MixFixState arrays must be 1-D of one length, got {shapes}")
+        if self.original_labels.size and self.original_labels.min() < 0:
+            raise ValueError("original_labels must be non-negative")
+
+    @classmethod
+    def initial(cls, initial_clean: np.ndarray, labels: np.ndarray) -> MixFixState:
+        """State before the first epoch: the clean set with its original labels."""
+        clean = np.asarray(initial_clean, dtype=bool)
+        return cls(
+            initial_clean=clean.copy(),
+            original_labels=np.asarray(labels, dtype=np.int64).copy(),
+            selected=clean.copy(),
+            current_labels=np.asarray(labels, dtype=np.int64).copy(),
+            epoch=0,
+        )
+
+    @property
+    def num_samples(self) -> int:
+        """N, the number of training samples."""
+        return int(self.original_labels.shape[0])
+
+    def selected_indices(self) -> np.ndarray:
+        """int64 indices of the selected samples."""
+        return np.flatnonzero(self.selected).astype(np.int64)
+
+    def state_dict(self) -> dict[str, np.ndarray | int]:
+        """Plain numpy arrays and an int, for checkpoints (copies)."""
+        return {
+            "initial_clean": self.initial_clean.copy(),
+            "original_labels": self.original_labels.copy(),
+            "selected": self.selected.copy(),
+            "current_labels": self.current_labels.copy(),
+            "epoch": self.epoch,
+        }
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, np.ndarray | int]) -> MixFixState:
+        """Inverse of state_dict(); validates shapes and dtypes."""
+        missing = {"initial_clean", "original_labels", "selected", "current_labels", "epoch"}
+        missing -= set(state)
+        if missing:
+            raise ValueError(f"MixFix state dict lacks {sorted(missing)}")
+        return cls(
+            initial_clean=np.array(state["initial_clean"], dtype=bool),
+            original_labels=np.array(state["original_labels"], dtype=np.int64),
+            selected=np.array(state["selected"], dtype=bool),
+            current_labels=np.array(state["current_labels"], dtype=np.int64),
+            epoch=int(state["epoch"]),
+        )
+
+
+@dataclass(frozen=True)
+class MixFixUpdate:
+    """Result of one selection update.
+
+    absorbed / relabelled: samples meeting each rule, over ALL N samples (initial-clean
+    ones included); selected: size of the next set; added: selected samples outside the
+    initial clean set. precision (current label == true label over the selected set) and
+    relabel_accuracy (new label == true label over relabelled samples) need true labels;
+    None when not computable.
+    """
+
+    state: MixFixState
+    absorbed: int
+    relabelled: int
+    selected: int
+    added: int
+    absorbed_mask: np.ndarray
+    relabelled_mask: np.ndarray
+    precision: float | None = None
+    relabel_accuracy: float | None = None
+
+    def summary(self) -> dict[str, float | int | None]:
+        """Counts and metrics as a flat dict, for logging/reporting."""
+        return {
+            "epoch": self.state.epoch,
+            "absorbed": self.absorbed,
+            "relabelled": self.relabelled,
+            "selected": self.selected,
+            "added": self.added,
+            "precision": self.precision,
+            "relabel_accuracy": self.relabel_accuracy,
+        }
+
+
+def update_selection(
+    state: MixFixState,
+    pred_prob_max: np.ndarray,
+    pred_label: np.ndarray,
+    theta_r: float,
+    theta_r2: float,
+    true_labels: np.ndarray | None = None,
+) -> MixFixUpdate:
+    """Next epoch's selection from the predictions on every training sample (METHOD.md 4).
+
+    With p_m = pred_prob_max, y_m = pred_label and y_i the ORIGINAL label:
+    - absorb: p_m >= theta_r and y_m == y_i (sample joins with label y_i);
+    - relabel: p_m >= theta_r2 and y_m != y_i (sample joins with label y_m);
+    next selected = initial clean | absorbed | relabelled. Labels are recomputed from the
+    original labels each time (no drift): current = original, then y_m for relabelled
+    samples, initial-clean ones included. Comparisons are inclusive (>=), so theta_r2 = 1
+    disables relabelling except for predictions of probability exactly 1.0 (possible in
+    float32 softmax on saturated logits); use theta_r2 > 1 for a strict disable.
+    The returned state's epoch is state.epoch + 1; the input state is not modified.
+    """
+    n = state.num_samples
+    prob = np.asarray(pred_prob_max, dtype=np.float64)
+    pred = np.asarray(pred_label)
+    if prob.shape != (n,) or pred.shape != (n,):
+        raise ValueError(f"predictions must have shape ({n},), got {prob.shape} and {pred.shape}")
+    if not np.all(np.isfinite(prob)):
+        raise ValueError("pred_prob_max contains NaN or infinite values")
+    if not np.issubdtype(pred.dtype, np.integer):
+        raise ValueError(f"pred_label must be integer, got {pred.dtype}")
+    pred = pred.astype(np.int64)
+    if n and pred.min() < 0:
+        raise ValueError("pred_label must be non-negative")
+
+    agrees = pred == state.original_labels
+    absorbed = (prob >= theta_r) & agrees
+    relabelled = (prob >= theta_r2) & ~agrees
+    selected = state.initial_clean | absorbed | relabelled
+    current = np.where(relabelled, pred, state.original_labels)
+    new_state = replace(
+        state,
+        initial_clean=state.initial_clean.copy(),
+        original_labels=state.original_labels.copy(),
+        selected=selected,
+        current_labels=current,
+        epoch=state.epoch + 1,
+    )
+
+    precision = relabel_accuracy = None
+    if true_labels is not None:
+        truth = np.asarray(true_labels, dtype=np.int64)
+        if truth.shape != (n,):
+            raise ValueError(f"true_labels must have shape ({n},), got {truth.shape}")
+        if selected.any():
+            precision = float(np.mean(current[selected] == truth[selected]))
+        if relabelled.any():
+            relabel_accuracy = float(np.mean(pred[relabelled] == truth[relabelled]))
+
+    return MixFixUpdate(
+        state=new_state,
+        absorbed=int(absorbed.sum()),
+        relabelled=int(relabelled.sum()),
+        selected=int(selected.sum()),
+        added=int((selected & ~state.initial_clean).sum()),
+        absorbed_mask=absorbed,
+        relabelled_mask=relabelled,
+        precision=precision,
+        relabel_accuracy=relabel_accuracy,
+    )
+
+
+# --------------------------------------------------------------------------------------
+# Training and prediction loops
+# --------------------------------------------------------------------------------------
+
+
+def _as_tensor(value: torch.Tensor | np.ndarray) -> torch.Tensor:
+    return value if isinstance(value, torch.Tensor) else torch.as_tensor(value)
+
+
+def _autocast(
+    device: torch.device, amp_dtype: torch.dtype | None
+) -> contextlib.AbstractContextManager:
+    if amp_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=amp_dtype)
+
+
+def train_one_epoch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    *,
+    beta: float,
+    device: torch.device | str,
+    generator: np.random.Generator,
+    scaler: torch.amp.GradScaler | None = None,
+    amp_dtype: torch.dtype | None = None,
+) -> dict[str, float | int]:
+    """One pass over `batches` of (inputs [B, C, H, W], targets) with mixup + soft CE.
+
+    targets are hard (int [B]) or soft ([B, K] rows summing to 1); hard targets become
+    one-hot with K = the model's output width. amp_dtype enables autocast (bf16/fp16);
+    pass a GradScaler for fp16. The LR scheduler is NOT stepped here (it is per epoch).
+    Returns {"loss": mean loss per sample, "samples": count, "batches": count}.
+    """
+    device = torch.device(device)
+    model.train()
+    loss_sum = 0.0
+    samples = 0
+    num_batches = 0
+    for inputs, targets in batches:
+        inputs = _as_tensor(inputs).to(device, non_blocking=True)
+        targets = _as_tensor(targets).to(device, non_blocking=True)
+        batch_size = inputs.shape[0]
+        if targets.shape[0] != batch_size:
+            raise ValueError(f"batch of {batch_size} inputs but {targets.shape[0]} targets")
+        lam, permutation = sample_mixup(batch_size, beta, generator)
+        perm = torch.from_numpy(permutation).to(device)
+        if lam != 1.0:
+            inputs = inputs.mul(lam).add_(inputs[perm], alpha=1.0 - lam)
+        with _autocast(device, amp_dtype):
+            logits = model(inputs)
+        if targets.ndim == 1:
+            targets = F.one_hot(targets.long(), num_classes=logits.shape[1])
+        targets = targets.float()
+        if lam != 1.0:
+            targets = targets.mul(lam).add_(targets[perm], alpha=1.0 - lam)
+        loss = soft_cross_entropy(logits, targets)
+
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        loss_sum += float(loss.detach()) * batch_size
+        samples += batch_size
+        num_batches += 1
+    return {"loss": loss_sum / max(samples, 1), "samples": samples, "batches": num_batches}
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module,
+    batches: Iterable[torch.Tensor | np.ndarray | Sequence[torch.Tensor]],
+    device: torch.device | str,
+    *,
+    amp_dtype: torch.dtype | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(max softmax probability float32[N], argmax int64[N]) in the batches' order.
+
+    Each batch is an input tensor or a tuple/list whose first item is the input tensor
+    (so training batches with targets also work). The model is put in eval mode and its
+    previous mode restored afterwards.
+    """
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    max_probs: list[np.ndarray] = []
+    labels: list[np.ndarray] = []
+    try:
+        for batch in batches:
+            inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
+            inputs = _as_tensor(inputs).to(device, non_blocking=True)
+            with _autocast(device, amp_dtype):
+                logits = model(inputs)
+            probs = F.softmax(logits.float(), dim=1)
+            top_prob, top_label = probs.max(dim=1)
+            max_probs.append(top_prob.cpu().numpy().astype(np.float32))
+            labels.append(top_label.cpu().numpy().astype(np.int64))
+    finally:
+        model.train(was_training)
+    if not max_probs:
+        return np.zeros(0, dtype=np.float32), np.zeros(0, dtype=np.int64)
+    return np.concatenate(max_probs), np.concatenate(labels)
+
+
+# --------------------------------------------------------------------------------------
+# CPU-side transforms (the data pipeline calls these on its workers)
+# --------------------------------------------------------------------------------------
+
+
+def _check_images(images: np.ndarray) -> np.ndarray:
+    images = np.asarray(images)
+    if images.ndim != 4:
+        raise ValueError(f"images must be NHWC, got shape {images.shape}")
+    if images.dtype != np.uint8:
+        raise ValueError(f"images must be uint8, got {images.dtype}")
+    return images
+
+
+def to_tensor_batch(
+    images: np.ndarray,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+) -> torch.Tensor:
+    """uint8 NHWC images -> float32 NCHW tensor, scaled to [0, 1] and normalised."""
+    images = _check_images(images)
+    channels = images.shape[3]
+    mean_arr = np.asarray(mean, dtype=np.float32).reshape(1, 1, 1, -1)
+    std_arr = np.asarray(std, dtype=np.float32).reshape(1, 1, 1, -1)
+    if mean_arr.size != channels or std_arr.size != channels:
+        raise ValueError(f"mean/std need {channels} entries, got {mean_arr.size}/{std_arr.size}")
+    normalised = (images.astype(np.float32) / 255.0 - mean_arr) / std_arr
+    return torch.from_numpy(np.ascontiguousarray(normalised.transpose(0, 3, 1, 2)))
+
+
+def augment_batch(
+    images: np.ndarray,
+    rng: np.random.Generator,
+    crop_padding: int = 4,
+    flip: bool = True,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+) -> torch.Tensor:
+    """Training transform: random crop after zero padding, random horizontal flip, normalise.
+
+    images: uint8 [N, H, W, C]. Each image gets its own crop offset in
+    [0, 2 * crop_padding] per axis and a flip with probability 1/2; vectorised with one
+    gather. Returns float32 [N, C, H, W] like to_tensor_batch.
+    """
+    images = _check_images(images)
+    n, height, width, _ = images.shape
+    if crop_padding < 0:
+        raise ValueError(f"crop_padding must be >= 0, got {crop_padding}")
+    if crop_padding:
+        pad = crop_padding
+        padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    else:
+        padded = images
+    offset_y = rng.integers(0, 2 * crop_padding + 1, n)
+    offset_x = rng.integers(0, 2 * crop_padding + 1, n)
+    rows = offset_y[:, None] + np.arange(height)  # [N, H]
+    cols = offset_x[:, None] + np.arange(width)  # [N, W]
+    if flip:
+        flipped = rng.random(n) < 0.5
+        cols = np.where(flipped[:, None], cols[:, ::-1], cols)
+    cropped = padded[np.arange(n)[:, None, None], rows[:, :, None], cols[:, None, :]]
+    return to_tensor_batch(cropped, mean, std)
+
+
+# --------------------------------------------------------------------------------------
+# Optimiser and schedule
+# --------------------------------------------------------------------------------------
+
+
+def make_optimizer(
+    model: nn.Module, lr: float, momentum: float = 0.9, weight_decay: float = 5e-4
+) -> torch.optim.SGD:
+    """SGD over all trainable parameters (weight decay on all of them, as in the paper)."""
+    params = [param for param in model.parameters() if param.requires_grad]
+    return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+
+
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, milestones: Sequence[int], gamma: float = 0.1
+) -> torch.optim.lr_scheduler.MultiStepLR:
+    """LR x gamma at each milestone epoch; call scheduler.step() once per epoch."""
+    return torch.optim.lr_scheduler.MultiStepLR(
+        optimizer, milestones=sorted(int(m) for m in milestones), gamma=gamma
+    )
+
+
+__all__ = [
+    "CIFAR10_MEAN",
+    "CIFAR10_STD",
+    "CIFAR100_MEAN",
+    "CIFAR100_STD",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "ClassBalancedSampler",
+    "MixFixState",
+    "MixFixUpdate",
+    "augment_batch",
+    "balanced_epoch_indices",
+    "iterations_per_epoch",
+    "make_optimizer",
+    "make_scheduler",
+    "mixup",
+    "predict",
+    "sample_mixup",
+    "soft_cross_entropy",
+    "to_tensor_batch",
+    "train_one_epoch",
+    "update_selection",
+]
