@@ -162,6 +162,32 @@ def actor_resources(cfg: CleanJobConfig) -> dict[str, float]:
 
 def read_stage(cfg: CleanJobConfig, shards: list[str], class_names: list[str], image_size: int):
     """Ray Dataset of decoded samples: one CPU task per shard, uint8 images of image_size."""
+    return decoded_samples(
+        shards,
+        class_names=class_names,
+        image_size=image_size,
+        extensions=cfg.data.image_extensions,
+        read_batch_size=cfg.scoring.read_batch_size,
+        max_readers=cfg.scoring.max_readers,
+        reader_memory_mb=cfg.scoring.reader_memory_mb,
+    )
+
+
+def decoded_samples(
+    shards: list[str],
+    *,
+    class_names: list[str],
+    image_size: int,
+    extensions: list[str],
+    read_batch_size: int = 256,
+    max_readers: int | None = None,
+    reader_memory_mb: int = 768,
+):
+    """Ray Dataset of the samples of `shards`, decoded in CPU tasks (one task per shard).
+
+    Columns: key, shard, shard_pos, label, true_label, image (uint8 [S, S, 3]), status,
+    reason, shard_total (see cleaner.shards.read_shard).
+    """
     import ray
     from ray.data import TaskPoolStrategy
 
@@ -170,15 +196,15 @@ def read_stage(cfg: CleanJobConfig, shards: list[str], class_names: list[str], i
         read_shards_udf,
         batch_size=1,
         num_cpus=1,
-        compute=TaskPoolStrategy(size=cfg.scoring.max_readers),
+        compute=TaskPoolStrategy(size=max_readers),
         # Declaring the decoder's memory also keeps Ray from fusing it into the scorer
         # actors on CPU clusters: decoding stays in CPU tasks, in parallel with scoring.
-        memory=cfg.scoring.reader_memory_mb * 1024 * 1024,
+        memory=reader_memory_mb * 1024 * 1024,
         fn_kwargs={
             "class_names": list(class_names),
             "image_size": image_size,
-            "extensions": cfg.data.image_extensions,
-            "batch_size": cfg.scoring.read_batch_size,
+            "extensions": list(extensions),
+            "batch_size": read_batch_size,
         },
     )
 
