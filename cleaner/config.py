@@ -15,11 +15,13 @@ class ConfigError(ValueError):
     """A job configuration that cannot be loaded or does not validate."""
 
 
-class _Strict(BaseModel):
+class StrictModel(BaseModel):
+    """A config section: unknown keys are errors, assignments are validated."""
+
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-class DataConfig(_Strict):
+class DataConfig(StrictModel):
     """Where the shards are and how their samples are labelled."""
 
     input: str | list[str] = Field(
@@ -29,7 +31,7 @@ class DataConfig(_Strict):
     image_extensions: list[str] = ["jpg", "jpeg", "png", "webp", "bmp"]
 
 
-class ModelConfig(_Strict):
+class ModelConfig(StrictModel):
     """Which CLIP scores the images (any open_clip model)."""
 
     name: str = "tiny-clip-shapes"
@@ -43,7 +45,7 @@ class ModelConfig(_Strict):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
 
 
-class ScoringConfig(_Strict):
+class ScoringConfig(StrictModel):
     """The Ray Data scoring stage."""
 
     batch_size: int = Field(default=256, gt=0)
@@ -68,7 +70,7 @@ class ScoringConfig(_Strict):
         return v
 
 
-class SelectionConfig(_Strict):
+class SelectionConfig(StrictModel):
     """The global clean-sample selection (METHOD.md sections 2-3)."""
 
     theta_gmm: float = Field(default=0.5, ge=0.0, le=1.0)
@@ -82,14 +84,14 @@ class SelectionConfig(_Strict):
     )
 
 
-class RayConfig(_Strict):
+class RayConfig(StrictModel):
     """How the job reaches Ray: an address, RAY_ADDRESS, or a new local instance."""
 
     address: str | None = None
     num_cpus: int | None = Field(default=None, gt=0)
 
 
-class CleanJobConfig(_Strict):
+class CleanJobConfig(StrictModel):
     """Everything the cleaning job needs; written beside its outputs."""
 
     data: DataConfig

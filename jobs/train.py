@@ -1,0 +1,149 @@
+"""The training job: MixFix on the cleaned set with Ray Train (DDP), checkpoints, resume.
+
+    python -m jobs.train --config configs/train-demo.yaml [key=value ...]
+
+Outputs under `run.storage`/`run.name`: Ray Train's checkpoints (model, optimiser,
+scheduler, epoch, selection, labels, history), metrics.json (one entry per epoch),
+summary.json, config.yaml and report.html (curves). Rerunning the same run name resumes
+from its latest checkpoint; a worker that dies mid-run is replaced and the run resumes
+from its last checkpoint (run.max_failures).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from cleaner import uri as uri_lib
+from cleaner.config import ConfigError, load_config
+from cleaner.versions import package_versions
+from jobs.common import (
+    connect_ray,
+    load_class_spec,
+    parse_job_args,
+    run_main,
+    write_json,
+    write_yaml,
+)
+from training.config import TrainJobConfig
+from training.data import EpochStateStore, load_sample_index, training_stream
+from training.loop import train_loop_per_worker
+from training.report import write_training_report
+
+
+def manifest_uri(location: str) -> str:
+    """The manifest file itself, or manifest.parquet inside a clean run's output folder."""
+    return location if location.endswith(".parquet") else uri_lib.join(location, "manifest.parquet")
+
+
+def storage_for_ray(storage: str):
+    """(storage_path, storage_filesystem) for RunConfig; S3 through our configured client."""
+    if uri_lib.is_s3(storage):
+        return storage[len("s3://") :].rstrip("/"), uri_lib.s3_filesystem()
+    path = os.path.abspath(storage[len("file://") :] if storage.startswith("file://") else storage)
+    return path, None
+
+
+def run_train(cfg: TrainJobConfig) -> dict:
+    """Run (or resume) a MixFix training run; returns the summary it writes."""
+    import ray
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    started = time.perf_counter()
+    spec = load_class_spec(cfg.data.classes)
+    index = load_sample_index(manifest_uri(cfg.data.manifest))
+    shards = uri_lib.expand_shard_spec(cfg.data.input)
+    missing = sorted(set(index.shards) - set(shards))
+    if missing:
+        raise ConfigError(
+            f"the manifest names shards that data.input does not: {', '.join(missing[:3])}"
+        )
+    labels_seen = index.labels[index.trainable]
+    if labels_seen.size and labels_seen.max() >= spec.num_classes:
+        raise ConfigError(
+            f"manifest labels reach {labels_seen.max()} but the class spec has {spec.num_classes}"
+        )
+    test_shards = uri_lib.expand_shard_spec(cfg.data.test_input) if cfg.data.test_input else []
+    connect_ray(cfg.ray)
+    store = ray.remote(EpochStateStore).options(num_cpus=0).remote()
+    storage_path, storage_fs = storage_for_ray(cfg.run.storage)
+    resources = {"CPU": cfg.scaling.cpus_per_worker}
+    if cfg.scaling.use_gpu:
+        resources["GPU"] = cfg.scaling.gpus_per_worker
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "config": cfg.model_dump(mode="json"),
+            "index": [ray.put(index)],
+            "store": store,
+            "class_names": spec.names,
+            "test_shards": test_shards,
+        },
+        scaling_config=ScalingConfig(
+            num_workers=cfg.scaling.num_workers,
+            use_gpu=cfg.scaling.use_gpu,
+            resources_per_worker=resources,
+        ),
+        run_config=RunConfig(
+            name=cfg.run.name,
+            storage_path=storage_path,
+            storage_filesystem=storage_fs,
+            failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.checkpoints_to_keep),
+        ),
+        datasets={"train": training_stream(index, cfg, spec.names, store)},
+        dataset_config=DataConfig(datasets_to_split=["train"]),
+    )
+    print(
+        f"[train] {index.num_samples} samples ({int(index.is_clean.sum())} clean), "
+        f"{len(index.shards)} shards, mode {cfg.mixfix.mode}, {cfg.scaling.num_workers} workers",
+        flush=True,
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"training finished without a checkpoint: {result.error}")
+    with (
+        result.checkpoint.as_directory() as directory,
+        open(os.path.join(directory, "history.json")) as f,
+    ):
+        history = json.load(f)
+    out = uri_lib.join(cfg.run.storage, cfg.run.name)
+    summary = {
+        "job": "train",
+        "run": cfg.run.name,
+        "mode": cfg.mixfix.mode,
+        "epochs_completed": len(history),
+        "final": history[-1] if history else {},
+        "checkpoint": result.checkpoint.path,
+        "seconds": round(time.perf_counter() - started, 2),
+        "config": cfg.model_dump(mode="json"),
+        "versions": package_versions(),
+    }
+    write_json(uri_lib.join(out, "metrics.json"), {"epochs": history})
+    write_json(uri_lib.join(out, "summary.json"), summary)
+    write_yaml(
+        uri_lib.join(out, "config.yaml"),
+        {"config": summary["config"], "versions": summary["versions"]},
+    )
+    write_training_report(history, summary, uri_lib.join(out, "report.html"))
+    final = summary["final"]
+    print(
+        f"[train] done: {len(history)} epochs, test accuracy {final.get('test_accuracy')}, "
+        f"outputs in {out}",
+        flush=True,
+    )
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_job_args("Train a classifier on the cleaned labels with MixFix (Ray Train).", argv)
+    if args.config is None and not args.overrides:
+        raise ConfigError("give --config <yaml> and/or key=value overrides")
+    run_train(load_config(args.config, args.overrides, TrainJobConfig))
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,92 @@
+"""The training job's typed configuration (METHOD.md section 4 and its settings table)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from cleaner.config import RayConfig, StrictModel
+
+
+class TrainDataConfig(StrictModel):
+    """The training shards, the clean job's manifest, and an optional test split."""
+
+    input: str | list[str] = Field(description="training shards: the ones the clean job read")
+    manifest: str = Field(description="the clean job's manifest.parquet (local or s3://)")
+    test_input: str | list[str] | None = Field(
+        default=None, description="test shards whose labels are true (accuracy per epoch)"
+    )
+    classes: str = "demo"
+    image_size: int = Field(default=32, gt=0)
+    image_extensions: list[str] = Field(
+        default_factory=lambda: ["jpg", "jpeg", "png", "webp", "bmp"]
+    )
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    read_batch_size: int = Field(default=256, gt=0)
+    crop_padding: int = Field(default=4, ge=0)
+    flip: bool = True
+    shuffle_buffer: int = Field(default=2048, ge=0, description="local shuffle buffer (rows)")
+
+
+class NetworkConfig(StrictModel):
+    name: str = "tiny_cnn"
+    pretrained: str | None = Field(default=None, description="initial weights: path or s3://")
+
+
+class MixFixConfig(StrictModel):
+    """mixfix: the paper's method; clean_only: the CLIP clean set, no absorb/relabel;
+    noisy: every sample with its given label (the baseline without cleaning)."""
+
+    mode: Literal["mixfix", "clean_only", "noisy"] = "mixfix"
+    beta: float = Field(default=1.0, ge=0.0)
+    theta_r: float = Field(default=0.8, ge=0.0, le=1.0)
+    theta_r2: float = Field(default=0.8, ge=0.0, le=1.0)
+
+
+class OptimConfig(StrictModel):
+    lr: float = Field(default=0.02, gt=0)
+    momentum: float = Field(default=0.9, ge=0)
+    weight_decay: float = Field(default=5e-4, ge=0)
+    batch_size: int = Field(default=128, gt=0, description="global batch (split over workers)")
+    epochs: int = Field(default=300, gt=0)
+    milestones: list[int] = Field(default_factory=lambda: [200, 250])
+    gamma: float = Field(default=0.1, gt=0)
+    amp: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+
+
+class ScalingConf(StrictModel):
+    num_workers: int = Field(default=2, gt=0)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(default=1.0, gt=0)
+    gpus_per_worker: float = Field(default=1.0, ge=0)
+
+
+class RunConf(StrictModel):
+    storage: str = Field(description="where runs live: local folder or s3:// prefix")
+    name: str = "train"
+    max_failures: int = Field(default=1, ge=-1, description="worker-group restarts (-1: forever)")
+    checkpoints_to_keep: int = Field(default=2, gt=0)
+
+
+class TrainJobConfig(StrictModel):
+    """Everything the training job needs; written beside its outputs."""
+
+    data: TrainDataConfig
+    run: RunConf
+    network: NetworkConfig = NetworkConfig()
+    mixfix: MixFixConfig = MixFixConfig()
+    optim: OptimConfig = OptimConfig()
+    scaling: ScalingConf = ScalingConf()
+    ray: RayConfig = RayConfig()
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _batch_divides(self) -> TrainJobConfig:
+        if self.optim.batch_size % self.scaling.num_workers:
+            raise ValueError(
+                f"optim.batch_size ({self.optim.batch_size}) must be a multiple of "
+                f"scaling.num_workers ({self.scaling.num_workers})"
+            )
+        return self

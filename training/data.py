@@ -1,0 +1,185 @@
+"""Training data at scale: Ray Data streams the shards, joined to the manifest by position.
+
+Every sample has an integer id: its manifest row, i.e. the offset of its shard plus its
+position in the shard (the clean job writes the manifest in shard order, positions
+ascending). The MixFix selection and current labels are compact arrays indexed by that
+id, published once per epoch to a small actor; the data pipeline's CPU tasks read them
+to repeat each selected sample (class balance) and attach its current label, then crop
+and flip it. No Python set of keys, no per-sample objects, ever.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from cleaner import uri as uri_lib
+from cleaner.pipeline import decoded_samples
+from cleaner.shards import STATUS_OK
+from training.mixfix import random_crop_flip
+
+TRAIN_COLUMNS = ("image", "target", "sample_id", "epoch")
+
+
+@dataclass(frozen=True)
+class SampleIndex:
+    """The manifest in compact arrays, indexed by sample id."""
+
+    shards: list[str]
+    offsets: dict[str, int]
+    labels: np.ndarray  # int64[N], given labels (-1 where unusable)
+    is_clean: np.ndarray  # bool[N], the clean job's selection
+    trainable: np.ndarray  # bool[N], status clean or noisy (not failed)
+    true_labels: np.ndarray | None  # int64[N] (-1 unknown) when the shards carried them
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.labels.shape[0])
+
+
+def load_sample_index(manifest_uri: str) -> SampleIndex:
+    """Read the manifest's small columns; check that ids are offset + position."""
+    fs, path = uri_lib.resolve(manifest_uri)
+    with fs.open_input_file(path) as f:
+        schema_names = pq.read_schema(f).names
+    columns = ["shard", "shard_pos", "label", "is_clean", "status"]
+    if "true_label" in schema_names:
+        columns.append("true_label")
+    with fs.open_input_file(path) as f:
+        table = pq.read_table(f, columns=columns)
+    shard_col = np.asarray(table.column("shard").to_pylist(), dtype=object)
+    positions = table.column("shard_pos").to_numpy()
+    starts = np.flatnonzero(np.r_[True, shard_col[1:] != shard_col[:-1]])
+    shards = [str(shard_col[i]) for i in starts]
+    if len(set(shards)) != len(shards):
+        raise ValueError(f"manifest {manifest_uri}: rows of a shard are not contiguous")
+    offsets = {shard: int(start) for shard, start in zip(shards, starts, strict=True)}
+    expected = np.arange(len(positions)) - np.repeat(starts, np.diff(np.r_[starts, len(positions)]))
+    if not np.array_equal(positions, expected):
+        raise ValueError(f"manifest {manifest_uri}: positions within a shard are not 0, 1, 2, ...")
+    status = np.asarray(table.column("status").to_pylist(), dtype=object)
+    true_labels = table.column("true_label").to_numpy() if "true_label" in columns else None
+    return SampleIndex(
+        shards=shards,
+        offsets=offsets,
+        labels=table.column("label").to_numpy().astype(np.int64),
+        is_clean=table.column("is_clean").to_numpy(zero_copy_only=False).astype(bool),
+        trainable=status != "failed",
+        true_labels=None if true_labels is None else true_labels.astype(np.int64),
+    )
+
+
+def with_sample_ids(batch: dict[str, np.ndarray], offsets: dict[str, int]) -> dict[str, np.ndarray]:
+    """Usable rows only, with their sample id; the image and id are all training needs."""
+    keep = np.asarray(batch["status"]) == STATUS_OK
+    shards = np.asarray(batch["shard"])[keep]
+    base = np.fromiter((offsets[s] for s in shards), dtype=np.int64, count=len(shards))
+    return {
+        "image": np.asarray(batch["image"])[keep],
+        "sample_id": base + np.asarray(batch["shard_pos"], dtype=np.int64)[keep],
+        "label": np.asarray(batch["label"], dtype=np.int64)[keep],
+    }
+
+
+class EpochStateStore:
+    """Holds the object-store reference of the current epoch's (repeat, labels) arrays."""
+
+    def __init__(self) -> None:
+        self.epoch = -1
+        self.ref: list = []
+
+    def publish(self, epoch: int, ref: list) -> int:
+        self.epoch, self.ref = epoch, ref
+        return epoch
+
+    def current(self) -> tuple[int, list]:
+        return self.epoch, self.ref
+
+
+def repetition_factors(selected: np.ndarray, labels: np.ndarray, balanced: bool) -> np.ndarray:
+    """Expected copies of each sample per epoch, summing to N (the epoch length).
+
+    balanced: every present class gets N / K_present draws, spread evenly over its
+    selected samples (class-balanced sampling by repetition, METHOD.md section 4);
+    otherwise each selected sample is drawn N / |selected| times.
+    """
+    n = labels.shape[0]
+    factors = np.zeros(n, dtype=np.float64)
+    chosen = np.flatnonzero(selected)
+    if chosen.size == 0:
+        return factors
+    if not balanced:
+        factors[chosen] = n / chosen.size
+        return factors
+    counts = np.bincount(labels[chosen])
+    present = int((counts > 0).sum())
+    factors[chosen] = n / (present * counts[labels[chosen]])
+    return factors
+
+
+def _uniform_hash(seed: int, epoch: int, ids: np.ndarray) -> np.ndarray:
+    """A deterministic U[0, 1) per (seed, epoch, id), independent of block boundaries."""
+    x = ids.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+    x ^= np.uint64((seed * 1_000_003 + epoch * 7_919 + 1) & 0xFFFFFFFFFFFFFFFF)
+    x ^= x >> np.uint64(33)
+    x *= np.uint64(0xFF51AFD7ED558CCD)
+    x ^= x >> np.uint64(33)
+    return (x >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+
+
+def expand_for_epoch(batch: dict[str, np.ndarray], store, seed: int) -> dict[str, np.ndarray]:
+    """Repeat each row by its epoch repetition factor (stochastic rounding); attach its label."""
+    import ray
+
+    epoch, ref = ray.get(store.current.remote())
+    state = ray.get(ref[0])
+    ids = batch["sample_id"]
+    factors = state["repeat"][ids]
+    whole = np.floor(factors)
+    copies = (whole + (_uniform_hash(seed, epoch, ids) < factors - whole)).astype(np.int64)
+    rows = np.repeat(np.arange(len(ids)), copies)
+    return {
+        "image": batch["image"][rows],
+        "target": state["labels"][ids][rows],
+        "sample_id": ids[rows],
+        "epoch": np.full(len(rows), epoch, dtype=np.int64),
+    }
+
+
+def augment(
+    batch: dict[str, np.ndarray], crop_padding: int, flip: bool, seed: int
+) -> dict[str, np.ndarray]:
+    """Random crop (after zero padding) and horizontal flip, on the CPU task, uint8 out."""
+    if len(batch["sample_id"]) == 0:
+        return batch
+    rng = np.random.default_rng([seed, int(batch["epoch"][0]), int(batch["sample_id"][0])])
+    return {**batch, "image": random_crop_flip(batch["image"], rng, crop_padding, flip)}
+
+
+def decoded_with_ids(shards: list[str], offsets: dict[str, int], cfg, class_names: list[str]):
+    """Decoded usable samples of `shards` with their sample ids (CPU tasks)."""
+    return decoded_samples(
+        shards,
+        class_names=class_names,
+        image_size=cfg.data.image_size,
+        extensions=cfg.data.image_extensions,
+        read_batch_size=cfg.data.read_batch_size,
+    ).map_batches(with_sample_ids, fn_kwargs={"offsets": offsets})
+
+
+def training_stream(index: SampleIndex, cfg, class_names: list[str], store):
+    """The epoch stream for Ray Train: read, join ids, expand by the epoch's state, augment."""
+    return (
+        decoded_with_ids(index.shards, index.offsets, cfg, class_names)
+        .map_batches(expand_for_epoch, fn_kwargs={"store": store, "seed": cfg.seed})
+        .map_batches(
+            augment,
+            fn_kwargs={
+                "crop_padding": cfg.data.crop_padding,
+                "flip": cfg.data.flip,
+                "seed": cfg.seed,
+            },
+        )
+    )

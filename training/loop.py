@@ -1,0 +1,286 @@
+"""The Ray Train loop of MixFix: DDP training on the streamed epoch, then the prediction
+pass over every training sample, split across workers and combined deterministically.
+
+Each worker: trains on its split of the epoch stream (`get_dataset_shard("train")`),
+predicts the samples of its own subset of shards (each shard read by one worker), and
+all-gathers (sample id, max prob, argmax); every worker then applies the same
+`update_selection` to the same full arrays, so 1 or N workers decide identically.
+Rank 0 publishes the next epoch's state and writes the checkpoint (model, optimiser,
+scheduler, epoch, selection, labels, metrics history) to the run's storage.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+from training.config import TrainJobConfig
+from training.data import SampleIndex, decoded_with_ids, repetition_factors
+from training.mixfix import (
+    MixFixState,
+    make_optimizer,
+    make_scheduler,
+    sample_mixup,
+    soft_cross_entropy,
+    update_selection,
+)
+from training.networks import build_network
+
+CHECKPOINT_FILES = ("model.pt", "optimizer.pt", "scheduler.pt", "state.npz", "history.json")
+
+
+def amp_dtype_for(device: torch.device, amp: str) -> torch.dtype | None:
+    if device.type != "cuda" or amp == "fp32":
+        return None
+    if amp == "fp16":
+        return torch.float16
+    return torch.bfloat16
+
+
+def normalise(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """uint8 NHWC on device -> normalised float NCHW."""
+    return images.permute(0, 3, 1, 2).float().div_(255.0).sub_(mean).div_(std)
+
+
+def initial_state(index: SampleIndex, mode: str) -> MixFixState:
+    clean = index.is_clean & index.trainable if mode != "noisy" else index.trainable.copy()
+    return MixFixState.initial(clean, np.where(index.labels >= 0, index.labels, 0))
+
+
+def gather_objects(obj, world_size: int) -> list:
+    if world_size == 1:
+        return [obj]
+    out: list = [None] * world_size
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+@torch.no_grad()
+def predict_subset(model, dataset, device, mean, std, amp_dtype, batch_size: int):
+    """(sample ids, max prob, argmax, given labels) for a dataset of decoded samples."""
+    model.eval()
+    ids, probs, preds, labels = [], [], [], []
+    for batch in dataset.iter_torch_batches(
+        batch_size=batch_size,
+        dtypes={"image": torch.uint8, "sample_id": torch.int64, "label": torch.int64},
+        device=str(device),
+    ):
+        inputs = normalise(batch["image"], mean, std)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            logits = model(inputs)
+        p = torch.softmax(logits.float(), dim=1)
+        top_p, top_i = p.max(dim=1)
+        ids.append(batch["sample_id"].cpu().numpy())
+        probs.append(top_p.cpu().numpy())
+        preds.append(top_i.cpu().numpy())
+        labels.append(batch["label"].cpu().numpy())
+    model.train()
+    if not ids:
+        empty = np.zeros(0)
+        return empty.astype(np.int64), empty.astype(np.float32), empty.astype(np.int64), empty
+    return (
+        np.concatenate(ids).astype(np.int64),
+        np.concatenate(probs).astype(np.float32),
+        np.concatenate(preds).astype(np.int64),
+        np.concatenate(labels).astype(np.int64),
+    )
+
+
+def save_checkpoint(directory: str, model, optimizer, scheduler, state: MixFixState, history):
+    module = model.module if hasattr(model, "module") else model
+    torch.save(module.state_dict(), os.path.join(directory, "model.pt"))
+    torch.save(optimizer.state_dict(), os.path.join(directory, "optimizer.pt"))
+    torch.save(scheduler.state_dict(), os.path.join(directory, "scheduler.pt"))
+    np.savez(os.path.join(directory, "state.npz"), **state.state_dict())
+    with open(os.path.join(directory, "history.json"), "w") as f:
+        json.dump(history, f)
+
+
+def load_checkpoint(directory: str, model, optimizer, scheduler):
+    module = model.module if hasattr(model, "module") else model
+    module.load_state_dict(torch.load(os.path.join(directory, "model.pt"), weights_only=True))
+    optimizer.load_state_dict(
+        torch.load(os.path.join(directory, "optimizer.pt"), weights_only=True)
+    )
+    scheduler.load_state_dict(
+        torch.load(os.path.join(directory, "scheduler.pt"), weights_only=True)
+    )
+    with np.load(os.path.join(directory, "state.npz")) as data:
+        state = MixFixState.from_state_dict({k: data[k] for k in data.files})
+    with open(os.path.join(directory, "history.json")) as f:
+        history = json.load(f)
+    return state, history
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    """One Ray Train worker of a MixFix run (see the module docstring)."""
+    import ray
+    import ray.train
+    import ray.train.torch
+
+    cfg = TrainJobConfig.model_validate(loop_config["config"])
+    index: SampleIndex = ray.get(loop_config["index"][0])
+    store = loop_config["store"]
+    class_names: list[str] = loop_config["class_names"]
+    test_shards: list[str] = loop_config["test_shards"]
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    if not cfg.scaling.use_gpu:
+        torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
+    torch.manual_seed(cfg.seed)
+    device = ray.train.torch.get_device()
+    amp_dtype = amp_dtype_for(device, cfg.optim.amp)
+    mean = torch.tensor(cfg.data.mean, device=device).reshape(1, 3, 1, 1)
+    std = torch.tensor(cfg.data.std, device=device).reshape(1, 3, 1, 1)
+
+    model = build_network(
+        cfg.network.name, len(class_names), pretrained_path=cfg.network.pretrained
+    )
+    model = ray.train.torch.prepare_model(model)
+    optimizer = make_optimizer(model, cfg.optim.lr, cfg.optim.momentum, cfg.optim.weight_decay)
+    scheduler = make_scheduler(optimizer, cfg.optim.milestones, cfg.optim.gamma)
+    scaler = torch.amp.GradScaler() if amp_dtype == torch.float16 else None
+
+    state, history, start_epoch = initial_state(index, cfg.mixfix.mode), [], 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            state, history = load_checkpoint(directory, model, optimizer, scheduler)
+        start_epoch = len(history)
+        print(f"[train] rank {rank}: resumed after epoch {start_epoch}", flush=True)
+
+    my_shards = index.shards[rank::world]
+    my_test = test_shards[rank::world]
+    per_worker_batch = cfg.optim.batch_size // world
+    balanced = cfg.mixfix.mode != "noisy"
+    for epoch in range(start_epoch, cfg.optim.epochs):
+        started = time.perf_counter()
+        selected = state.selected & index.trainable
+        if rank == 0:
+            arrays = {
+                "repeat": repetition_factors(selected, state.current_labels, balanced),
+                "labels": state.current_labels,
+            }
+            ray.get(store.publish.remote(epoch, [ray.put(arrays)]))
+        if world > 1:
+            torch.distributed.barrier()
+
+        generator = np.random.default_rng([cfg.seed, epoch, rank])
+        loss_sum, seen = 0.0, 0
+        model.train()
+        shard = ray.train.get_dataset_shard("train")
+        for batch in shard.iter_torch_batches(
+            batch_size=per_worker_batch,
+            dtypes={
+                "image": torch.uint8,
+                "target": torch.int64,
+                "sample_id": torch.int64,
+                "epoch": torch.int64,
+            },
+            device=str(device),
+            drop_last=True,
+            local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
+            local_shuffle_seed=cfg.seed * 1000 + epoch * 10 + rank,
+        ):
+            if int(batch["epoch"][0]) != epoch:
+                raise RuntimeError(
+                    f"epoch {epoch} received rows expanded for epoch {batch['epoch'][0]}"
+                )
+            inputs = normalise(batch["image"], mean, std)
+            targets = torch.nn.functional.one_hot(batch["target"], len(class_names)).float()
+            lam, perm = sample_mixup(inputs.shape[0], cfg.mixfix.beta, generator)
+            if lam != 1.0:
+                perm_t = torch.from_numpy(perm).to(device)
+                inputs = inputs.mul(lam).add_(inputs[perm_t], alpha=1.0 - lam)
+                targets = targets.mul(lam).add_(targets[perm_t], alpha=1.0 - lam)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                logits = model(inputs)
+            loss = soft_cross_entropy(logits.float(), targets)
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                optimizer.step()
+            loss_sum += float(loss.detach()) * inputs.shape[0]
+            seen += inputs.shape[0]
+        scheduler.step()
+        train_seconds = time.perf_counter() - started
+
+        module = model.module if hasattr(model, "module") else model
+        metrics: dict = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"]}
+        gathered = gather_objects((loss_sum, seen, train_seconds), world)
+        metrics["loss"] = sum(g[0] for g in gathered) / max(1, sum(g[1] for g in gathered))
+        metrics["train_samples"] = int(sum(g[1] for g in gathered))
+        metrics["train_images_per_s"] = metrics["train_samples"] / max(g[2] for g in gathered)
+
+        if cfg.mixfix.mode == "mixfix":
+            mine = predict_subset(
+                module,
+                decoded_with_ids(my_shards, index.offsets, cfg, class_names),
+                device,
+                mean,
+                std,
+                amp_dtype,
+                per_worker_batch * 2,
+            )
+            parts = gather_objects(mine[:3], world)
+            max_prob = np.zeros(index.num_samples, dtype=np.float32)
+            pred = np.where(index.labels >= 0, index.labels, 0).astype(np.int64)
+            for ids, probs, preds in parts:
+                max_prob[ids], pred[ids] = probs, preds
+            update = update_selection(
+                state,
+                max_prob,
+                pred,
+                cfg.mixfix.theta_r,
+                cfg.mixfix.theta_r2,
+                true_labels=None
+                if index.true_labels is None
+                else np.where(index.true_labels >= 0, index.true_labels, pred),
+            )
+            state = update.state
+            metrics.update(
+                absorbed=int(update.absorbed),
+                relabelled=int(update.relabelled),
+                selected_precision=update.precision,
+                relabel_accuracy=update.relabel_accuracy,
+            )
+        metrics["selected"] = int((state.selected & index.trainable).sum())
+        if index.true_labels is not None:
+            chosen = state.selected & index.trainable & (index.true_labels >= 0)
+            metrics["selected_precision"] = (
+                float((state.current_labels[chosen] == index.true_labels[chosen]).mean())
+                if chosen.any()
+                else None
+            )
+
+        if test_shards:
+            _, _, preds, labels = predict_subset(
+                module,
+                decoded_with_ids(my_test, dict.fromkeys(my_test, 0), cfg, class_names),
+                device,
+                mean,
+                std,
+                amp_dtype,
+                per_worker_batch * 2,
+            )
+            counts = gather_objects((int((preds == labels).sum()), len(labels)), world)
+            metrics["test_accuracy"] = sum(c[0] for c in counts) / max(1, sum(c[1] for c in counts))
+        metrics["epoch_seconds"] = time.perf_counter() - started
+        history.append(metrics)
+        if rank == 0:
+            print(f"[train] {json.dumps(metrics)}", flush=True)
+        with tempfile.TemporaryDirectory() as directory:
+            if rank == 0:
+                save_checkpoint(directory, model, optimizer, scheduler, state, history)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+            else:
+                ray.train.report(metrics)
