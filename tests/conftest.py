@@ -104,11 +104,15 @@ def upload_folder(client, folder: Path, bucket: str, prefix: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def local_ray(s3_endpoint):
-    """A local Ray instance (2 CPUs) whose workers see the S3 test environment."""
+    """A local Ray instance whose workers see the S3 test environment.
+
+    4 logical CPUs on the 2-core machine, so that 2 training workers leave room for the
+    data tasks that feed them.
+    """
     import ray
 
     ray.init(
-        num_cpus=2,
+        num_cpus=4,
         include_dashboard=False,
         runtime_env={"env_vars": {**S3_ENV, "AWS_ENDPOINT_URL": s3_endpoint}},
     )

@@ -27,6 +27,10 @@ class TrainDataConfig(StrictModel):
     read_batch_size: int = Field(default=256, gt=0)
     crop_padding: int = Field(default=4, ge=0)
     flip: bool = True
+    cache_decoded: bool = Field(
+        default=False,
+        description="decode once and keep the images in Ray's object store (small datasets)",
+    )
     shuffle_buffer: int = Field(default=2048, ge=0, description="local shuffle buffer (rows)")
 
 

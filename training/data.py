@@ -170,16 +170,21 @@ def decoded_with_ids(shards: list[str], offsets: dict[str, int], cfg, class_name
 
 
 def training_stream(index: SampleIndex, cfg, class_names: list[str], store):
-    """The epoch stream for Ray Train: read, join ids, expand by the epoch's state, augment."""
-    return (
-        decoded_with_ids(index.shards, index.offsets, cfg, class_names)
-        .map_batches(expand_for_epoch, fn_kwargs={"store": store, "seed": cfg.seed})
-        .map_batches(
-            augment,
-            fn_kwargs={
-                "crop_padding": cfg.data.crop_padding,
-                "flip": cfg.data.flip,
-                "seed": cfg.seed,
-            },
-        )
+    """The epoch stream for Ray Train: read, join ids, expand by the epoch's state, augment.
+
+    With data.cache_decoded the decoded images are materialised once in the object store
+    and each epoch only expands and augments them.
+    """
+    base = decoded_with_ids(index.shards, index.offsets, cfg, class_names)
+    if cfg.data.cache_decoded:
+        base = base.materialize()
+    return base.map_batches(
+        expand_for_epoch, fn_kwargs={"store": store, "seed": cfg.seed}
+    ).map_batches(
+        augment,
+        fn_kwargs={
+            "crop_padding": cfg.data.crop_padding,
+            "flip": cfg.data.flip,
+            "seed": cfg.seed,
+        },
     )

@@ -153,9 +153,15 @@ def train_loop_per_worker(loop_config: dict) -> None:
             state, history = load_checkpoint(directory, model, optimizer, scheduler)
         start_epoch = len(history)
         print(f"[train] rank {rank}: resumed after epoch {start_epoch}", flush=True)
+    resumed_from = start_epoch if checkpoint is not None else None
 
     my_shards = index.shards[rank::world]
     my_test = test_shards[rank::world]
+    predict_source = decoded_with_ids(my_shards, index.offsets, cfg, class_names)
+    test_source = decoded_with_ids(my_test, dict.fromkeys(my_test, 0), cfg, class_names)
+    if cfg.data.cache_decoded:  # this worker's share, decoded once for every epoch
+        predict_source = predict_source.materialize()
+        test_source = test_source.materialize() if my_test else test_source
     per_worker_batch = cfg.optim.batch_size // world
     balanced = cfg.mixfix.mode != "noisy"
     for epoch in range(start_epoch, cfg.optim.epochs):
@@ -216,6 +222,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
         module = model.module if hasattr(model, "module") else model
         metrics: dict = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"]}
+        if resumed_from is not None and epoch == resumed_from:
+            metrics["resumed_from_epoch"] = resumed_from
         gathered = gather_objects((loss_sum, seen, train_seconds), world)
         metrics["loss"] = sum(g[0] for g in gathered) / max(1, sum(g[1] for g in gathered))
         metrics["train_samples"] = int(sum(g[1] for g in gathered))
@@ -224,7 +232,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if cfg.mixfix.mode == "mixfix":
             mine = predict_subset(
                 module,
-                decoded_with_ids(my_shards, index.offsets, cfg, class_names),
+                predict_source,
                 device,
                 mean,
                 std,
@@ -265,7 +273,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if test_shards:
             _, _, preds, labels = predict_subset(
                 module,
-                decoded_with_ids(my_test, dict.fromkeys(my_test, 0), cfg, class_names),
+                test_source,
                 device,
                 mean,
                 std,
