@@ -6,6 +6,7 @@ network, optionally warm-started from a local (or s3://, file://) state-dict fil
 - "preact_resnet18": pre-activation ResNet-18 for 32px images (CIFAR, Red Mini-ImageNet),
   3x3 stem without max-pool; global average pooling, so larger inputs work too.
 - "resnet50": torchvision ResNet-50 (Clothing1M), head sized for num_classes.
+- "vgg19_bn": torchvision VGG-19 with batch norm (ANIMAL-10N, 64 px and up).
 - "inception_resnet_v2": timm's InceptionResNetV2 ((mini-)WebVision, 299px inputs; it runs
   on inputs as small as 75px).
 - "tiny_cnn": a ~100k-parameter CNN for the CPU demo and the tests (32px and up).
@@ -24,7 +25,13 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-NETWORKS: tuple[str, ...] = ("preact_resnet18", "resnet50", "inception_resnet_v2", "tiny_cnn")
+NETWORKS: tuple[str, ...] = (
+    "preact_resnet18",
+    "resnet50",
+    "inception_resnet_v2",
+    "vgg19_bn",
+    "tiny_cnn",
+)
 
 # Keys under which training frameworks commonly nest the model's state dict in a checkpoint.
 _NESTED_STATE_KEYS = ("state_dict", "model_state_dict", "model", "net")
@@ -136,6 +143,12 @@ def _resnet50(num_classes: int) -> nn.Module:
     return model
 
 
+def _vgg19_bn(num_classes: int) -> nn.Module:
+    from torchvision.models import vgg19_bn
+
+    return vgg19_bn(weights=None, num_classes=num_classes)
+
+
 def _inception_resnet_v2(num_classes: int) -> nn.Module:
     import timm
 
@@ -146,6 +159,7 @@ _BUILDERS: dict[str, Callable[[int], nn.Module]] = {
     "preact_resnet18": preact_resnet18,
     "resnet50": _resnet50,
     "inception_resnet_v2": _inception_resnet_v2,
+    "vgg19_bn": _vgg19_bn,
     "tiny_cnn": TinyCNN,
 }
 
