@@ -11,6 +11,7 @@ import sys
 import uuid
 from pathlib import Path
 
+import boto3
 import pyarrow.parquet as pq
 import pytest
 
@@ -55,7 +56,7 @@ def token_head(s3_endpoint, tmp_path_factory):
         f"--port={gcs_port}",
         "--dashboard-host=127.0.0.1",
         f"--dashboard-port={dash_port}",
-        "--num-cpus=2",
+        "--num-cpus=4",  # logical: 2 trainers + data tasks on 2 cores
         "--disable-usage-stats",
         env=env,
     )
@@ -124,3 +125,40 @@ def test_submission_without_the_token_is_refused(token_head):
     assert "should not run" not in refused.stdout
     text = (refused.stdout + refused.stderr).lower()
     assert "token" in text or "unauthenticated" in text or "401" in text
+
+
+def test_submitted_train_job_checkpoints_to_s3(token_head, demo_shards):
+    """After the clean job above: MixFix for one epoch, manifest and checkpoints on S3."""
+    address, env, _ = token_head
+    client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"])  # bucket of the clean test
+    submitted = ray_cli(
+        "job",
+        "submit",
+        f"--address={address}",
+        "--runtime-env=ray_config.yaml",
+        "--",
+        "python",
+        "-m",
+        "jobs.train",
+        "--config=configs/train-demo.yaml",
+        "data.input=s3://e2e-data/train/",
+        "data.manifest=s3://e2e-data/runs/e2e/",
+        "data.test_input=null",
+        "run.storage=s3://e2e-data/train-runs",
+        "run.name=e2e",
+        "optim.epochs=1",
+        "optim.batch_size=32",
+        "ray.num_cpus=null",
+        env=env,
+        timeout=600,
+    )
+    assert submitted.returncode == 0, submitted.stdout[-4000:] + submitted.stderr[-4000:]
+    keys = [
+        o["Key"]
+        for o in client.list_objects_v2(Bucket="e2e-data", Prefix="train-runs/e2e/")["Contents"]
+    ]
+    assert any("/checkpoint_" in k and k.endswith("model.pt") for k in keys)
+    metrics = json.loads(
+        client.get_object(Bucket="e2e-data", Key="train-runs/e2e/metrics.json")["Body"].read()
+    )
+    assert [e["epoch"] for e in metrics["epochs"]] == [1]

@@ -65,11 +65,16 @@ def predict_subset(model, dataset, device, mean, std, amp_dtype, batch_size: int
     """(sample ids, max prob, argmax, given labels) for a dataset of decoded samples."""
     model.eval()
     ids, probs, preds, labels = [], [], [], []
-    for batch in dataset.iter_torch_batches(
-        batch_size=batch_size,
-        dtypes={"image": torch.uint8, "sample_id": torch.int64, "label": torch.int64},
-        device=str(device),
-    ):
+    batches = (
+        ()
+        if dataset is None
+        else dataset.iter_torch_batches(
+            batch_size=batch_size,
+            dtypes={"image": torch.uint8, "sample_id": torch.int64, "label": torch.int64},
+            device=str(device),
+        )
+    )
+    for batch in batches:
         inputs = normalise(batch["image"], mean, std)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             logits = model(inputs)
@@ -157,11 +162,16 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     my_shards = index.shards[rank::world]
     my_test = test_shards[rank::world]
-    predict_source = decoded_with_ids(my_shards, index.offsets, cfg, class_names)
-    test_source = decoded_with_ids(my_test, dict.fromkeys(my_test, 0), cfg, class_names)
+    # A worker with more ranks than shards to go round has nothing to predict (None).
+    predict_source = (
+        decoded_with_ids(my_shards, index.offsets, cfg, class_names) if my_shards else None
+    )
+    test_source = (
+        decoded_with_ids(my_test, dict.fromkeys(my_test, 0), cfg, class_names) if my_test else None
+    )
     if cfg.data.cache_decoded:  # this worker's share, decoded once for every epoch
-        predict_source = predict_source.materialize()
-        test_source = test_source.materialize() if my_test else test_source
+        predict_source = predict_source.materialize() if predict_source is not None else None
+        test_source = test_source.materialize() if test_source is not None else None
     per_worker_batch = cfg.optim.batch_size // world
     balanced = cfg.mixfix.mode != "noisy"
     for epoch in range(start_epoch, cfg.optim.epochs):
