@@ -1,0 +1,89 @@
+"""Training data maths without Ray: sample ids, repetition factors, epoch expansion."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from cleaner.config import ConfigError
+from jobs.pipeline import split_overrides
+from training.data import (
+    _uniform_hash,
+    load_sample_index,
+    repetition_factors,
+    with_sample_ids,
+)
+
+
+def write_manifest(path, shards, positions, statuses=None):
+    n = len(shards)
+    pq.write_table(
+        pa.table(
+            {
+                "shard": shards,
+                "shard_pos": positions,
+                "label": list(range(n)),
+                "is_clean": [True] * n,
+                "status": statuses or ["clean"] * n,
+                "true_label": list(range(n)),
+            }
+        ),
+        path,
+    )
+    return str(path)
+
+
+def test_sample_index_offsets_follow_shard_order(tmp_path):
+    uri = write_manifest(
+        tmp_path / "m.parquet",
+        ["a", "a", "a", "b", "b"],
+        [0, 1, 2, 0, 1],
+        ["clean", "noisy", "failed", "clean", "clean"],
+    )
+    index = load_sample_index(uri)
+    assert index.shards == ["a", "b"] and index.offsets == {"a": 0, "b": 3}
+    assert index.trainable.tolist() == [True, True, False, True, True]
+    batch = {
+        "shard": np.array(["b", "a", "b"], dtype=object),
+        "shard_pos": np.array([1, 2, 0]),
+        "status": np.array(["ok", "failed", "ok"], dtype=object),
+        "label": np.array([4, 2, 3]),
+        "image": np.zeros((3, 2, 2, 3), np.uint8),
+    }
+    assert with_sample_ids(batch, index.offsets)["sample_id"].tolist() == [4, 3]
+
+
+def test_sample_index_rejects_unordered_manifests(tmp_path):
+    with pytest.raises(ValueError, match="not contiguous"):
+        load_sample_index(write_manifest(tmp_path / "x.parquet", ["a", "b", "a"], [0, 0, 1]))
+    with pytest.raises(ValueError, match="positions"):
+        load_sample_index(write_manifest(tmp_path / "y.parquet", ["a", "a"], [1, 0]))
+
+
+def test_repetition_factors_balance_classes_and_sum_to_n():
+    labels = np.array([0] * 60 + [1] * 30 + [2] * 10)
+    selected = np.ones(100, bool)
+    selected[:10] = False  # 50 of class 0 stay selected
+    factors = repetition_factors(selected, labels, balanced=True)
+    assert factors[~selected].sum() == 0
+    assert np.isclose(factors.sum(), 100)
+    per_class = [factors[labels == c].sum() for c in range(3)]
+    assert np.allclose(per_class, 100 / 3)
+    plain = repetition_factors(selected, labels, balanced=False)
+    assert np.allclose(plain[selected], 100 / 90)
+
+
+def test_epoch_hash_is_uniform_and_deterministic():
+    ids = np.arange(200_000)
+    u = _uniform_hash(0, 3, ids)
+    assert ((u >= 0) & (u < 1)).all() and abs(u.mean() - 0.5) < 0.01
+    assert np.array_equal(u, _uniform_hash(0, 3, ids))
+    assert not np.array_equal(u, _uniform_hash(0, 4, ids))
+
+
+def test_pipeline_overrides_are_routed_by_prefix():
+    assert split_overrides(["clean.a=1", "train.b.c=2"]) == (["a=1"], ["b.c=2"])
+    with pytest.raises(ConfigError, match="must start with"):
+        split_overrides(["selection.theta_gmm=0.4"])
