@@ -6,6 +6,8 @@ This is the only step that sees the whole dataset, and it reads only the small c
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -13,8 +15,9 @@ import pyarrow.parquet as pq
 from cleaner import uri as uri_lib
 from cleaner.config import SelectionConfig
 from cleaner.metrics import detection_metrics
+from cleaner.pipeline import fixed_size_list_array
 from cleaner.probe import fit_probe_probs
-from cleaner.prompts import PromptBank, ensemble_probs_numpy
+from cleaner.prompts import PromptBank
 from cleaner.selection import SelectionResult, SourceScores, select_from_scores
 from cleaner.shards import STATUS_FAILED, STATUS_OK
 
@@ -32,7 +35,8 @@ SMALL_COLUMNS = [
     "topk_labels",
     "topk_probs",
 ]
-SUGGEST_CHUNK = 65536
+SUGGEST_BUDGET = 128 * 1024 * 1024  # bytes of prompt similarities held at once
+TOP_SUGGESTIONS = 3
 
 
 def read_scores(scores_uri: str, file_names: list[str], with_embeddings: bool) -> pa.Table:
@@ -72,24 +76,68 @@ def fixed_list_to_numpy(column: pa.ChunkedArray) -> np.ndarray:
     return array.flatten().to_numpy(zero_copy_only=False).reshape(-1, array.type.list_size)
 
 
+@dataclass
+class Suggestions:
+    """Per usable sample: the top classes of the combined probabilities, and explanations."""
+
+    top_labels: np.ndarray  # int64 [n, TOP_SUGGESTIONS]
+    top_probs: np.ndarray  # float32 [n, TOP_SUGGESTIONS]
+    given_prompt: np.ndarray  # int64 [n]: index j of the given class's best-matching prompt
+    given_similarity: np.ndarray  # float32 [n]: its cosine similarity
+    suggested_prompt: np.ndarray  # int64 [n]: same, for the top suggested class
+    suggested_similarity: np.ndarray  # float32 [n]
+
+
+def chunk_rows(num_classes: int, max_prompts: int, budget_bytes: int = SUGGEST_BUDGET) -> int:
+    """Rows per chunk so that a chunk's [rows, K, J] similarity block stays within budget."""
+    return max(64, budget_bytes // (4 * num_classes * max_prompts))
+
+
 def suggest_labels(
     embeddings: np.ndarray,
+    labels: np.ndarray,
     bank: PromptBank,
     tau: float,
     probe_probs: np.ndarray | None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """(argmax, confidence) of the combined zero-shot (and probe) probabilities, in chunks."""
+) -> Suggestions:
+    """Top classes of mean(zero-shot, probe) probabilities, and for the given and the top
+    suggested class the prompt (class feature) that matches the image best; in chunks."""
     n = embeddings.shape[0]
-    best = np.empty(n, dtype=np.int64)
-    confidence = np.empty(n, dtype=np.float32)
-    for start in range(0, n, SUGGEST_CHUNK):
-        stop = min(start + SUGGEST_CHUNK, n)
-        combined = ensemble_probs_numpy(embeddings[start:stop], bank, tau).astype(np.float64)
+    k, j, d = bank.features.shape
+    top = min(TOP_SUGGESTIONS, k)
+    text = bank.features.reshape(k * j, d).T
+    out = Suggestions(
+        top_labels=np.empty((n, top), dtype=np.int64),
+        top_probs=np.empty((n, top), dtype=np.float32),
+        given_prompt=np.empty(n, dtype=np.int64),
+        given_similarity=np.empty(n, dtype=np.float32),
+        suggested_prompt=np.empty(n, dtype=np.int64),
+        suggested_similarity=np.empty(n, dtype=np.float32),
+    )
+    step = chunk_rows(k, j)
+    for start in range(0, n, step):
+        stop = min(start + step, n)
+        emb = embeddings[start:stop].astype(np.float32)
+        emb /= np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+        sims = (emb @ text).reshape(-1, k, j)
+        sims = np.where(bank.mask[None], sims, -np.inf)
+        logits = sims / tau
+        per_class = np.logaddexp.reduce(logits, axis=2)
+        per_class -= per_class.max(axis=1, keepdims=True)
+        combined = np.exp(per_class)
+        combined /= combined.sum(axis=1, keepdims=True)
         if probe_probs is not None:
             combined = 0.5 * (combined + probe_probs[start:stop])
-        best[start:stop] = combined.argmax(axis=1)
-        confidence[start:stop] = combined.max(axis=1)
-    return best, confidence
+        order = np.argsort(-combined, axis=1, kind="stable")[:, :top]
+        rows = np.arange(stop - start)
+        out.top_labels[start:stop] = order
+        out.top_probs[start:stop] = np.take_along_axis(combined, order, axis=1)
+        for which, classes in (("given", labels[start:stop]), ("suggested", order[:, 0])):
+            class_sims = sims[rows, classes]  # [rows, J]
+            best = class_sims.argmax(axis=1)
+            getattr(out, f"{which}_prompt")[start:stop] = best
+            getattr(out, f"{which}_similarity")[start:stop] = class_sims[rows, best]
+    return out
 
 
 def fit_and_build_manifest(
@@ -148,10 +196,11 @@ def fit_and_build_manifest(
     is_clean = spread(result.is_clean, False, bool)
     suggested = np.full(n, -1, dtype=np.int64)
     confidence = np.full(n, np.nan, dtype=np.float32)
-    if embeddings is not None:
-        best, conf = suggest_labels(embeddings, bank, tau, probe_probs)
-        confidence[ok_idx] = conf
-        suggested[ok_idx] = np.where(conf >= selection_cfg.suggest_min_confidence, best, -1)
+    hints = suggest_labels(embeddings, labels[ok_idx], bank, tau, probe_probs)
+    confidence[ok_idx] = hints.top_probs[:, 0]
+    suggested[ok_idx] = np.where(
+        hints.top_probs[:, 0] >= selection_cfg.suggest_min_confidence, hints.top_labels[:, 0], -1
+    )
     clean_rows = ok & is_clean
     suggested[clean_rows] = labels[clean_rows]
     final_status = np.where(ok, np.where(is_clean, "clean", "noisy"), STATUS_FAILED)
@@ -189,6 +238,24 @@ def fit_and_build_manifest(
     columns["argmax_zeroshot"] = pa.array(argmax_zs)
     columns["topk_labels_zeroshot"] = table.column("topk_labels").combine_chunks()
     columns["topk_probs_zeroshot"] = table.column("topk_probs").combine_chunks()
+    columns["top_labels"] = fixed_size_list_array(spread_rows(hints.top_labels, -1, n, ok_idx))
+    columns["top_probs"] = fixed_size_list_array(spread_rows(hints.top_probs, np.nan, n, ok_idx))
+    flat_prompts = np.array([p for ps in bank.prompts for p in ps], dtype=object)
+    first_prompt = np.cumsum([0] + [len(ps) for ps in bank.prompts])[:-1]
+    given_text = np.full(n, None, dtype=object)
+    suggested_text = np.full(n, None, dtype=object)
+    given_text[ok_idx] = flat_prompts[first_prompt[labels[ok_idx]] + hints.given_prompt]
+    suggested_text[ok_idx] = flat_prompts[
+        first_prompt[hints.top_labels[:, 0]] + hints.suggested_prompt
+    ]
+    columns["explain_given_prompt"] = pa.array(given_text.tolist(), pa.string())
+    columns["explain_given_similarity"] = pa.array(
+        spread(hints.given_similarity, np.nan, np.float32)
+    )
+    columns["explain_suggested_prompt"] = pa.array(suggested_text.tolist(), pa.string())
+    columns["explain_suggested_similarity"] = pa.array(
+        spread(hints.suggested_similarity, np.nan, np.float32)
+    )
     known_truth = true_labels >= 0
     if known_truth.any():
         columns["true_label"] = pa.array(true_labels)
@@ -236,6 +303,13 @@ def fit_and_build_manifest(
             else None,
         }
     return manifest, summary
+
+
+def spread_rows(values: np.ndarray, fill, n: int, rows: np.ndarray) -> np.ndarray:
+    """[len(rows), W] values placed at `rows` of an [n, W] array filled with `fill`."""
+    out = np.full((n, values.shape[1]), fill, dtype=values.dtype)
+    out[rows] = values
+    return out
 
 
 def failure_reasons(reasons: np.ndarray) -> dict[str, int]:

@@ -46,7 +46,8 @@ def shard_output_names(shards: list[str]) -> dict[str, str]:
     return names
 
 
-def _fixed_list(values: np.ndarray) -> pa.Array:
+def fixed_size_list_array(values: np.ndarray) -> pa.Array:
+    """A [N, W] numpy array as an Arrow fixed-size-list column."""
     values = np.ascontiguousarray(values)
     return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), values.shape[1])
 
@@ -60,7 +61,7 @@ def scores_to_table(batch: dict[str, np.ndarray]) -> pa.Table:
             continue
         values = np.asarray(batch[name])[order]
         if values.ndim == 2:
-            columns[name] = _fixed_list(values)
+            columns[name] = fixed_size_list_array(values)
         elif values.dtype == object:
             columns[name] = pa.array(values.tolist(), type=pa.string())
         else:

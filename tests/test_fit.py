@@ -1,0 +1,88 @@
+"""The global fit on an in-memory score table: suggestions, explanations, duplicates."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+from cleaner.config import SelectionConfig
+from cleaner.fit import chunk_rows, fit_and_build_manifest, suggest_labels
+from cleaner.pipeline import fixed_size_list_array
+from cleaner.prompts import PromptBank, pad_prompt_features
+
+
+def unit(x):
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def make_bank(rng, classes=4, prompts=3, dim=16):
+    per_class = [unit(rng.normal(size=(prompts, dim))).astype(np.float32) for _ in range(classes)]
+    features, mask = pad_prompt_features(per_class)
+    texts = tuple(tuple(f"class {k} prompt {j}" for j in range(prompts)) for k in range(classes))
+    return PromptBank(features, mask, texts)
+
+
+def test_suggestions_and_explanations_point_at_the_matching_prompt():
+    rng = np.random.default_rng(0)
+    bank = make_bank(rng)
+    # each image is exactly prompt j=1 of class 2 (plus a little noise)
+    emb = bank.features[2, 1][None].repeat(5, 0) + 0.01 * rng.normal(size=(5, 16))
+    labels = np.array([0, 1, 2, 3, 0])
+    hints = suggest_labels(emb.astype(np.float16), labels, bank, 0.07, None)
+    assert (hints.top_labels[:, 0] == 2).all()
+    assert (hints.suggested_prompt == 1).all() and (hints.suggested_similarity > 0.95).all()
+    assert hints.given_prompt[2] == 1  # the given label is right for sample 2
+    assert (np.diff(hints.top_probs, axis=1) <= 0).all()
+    assert chunk_rows(1000, 8, budget_bytes=32_000_000) == 1000
+
+
+def score_table(rng, bank, n=60, duplicate=True):
+    k = bank.num_classes
+    true = np.arange(n) % k
+    emb = unit(bank.features[true, 0] + 0.05 * rng.normal(size=(n, 16))).astype(np.float16)
+    labels = true.copy()
+    labels[::5] = (labels[::5] + 1) % k  # every 5th label is wrong
+    probs = np.full((n, k), 0.05)
+    probs[np.arange(n), true] = 0.85
+    keys = [f"k{i}" for i in range(n)]
+    if duplicate:
+        keys[-1] = keys[0]
+    return pa.table(
+        {
+            "key": keys,
+            "shard": ["s.tar"] * n,
+            "shard_pos": np.arange(n),
+            "label": labels,
+            "true_label": true,
+            "status": ["ok"] * n,
+            "reason": [""] * n,
+            "p_label": probs[np.arange(n), labels].astype(np.float32),
+            "max_p": probs.max(1).astype(np.float32),
+            "argmax": probs.argmax(1),
+            "topk_labels": fixed_size_list_array(np.argsort(-probs, 1)[:, :3]),
+            "topk_probs": fixed_size_list_array(-np.sort(-probs, 1)[:, :3].astype(np.float32)),
+            "embedding": fixed_size_list_array(emb),
+        }
+    )
+
+
+def test_manifest_has_suggestions_explanations_and_fails_duplicates():
+    rng = np.random.default_rng(1)
+    bank = make_bank(rng)
+    table = score_table(rng, bank)
+    manifest, summary = fit_and_build_manifest(
+        table, SelectionConfig(probe="none"), [f"c{i}" for i in range(4)], bank, 0.07
+    )
+    rows = manifest.to_pydict()
+    assert rows["status"][-1] == "failed" and "duplicate key" in rows["reason"][-1]
+    assert summary["counts"]["duplicate_keys"] == 1
+    wrong = [i for i in range(59) if rows["label"][i] != rows["true_label"][i]]
+    assert all(not rows["is_clean"][i] for i in wrong)
+    assert all(rows["suggested_label"][i] == rows["true_label"][i] for i in wrong)
+    assert all(rows["top_labels"][i][0] == rows["true_label"][i] for i in wrong)
+    assert rows["explain_suggested_prompt"][wrong[0]].startswith(
+        f"class {rows['true_label'][wrong[0]]}"
+    )
+    assert rows["explain_given_prompt"][-1] is None  # failed rows have no explanation
+    assert summary["suggestions"]["wrong_labels_fixed_fraction"] == 1.0
+    assert summary["detection"]["precision"] == 1.0
