@@ -7,7 +7,7 @@ INSTALLED := $(VENV)/.installed
 DEMO_DATA := data/demo
 DEMO_ARGS := --out $(DEMO_DATA) --num-samples 6000 --test-samples 1000 --samples-per-shard 500 --noise symmetric --rate 0.4 --seed 0
 
-.PHONY: install demo demo-data test lint format bench tiny-clip clean-runs
+.PHONY: install demo demo-data train-demo test lint format bench tiny-clip clean-runs
 
 install: $(INSTALLED)
 
@@ -22,6 +22,9 @@ demo-data: $(INSTALLED)
 
 demo: demo-data
 	$(PY) -m jobs.clean --config configs/demo.yaml
+
+train-demo: $(INSTALLED)
+	$(PY) -m jobs.train --config configs/train-demo.yaml
 
 test: $(INSTALLED)
 	$(VENV)/bin/ruff check .
