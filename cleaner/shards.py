@@ -234,27 +234,14 @@ def read_shard(
                 if len(builder) > batch_size:  # keep a row back to carry the shard total
                     yield builder.flush(batch_size)
     except (tarfile.TarError, OSError, EOFError) as err:
-        total += 1
-        reason = f"shard unreadable after {total - 1} samples: {type(err).__name__}: {err}"
-        builder.add(
-            f"{SHARD_ERROR_PREFIX}/{uri_lib.basename(shard)}",
-            MISSING_LABEL,
-            MISSING_LABEL,
-            blank,
-            STATUS_FAILED,
-            reason,
-        )
-    if total == 0:
+        shard_problem = f"shard unreadable after {total} samples: {type(err).__name__}: {err}"
+    else:
         # An empty shard still reports itself through one shard-level row.
-        total = 1
-        builder.add(
-            f"{SHARD_ERROR_PREFIX}/{uri_lib.basename(shard)}",
-            MISSING_LABEL,
-            MISSING_LABEL,
-            blank,
-            STATUS_FAILED,
-            "empty shard: no samples",
-        )
+        shard_problem = "empty shard: no samples" if total == 0 else None
+    if shard_problem is not None:
+        total += 1
+        key = f"{SHARD_ERROR_PREFIX}/{uri_lib.basename(shard)}"
+        builder.add(key, MISSING_LABEL, MISSING_LABEL, blank, STATUS_FAILED, shard_problem)
     yield builder.flush(shard_total=total)
 
 

@@ -25,8 +25,7 @@ from training.mixfix import (
     MixFixState,
     make_optimizer,
     make_scheduler,
-    sample_mixup,
-    soft_cross_entropy,
+    train_one_epoch,
     update_selection,
 )
 from training.networks import build_network
@@ -94,6 +93,30 @@ def predict_subset(model, dataset, device, mean, std, amp_dtype, batch_size: int
         np.concatenate(preds).astype(np.int64),
         np.concatenate(labels).astype(np.int64),
     )
+
+
+def epoch_batches(
+    shard, epoch: int, batch_size: int, device, mean, std, *, shuffle_buffer: int, shuffle_seed: int
+):
+    """(normalised inputs, current labels) of this worker's split of the epoch stream."""
+    for batch in shard.iter_torch_batches(
+        batch_size=batch_size,
+        dtypes={
+            "image": torch.uint8,
+            "target": torch.int64,
+            "sample_id": torch.int64,
+            "epoch": torch.int64,
+        },
+        device=str(device),
+        drop_last=True,
+        local_shuffle_buffer_size=shuffle_buffer or None,
+        local_shuffle_seed=shuffle_seed,
+    ):
+        if int(batch["epoch"][0]) != epoch:
+            raise RuntimeError(
+                f"epoch {epoch} received rows expanded for epoch {batch['epoch'][0]}"
+            )
+        yield normalise(batch["image"], mean, std), batch["target"]
 
 
 def save_checkpoint(directory: str, model, optimizer, scheduler, state: MixFixState, history):
@@ -186,47 +209,26 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if world > 1:
             torch.distributed.barrier()
 
-        generator = np.random.default_rng([cfg.seed, epoch, rank])
-        loss_sum, seen = 0.0, 0
-        model.train()
-        shard = ray.train.get_dataset_shard("train")
-        for batch in shard.iter_torch_batches(
-            batch_size=per_worker_batch,
-            dtypes={
-                "image": torch.uint8,
-                "target": torch.int64,
-                "sample_id": torch.int64,
-                "epoch": torch.int64,
-            },
-            device=str(device),
-            drop_last=True,
-            local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
-            local_shuffle_seed=cfg.seed * 1000 + epoch * 10 + rank,
-        ):
-            if int(batch["epoch"][0]) != epoch:
-                raise RuntimeError(
-                    f"epoch {epoch} received rows expanded for epoch {batch['epoch'][0]}"
-                )
-            inputs = normalise(batch["image"], mean, std)
-            targets = torch.nn.functional.one_hot(batch["target"], len(class_names)).float()
-            lam, perm = sample_mixup(inputs.shape[0], cfg.mixfix.beta, generator)
-            if lam != 1.0:
-                perm_t = torch.from_numpy(perm).to(device)
-                inputs = inputs.mul(lam).add_(inputs[perm_t], alpha=1.0 - lam)
-                targets = targets.mul(lam).add_(targets[perm_t], alpha=1.0 - lam)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                logits = model(inputs)
-            loss = soft_cross_entropy(logits.float(), targets)
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                loss.backward()
-                optimizer.step()
-            loss_sum += float(loss.detach()) * inputs.shape[0]
-            seen += inputs.shape[0]
+        stats = train_one_epoch(
+            model,
+            optimizer,
+            epoch_batches(
+                ray.train.get_dataset_shard("train"),
+                epoch,
+                per_worker_batch,
+                device,
+                mean,
+                std,
+                shuffle_buffer=cfg.data.shuffle_buffer,
+                shuffle_seed=cfg.seed * 1000 + epoch * 10 + rank,
+            ),
+            beta=cfg.mixfix.beta,
+            device=device,
+            generator=np.random.default_rng([cfg.seed, epoch, rank]),
+            scaler=scaler,
+            amp_dtype=amp_dtype,
+        )
+        loss_sum, seen = stats["loss"] * stats["samples"], stats["samples"]
         scheduler.step()
         train_seconds = time.perf_counter() - started
 
