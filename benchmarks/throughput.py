@@ -46,6 +46,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--input", required=True, help="shards: folder, s3:// prefix or pattern")
     parser.add_argument("--classes", default="demo")
     parser.add_argument("--model", default="tiny-clip-shapes")
+    parser.add_argument(
+        "--random-weights", action="store_true", help="no checkpoint needed (speed only)"
+    )
     parser.add_argument("--readers", type=int, default=1, help="reader tasks at once")
     parser.add_argument("--actors", type=int, default=1, help="scorer actors")
     parser.add_argument("--cpus-per-actor", type=float, default=1.0)
@@ -64,6 +67,7 @@ def main(argv: list[str] | None = None) -> dict:
                 f"data.classes={args.classes}",
                 f"output={tmp}",
                 f"model.name={args.model}",
+                f"model.random_weights={str(args.random_weights).lower()}",
                 f"scoring.max_readers={args.readers}",
                 f"scoring.min_actors={args.actors}",
                 f"scoring.max_actors={args.actors}",

@@ -43,6 +43,9 @@ class ModelConfig(StrictModel):
     )
     cache_dir: str | None = Field(default=None, description="per-node cache for s3:// files")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    random_weights: bool = Field(
+        default=False, description="allow a model without weights (seeded; speed tests only)"
+    )
 
 
 class ScoringConfig(StrictModel):

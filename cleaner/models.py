@@ -125,10 +125,18 @@ def load_clip(config: ModelConfig, device: str | torch.device | None = None) -> 
     elif pretrained is None and name.startswith("tiny-clip"):
         bundled = ASSETS_DIR / f"{name}.pt"
         pretrained = str(bundled) if bundled.exists() else None
+    if pretrained is None and not config.random_weights:
+        raise ValueError(
+            f"no pretrained weights for model {name!r}: give model.pretrained (an open_clip "
+            "tag, a local path or an s3:// checkpoint), or model.random_weights=true for "
+            "speed measurements"
+        )
     target = select_device(str(device) if device is not None else None)
-    model = open_clip.create_model(
-        name, pretrained=pretrained, device=target, cache_dir=config.cache_dir
-    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)  # random weights, when asked for, are the same in every actor
+        model = open_clip.create_model(
+            name, pretrained=pretrained, device=target, cache_dir=config.cache_dir
+        )
     model.eval().requires_grad_(False)
     tokenizer = open_clip.get_tokenizer(name)
     pp = getattr(model.visual, "preprocess_cfg", {})

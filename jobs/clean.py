@@ -8,6 +8,8 @@ manifest.parquet (one row per input sample), summary.json, config.yaml, report.h
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import time
 
@@ -42,6 +44,13 @@ def run_clean(cfg: CleanJobConfig) -> dict:
         f"[clean] {len(shards)} shards, {spec.num_classes} classes, model {cfg.model.name}",
         flush=True,
     )
+    run_fingerprint = finished_run_fingerprint(cfg, shards, spec)
+    summary_uri = uri_lib.join(cfg.output, "summary.json")
+    if cfg.resume and uri_lib.exists(summary_uri):
+        previous = json.loads(uri_lib.read_text(summary_uri))
+        if previous.get("run_fingerprint") == run_fingerprint:
+            print(f"[clean] {cfg.output} is up to date with this config: nothing to do", flush=True)
+            return previous
     clip = load_clip(cfg.model, device="cpu")
     bank = encode_prompts(clip.model, clip.tokenizer, spec.prompts(), device="cpu")
     image_size = clip.image_size
@@ -70,6 +79,7 @@ def run_clean(cfg: CleanJobConfig) -> dict:
     summary = {
         "job": "clean",
         "output": cfg.output,
+        "run_fingerprint": run_fingerprint,
         "shards": len(shards),
         "scoring": {
             "shards_scored": stats.shards_scored,
@@ -101,6 +111,15 @@ def run_clean(cfg: CleanJobConfig) -> dict:
     )
     print_summary(summary)
     return summary
+
+
+def finished_run_fingerprint(cfg: CleanJobConfig, shards: list[str], spec) -> str:
+    """What decides a finished run's outputs: config (not how Ray is reached), shards, prompts."""
+    payload = json.dumps(
+        [cfg.model_dump(mode="json", exclude={"ray", "resume"}), shards, spec.prompts()],
+        sort_keys=True,
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
 def report_thumbnails(manifest, extensions: list[str]) -> dict[str, bytes]:

@@ -42,6 +42,15 @@ def test_unknown_model_and_missing_checkpoint_are_named():
         load_clip(ModelConfig(pretrained="/nonexistent/model.pt"), device="cpu")
 
 
+def test_missing_weights_are_an_error_unless_random_weights_are_asked_for():
+    with pytest.raises(ValueError, match="no pretrained weights for model 'ViT-B-32'"):
+        load_clip(ModelConfig(name="ViT-B-32"), device="cpu")
+    first = load_clip(ModelConfig(name="ViT-B-32", random_weights=True), device="cpu")
+    second = load_clip(ModelConfig(name="ViT-B-32", random_weights=True), device="cpu")
+    weights = first.model.visual.conv1.weight
+    assert torch.equal(weights, second.model.visual.conv1.weight)
+
+
 def test_autocast_only_on_gpu():
     assert autocast_dtype(torch.device("cpu"), "auto") is None
     assert autocast_dtype(torch.device("cpu"), "bf16") is None
