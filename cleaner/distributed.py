@@ -794,7 +794,7 @@ def histogram_init(
         a1 = constant[:, 1:] - 0.5 * (centres - mu[:, 1:]) ** 2 / var[:, 1:]
         gap = a1 - a0
         loglik = np.maximum(a0, a1) + np.log1p(np.exp(-np.abs(gap)))
-        upper = 1.0 / (1.0 + np.exp(-gap))
+        upper = np.exp(a1 - loglik)  # a1 <= loglik: no overflow
         new_bound = (c * loglik).sum(axis=1) / total[active]
         resp = np.stack((1.0 - upper, upper), axis=2)
         means[active], variances[active], weights[active] = _binned_m_step(
