@@ -637,7 +637,7 @@ def _section_summary(data: _ReportData, summary: Mapping) -> str:
             + _kv_table((str(k), _fmt(v)) for k, v in versions.items())
             + "</details>"
         )
-    generated = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    generated = _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     return _section(
         "summary",
         f'<div class="cards">{card_html}</div>',

@@ -82,8 +82,8 @@ def test_mixfix_beats_noisy_training_and_resumes_on_rerun(cleaned):
         assert (cleaned / "runs" / "mixfix" / name).exists()
 
 
-def train_worker_pids() -> list[int]:
-    """PIDs of the Ray Train worker processes (their title names the actor class)."""
+def process_pids(marker: bytes) -> list[int]:
+    """PIDs of processes whose command line (a Ray worker's title names its actor) has marker."""
     pids = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -93,7 +93,7 @@ def train_worker_pids() -> list[int]:
                 cmdline = f.read().replace(b"\0", b" ")
         except OSError:
             continue
-        if b"RayTrainWorker" in cmdline:
+        if marker in cmdline:
             pids.append(int(entry))
     return pids
 
@@ -116,7 +116,7 @@ def test_killed_worker_resumes_from_its_checkpoint(cleaned):
     while time.time() < deadline and len(list(run_dir.glob("checkpoint_*"))) < 2:
         time.sleep(0.2)
     assert len(list(run_dir.glob("checkpoint_*"))) >= 2, "no checkpoint appeared"
-    victims = train_worker_pids()
+    victims = process_pids(b"RayTrainWorker")
     assert victims, "no RayTrainWorker process found"
     os.kill(victims[0], signal.SIGKILL)
     thread.join(timeout=600)
