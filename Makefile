@@ -41,7 +41,8 @@ format: $(INSTALLED)
 
 bench: demo-data
 	$(PY) -m benchmarks.throughput --input $(DEMO_DATA)/train
-	$(PY) -m benchmarks.probe_modes --input $(DEMO_DATA)/train
+	$(PY) -m benchmarks.probe_modes --run runs/demo
+	$(PY) -m benchmarks.train_scaling --manifest runs/demo
 
 tiny-clip: $(INSTALLED)
 	$(PY) -m jobs.train_tiny_clip

@@ -116,6 +116,7 @@ def run_train(cfg: TrainJobConfig) -> dict:
         "mode": cfg.mixfix.mode,
         "epochs_completed": len(history),
         "final": history[-1] if history else {},
+        "history": history,
         "checkpoint": result.checkpoint.path,
         "seconds": round(time.perf_counter() - started, 2),
         "config": cfg.model_dump(mode="json"),
