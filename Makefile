@@ -39,7 +39,7 @@ format: $(INSTALLED)
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-bench: demo-data
+bench: demo
 	$(PY) -m benchmarks.throughput --input $(DEMO_DATA)/train
 	$(PY) -m benchmarks.probe_modes --run runs/demo
 	$(PY) -m benchmarks.train_scaling --manifest runs/demo
