@@ -34,7 +34,8 @@ def connect_ray(cfg: RayConfig) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(num_cpus=cfg.num_cpus, log_to_driver=True)
+        # "local": a new instance of our own, never a cluster that happens to run here.
+        ray.init(address="local", num_cpus=cfg.num_cpus, log_to_driver=True)
 
 
 def load_class_spec(location: str) -> ClassSpec:
