@@ -87,3 +87,20 @@ def test_pipeline_overrides_are_routed_by_prefix():
     assert split_overrides(["clean.a=1", "train.b.c=2"]) == (["a=1"], ["b.c=2"])
     with pytest.raises(ConfigError, match="must start with"):
         split_overrides(["selection.theta_gmm=0.4"])
+
+
+def test_combined_predictions_do_not_depend_on_the_worker_split():
+    from training.loop import combine_predictions
+
+    rng = np.random.default_rng(0)
+    n = 50
+    labels = rng.integers(0, 5, n)
+    labels[7] = -1  # a failed sample nobody predicts
+    ids = np.array([i for i in range(n) if i != 7])
+    probs, preds = rng.random(len(ids)).astype(np.float32), rng.integers(0, 5, len(ids))
+    one = combine_predictions([(ids, probs, preds)], labels)
+    order = rng.permutation(len(ids))
+    parts = [(ids[order[i::3]], probs[order[i::3]], preds[order[i::3]]) for i in (2, 0, 1)]
+    three = combine_predictions(parts, labels)
+    assert np.array_equal(one[0], three[0]) and np.array_equal(one[1], three[1])
+    assert one[0][7] == 0.0 and one[1][7] == 0

@@ -125,3 +125,29 @@ def test_killed_worker_resumes_from_its_checkpoint(cleaned):
     assert [h["epoch"] for h in history] == list(range(1, EPOCHS + 1))
     assert any("resumed_from_epoch" in h for h in history)
     assert outcome["summary"]["epochs_completed"] == EPOCHS
+
+
+def test_pipeline_job_cleans_then_trains(cleaned):
+    from jobs.pipeline import main as pipeline_main
+
+    out = cleaned / "pipeline"
+    assert (
+        pipeline_main(
+            [
+                "--clean-config=configs/demo.yaml",
+                "--train-config=configs/train-demo.yaml",
+                f"clean.data.input={cleaned / 'train'}",
+                f"clean.output={out / 'clean'}",
+                "clean.scoring.max_actors=1",
+                f"train.run.storage={out / 'runs'}",
+                "train.run.name=pipeline",
+                "train.data.test_input=null",
+                "train.optim.epochs=1",
+                "train.optim.batch_size=64",
+            ]
+        )
+        == 0
+    )
+    assert (out / "clean" / "manifest.parquet").exists()
+    history = json.loads((out / "runs" / "pipeline" / "metrics.json").read_text())["epochs"]
+    assert [h["epoch"] for h in history] == [1] and history[0]["selected"] > 0

@@ -59,6 +59,20 @@ def gather_objects(obj, world_size: int) -> list:
     return out
 
 
+def combine_predictions(parts, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Full (max prob, argmax) arrays from workers' (ids, probs, preds) parts, by sample id.
+
+    The result depends only on which sample got which prediction, not on how samples were
+    split over workers or in which order parts arrive: 1 or N workers decide alike.
+    Samples no worker predicted (failed ones) keep their label with probability 0.
+    """
+    max_prob = np.zeros(labels.shape[0], dtype=np.float32)
+    pred = np.where(labels >= 0, labels, 0).astype(np.int64)
+    for ids, probs, preds in parts:
+        max_prob[ids], pred[ids] = probs, preds
+    return max_prob, pred
+
+
 @torch.no_grad()
 def predict_subset(model, dataset, device, mean, std, amp_dtype, batch_size: int):
     """(sample ids, max prob, argmax, given labels) for a dataset of decoded samples."""
@@ -251,11 +265,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 amp_dtype,
                 per_worker_batch * 2,
             )
-            parts = gather_objects(mine[:3], world)
-            max_prob = np.zeros(index.num_samples, dtype=np.float32)
-            pred = np.where(index.labels >= 0, index.labels, 0).astype(np.int64)
-            for ids, probs, preds in parts:
-                max_prob[ids], pred[ids] = probs, preds
+            max_prob, pred = combine_predictions(gather_objects(mine[:3], world), index.labels)
             update = update_selection(
                 state,
                 max_prob,
