@@ -34,8 +34,10 @@ import numpy as np
 import open_clip
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from cleaner.classes import DEMO_CLASS_SPEC, ClassSpec
+from cleaner.demo.shapes import draw_shape
 from cleaner.prompts import encode_prompts, ensemble_probs_numpy
 
 TINY_CLIP_NAME = "tiny-clip-shapes"
@@ -71,7 +73,7 @@ def register_tiny_clip() -> str:
 
 def load_tiny_clip(
     checkpoint: str | Path | None = TINY_CLIP_CHECKPOINT, device: str | torch.device = "cpu"
-):
+) -> tuple[torch.nn.Module, Callable, Callable[..., torch.Tensor]]:
     """(model, preprocess, tokenizer) via open_clip's factory; random init if checkpoint=None."""
     register_tiny_clip()
     model, _, preprocess = open_clip.create_model_and_transforms(
@@ -81,13 +83,6 @@ def load_tiny_clip(
     )
     model.eval()
     return model, preprocess, open_clip.get_tokenizer(TINY_CLIP_NAME)
-
-
-def _draw_shape():
-    """The procedural generator (imported lazily: it lives in its own module)."""
-    from cleaner.demo.shapes import draw_shape
-
-    return draw_shape
 
 
 # --------------------------------------------------------------------------- captions
@@ -158,20 +153,28 @@ class ShapeCaptionData:
         return int(self.labels.shape[0])
 
 
-def draw_labelled_shapes(
+def iter_labelled_shapes(
     num_images: int, seed: int, spec: ClassSpec, size: int = GENERATION_SIZE
-) -> tuple[list, np.ndarray, list[dict[str, str]]]:
-    """Draw `num_images` class-balanced shapes (PIL, `size` px): (images, labels, attrs)."""
-    draw_shape = _draw_shape()
+) -> Iterator[tuple[Image.Image, int, dict[str, str]]]:
+    """Draw `num_images` class-balanced shapes (RGB, `size` px): yields (image, label, attrs)."""
     rng = np.random.default_rng(seed)
     labels = np.arange(num_images) % spec.num_classes
     rng.shuffle(labels)
-    images, attrs = [], []
-    for label in labels:
-        image, image_attrs = draw_shape(spec.names[int(label)], rng, size=size)
-        images.append(image.convert("RGB"))
-        attrs.append(dict(image_attrs))
-    return images, labels.astype(np.int64), attrs
+    for label in labels.tolist():
+        image, attrs = draw_shape(spec.names[label], rng, size=size)
+        yield image.convert("RGB"), label, dict(attrs)
+
+
+def draw_labelled_shapes(
+    num_images: int, seed: int, spec: ClassSpec, size: int = GENERATION_SIZE
+) -> tuple[list[Image.Image], np.ndarray, list[dict[str, str]]]:
+    """All of `iter_labelled_shapes` at once: (images, labels int64 [N], attrs)."""
+    images, labels, attrs = [], [], []
+    for image, label, image_attrs in iter_labelled_shapes(num_images, seed, spec, size):
+        images.append(image)
+        labels.append(label)
+        attrs.append(image_attrs)
+    return images, np.asarray(labels, dtype=np.int64), attrs
 
 
 def build_training_data(
@@ -182,13 +185,23 @@ def build_training_data(
     size: int = GENERATION_SIZE,
 ) -> ShapeCaptionData:
     """Generate images at `size` px and run them through `preprocess` (the model's own)."""
-    images, labels, attrs = draw_labelled_shapes(num_images, seed, spec, size)
-    tensor = torch.stack([preprocess(im) for im in images]).to(torch.float16)
+    tensors: list[torch.Tensor] = []
+    labels: list[int] = []
+    attrs: list[dict[str, str]] = []
+    for image, label, image_attrs in iter_labelled_shapes(num_images, seed, spec, size):
+        tensors.append(preprocess(image).to(torch.float16))
+        labels.append(label)
+        attrs.append(image_attrs)
     attr_keys = tuple(sorted({k for a in attrs for k in a}))
     vocab: dict[tuple[str, str], int] = {}
     ids = [[vocab.setdefault((k, a.get(k, "")), len(vocab)) for k in attr_keys] for a in attrs]
-    attr_ids = torch.tensor(ids, dtype=torch.int64).reshape(len(attrs), len(attr_keys))
-    return ShapeCaptionData(tensor, torch.from_numpy(labels), attrs, attr_keys, attr_ids)
+    return ShapeCaptionData(
+        images=torch.stack(tensors),
+        labels=torch.tensor(labels, dtype=torch.int64),
+        attrs=attrs,
+        attr_keys=attr_keys,
+        attr_ids=torch.tensor(ids, dtype=torch.int64).reshape(len(attrs), len(attr_keys)),
+    )
 
 
 def caption_targets(
