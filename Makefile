@@ -45,7 +45,7 @@ bench: demo
 	$(PY) -m benchmarks.train_scaling --manifest runs/demo
 
 tiny-clip: $(INSTALLED)
-	$(PY) -m jobs.train_tiny_clip --steps 2500 --caption-mix 0.6,0.4,0 --out cleaner/assets/tiny-clip-shapes.pt
+	$(PY) -m jobs.train_tiny_clip --num-images 40000 --epochs 16 --seed 0
 
 clean-runs:
 	rm -rf runs

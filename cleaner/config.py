@@ -79,7 +79,7 @@ class SelectionConfig(StrictModel):
     theta_gmm: float = Field(default=0.5, ge=0.0, le=1.0)
     theta_cons: float = Field(default=0.8, ge=0.0, le=1.0)
     gmm: Literal["per_class", "global"] = "per_class"
-    probe: Literal["insample", "crossfit", "none"] = "crossfit"
+    probe: Literal["insample", "crossfit", "none"] = "insample"
     probe_folds: int = Field(default=5, ge=2)
     probe_c: float = Field(default=1.0, gt=0)
     suggest_min_confidence: float = Field(

@@ -46,7 +46,7 @@ def test_local_folder_every_sample_once_and_rerun_skips(local_ray, demo_shards, 
     assert "detection" in summary and 0.0 <= summary["detection"]["precision"] <= 1.0
     for name in ("summary.json", "config.yaml"):
         assert (out / name).exists()
-    assert summary["versions"]["ray"] and summary["config"]["selection"]["probe"] == "crossfit"
+    assert summary["versions"]["ray"] and summary["config"]["selection"]["probe"] == "insample"
 
     # A finished run, rerun: nothing to do. An interrupted one (a score file and the
     # summary gone), rerun: only the missing shard is scored, the rest reused.
