@@ -18,23 +18,12 @@ from cleaner.metrics import detection_metrics
 from cleaner.pipeline import fixed_size_list_array
 from cleaner.probe import fit_probe_probs
 from cleaner.prompts import PromptBank
+from cleaner.scorer import ClipScorer
 from cleaner.selection import SelectionResult, SourceScores, select_from_scores
 from cleaner.shards import STATUS_FAILED, STATUS_OK
 
-SMALL_COLUMNS = [
-    "key",
-    "shard",
-    "shard_pos",
-    "label",
-    "true_label",
-    "status",
-    "reason",
-    "p_label",
-    "max_p",
-    "argmax",
-    "topk_labels",
-    "topk_probs",
-]
+# The score files' columns (see ClipScorer / pipeline.scores_to_table) minus the embedding.
+SMALL_COLUMNS = [c for c in ClipScorer.output_columns if c not in ("shard_total", "embedding")]
 SUGGEST_BUDGET = 128 * 1024 * 1024  # bytes of prompt similarities held at once
 TOP_SUGGESTIONS = 3
 
