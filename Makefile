@@ -7,7 +7,7 @@ INSTALLED := $(VENV)/.installed
 DEMO_DATA := data/demo
 DEMO_ARGS := --out $(DEMO_DATA) --num-samples 6000 --test-samples 1000 --samples-per-shard 500 --noise symmetric --rate 0.4 --seed 0
 
-.PHONY: install demo demo-data train-demo test lint format bench tiny-clip clean-runs
+.PHONY: install browser demo demo-data train-demo test lint format bench tiny-clip clean-runs
 
 install: $(INSTALLED)
 
@@ -16,6 +16,14 @@ $(INSTALLED): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e ".[test]"
 	touch $@
+
+# Debian's Chromium renders the HTML report in the report test (headless).
+CHROMIUM ?= /usr/bin/chromium
+browser:
+	@test -x $(CHROMIUM) || { \
+	  echo "installing Debian's chromium (for the report render test)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; \
+	}
 
 demo-data: $(INSTALLED)
 	$(PY) -m jobs.make_demo_data $(DEMO_ARGS)
@@ -26,7 +34,7 @@ demo: demo-data
 train-demo: $(INSTALLED)
 	$(PY) -m jobs.train --config configs/train-demo.yaml
 
-test: $(INSTALLED)
+test: $(INSTALLED) browser
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest -q
