@@ -85,6 +85,17 @@ class SelectionConfig(StrictModel):
     suggest_min_confidence: float = Field(
         default=0.5, ge=0.0, le=1.0, description="suggest a label only this confident or more"
     )
+    fit_mode: Literal["auto", "in_memory", "distributed"] = Field(
+        default="auto",
+        description="global fit on the driver (in_memory) or over Ray Data (distributed); "
+        "auto: in_memory when its estimated size fits fit_memory_gb",
+    )
+    fit_memory_gb: float | None = Field(
+        default=None,
+        gt=0,
+        description="memory budget of the in-memory fit; default half of "
+        "the driver's available memory",
+    )
 
 
 class RayConfig(StrictModel):

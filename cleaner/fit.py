@@ -6,6 +6,7 @@ This is the only step that sees the whole dataset, and it reads only the small c
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -14,12 +15,13 @@ import pyarrow.parquet as pq
 
 from cleaner import uri as uri_lib
 from cleaner.config import SelectionConfig
+from cleaner.distributed import FittedSelection, fit_selection_in_memory
 from cleaner.metrics import detection_metrics
 from cleaner.pipeline import fixed_size_list_array
 from cleaner.probe import fit_probe_probs
 from cleaner.prompts import PromptBank
 from cleaner.scorer import ClipScorer
-from cleaner.selection import SelectionResult, SourceScores, select_from_scores
+from cleaner.selection import SourceScores
 from cleaner.shards import STATUS_FAILED, STATUS_OK
 
 # The score files' columns (see ClipScorer / pipeline.scores_to_table) minus the embedding.
@@ -37,21 +39,6 @@ def read_scores(scores_uri: str, file_names: list[str], with_embeddings: bool) -
         with fs.open_input_file(path) as f:
             tables.append(pq.read_table(f, columns=columns))
     return pa.concat_tables(tables)
-
-
-def mark_duplicate_keys(keys: np.ndarray, status: np.ndarray, reason: np.ndarray, shards) -> int:
-    """Fail every repeat of a key already seen (in shard order); returns how many were failed."""
-    seen: dict[str, str] = {}
-    failed = 0
-    for i, key in enumerate(keys):
-        if key in seen:
-            if status[i] == STATUS_OK:
-                status[i] = STATUS_FAILED
-                reason[i] = f"duplicate key (first seen in {uri_lib.basename(seen[key])})"
-                failed += 1
-        else:
-            seen[key] = shards[i]
-    return failed
 
 
 def embeddings_of(table: pa.Table) -> np.ndarray:
@@ -129,66 +116,132 @@ def suggest_labels(
     return out
 
 
-def fit_and_build_manifest(
-    table: pa.Table,
-    selection_cfg: SelectionConfig,
+class ScoreBatch:
+    """One score table (a shard, or the whole run) with its usable rows marked.
+
+    usable = status ok and not a repeat of a key seen earlier; failed and duplicate rows
+    keep their reason and get no scores in the manifest.
+    """
+
+    def __init__(self, table: pa.Table, duplicate_rows: np.ndarray | None = None) -> None:
+        self.table = table
+        self.n = table.num_rows
+        self.keys = np.asarray(table.column("key").to_pylist(), dtype=object)
+        self.shards = np.asarray(table.column("shard").to_pylist(), dtype=object)
+        self.status = np.asarray(table.column("status").to_pylist(), dtype=object)
+        self.reason = np.asarray(table.column("reason").to_pylist(), dtype=object)
+        self.labels = table.column("label").to_numpy()
+        if duplicate_rows is not None:
+            for row, first_shard in duplicate_rows:
+                if self.status[row] == STATUS_OK:
+                    self.status[row] = STATUS_FAILED
+                    self.reason[row] = duplicate_reason(first_shard)
+        self.ok = self.status == STATUS_OK
+        self.ok_idx = np.nonzero(self.ok)[0]
+
+    def selection_batch(self, probe_probs: np.ndarray | None) -> dict[str, np.ndarray]:
+        """The usable rows' selection columns (SELECTION_COLUMNS) as numpy arrays."""
+        ok = self.ok_idx
+        batch = {
+            "key": self.keys[ok].astype(str),
+            "label": self.labels[ok].astype(np.int64),
+            "p_label": self.table.column("p_label").to_numpy()[ok].astype(np.float64),
+            "max_p": self.table.column("max_p").to_numpy()[ok].astype(np.float64),
+        }
+        if probe_probs is not None:
+            batch["probe_p_label"] = probe_probs[np.arange(len(ok)), batch["label"]]
+            batch["probe_max_p"] = probe_probs.max(axis=1)
+        return batch
+
+
+def duplicate_reason(first_shard: str) -> str:
+    return f"duplicate key (first seen in {uri_lib.basename(first_shard)})"
+
+
+def source_columns(with_probe: bool) -> dict[str, tuple[str, str]]:
+    """Selection sources and their (p_label, max_p) columns in a selection batch."""
+    columns = {"zeroshot": ("p_label", "max_p")}
+    if with_probe:
+        columns["probe"] = ("probe_p_label", "probe_max_p")
+    return columns
+
+
+def fit_in_memory(
+    batch: ScoreBatch, cfg: SelectionConfig, num_classes: int, seed: int = 0
+) -> tuple[FittedSelection, np.ndarray | None]:
+    """The global fit on one node: sklearn probe, then the deterministic EM selection."""
+    if len(batch.ok_idx) == 0:
+        raise ValueError("no usable sample: every sample failed (see the manifest's reasons)")
+    probe_probs = None
+    if cfg.probe != "none":
+        probe_probs = fit_probe_probs(
+            embeddings_of(batch.table)[batch.ok_idx],
+            batch.labels[batch.ok_idx],
+            num_classes,
+            mode=cfg.probe,
+            folds=cfg.probe_folds,
+            C=cfg.probe_c,
+            seed=seed,
+        )
+    rows = batch.selection_batch(probe_probs)
+    sources = {
+        name: SourceScores(p_label=rows[p], max_p=rows[m])
+        for name, (p, m) in source_columns(probe_probs is not None).items()
+    }
+    fitted, _ = fit_selection_in_memory(
+        rows["label"],
+        num_classes,
+        sources,
+        keys=rows["key"],
+        theta_gmm=cfg.theta_gmm,
+        theta_cons=cfg.theta_cons,
+        gmm=cfg.gmm,
+    )
+    return fitted, probe_probs
+
+
+def build_manifest(
+    batch: ScoreBatch,
+    fitted: FittedSelection,
+    probe_probs: np.ndarray | None,
+    cfg: SelectionConfig,
     class_names: list[str],
     bank: PromptBank,
     tau: float,
-    seed: int = 0,
-) -> tuple[pa.Table, dict]:
-    """Select clean samples over the whole table; return (manifest, summary parts)."""
+) -> pa.Table:
+    """Manifest rows of a score batch under a fitted selection (one row per input row).
+
+    probe_probs: float[usable rows, K] or None. The same function serves the in-memory
+    fit (the whole run at once) and the distributed one (one shard per task).
+    """
+    table, n, ok, ok_idx, labels = batch.table, batch.n, batch.ok, batch.ok_idx, batch.labels
     num_classes = len(class_names)
-    n = table.num_rows
-    keys = np.asarray(table.column("key").to_pylist(), dtype=object)
-    shards = np.asarray(table.column("shard").to_pylist(), dtype=object)
-    status = np.asarray(table.column("status").to_pylist(), dtype=object)
-    reason = np.asarray(table.column("reason").to_pylist(), dtype=object)
-    labels = table.column("label").to_numpy()
-    true_labels = table.column("true_label").to_numpy()
-    p_label_zs = table.column("p_label").to_numpy().astype(np.float64)
-    max_p_zs = table.column("max_p").to_numpy().astype(np.float64)
-    duplicates = mark_duplicate_keys(keys, status, reason, shards)
-    ok = status == STATUS_OK
-    ok_idx = np.nonzero(ok)[0]
-    if len(ok_idx) == 0:
-        raise ValueError("no usable sample: every sample failed (see the manifest's reasons)")
+    rows = batch.selection_batch(probe_probs)
+    names = list(source_columns(probe_probs is not None))
+    evaluation_batch = {fitted.spec.label_column: rows["label"]}
+    if fitted.spec.key_column is not None:
+        evaluation_batch[fitted.spec.key_column] = rows["key"]
+    by_source = source_columns(probe_probs is not None)
+    for name, p_column, max_column in fitted.spec.sources:
+        evaluation_batch[p_column] = rows[by_source[name][0]]
+        evaluation_batch[max_column] = rows[by_source[name][1]]
+    values = fitted.evaluate(evaluation_batch) if len(ok_idx) else {}
 
-    sources = {"zeroshot": SourceScores(p_label=p_label_zs[ok_idx], max_p=max_p_zs[ok_idx])}
-    probe_probs = None
-    embeddings = embeddings_of(table)[ok_idx] if "embedding" in table.column_names else None
-    if selection_cfg.probe != "none":
-        probe_probs = fit_probe_probs(
-            embeddings,
-            labels[ok_idx],
-            num_classes,
-            mode=selection_cfg.probe,
-            folds=selection_cfg.probe_folds,
-            C=selection_cfg.probe_c,
-            seed=seed,
-        )
-        sources["probe"] = SourceScores.from_probs(labels[ok_idx], probe_probs)
-    result: SelectionResult = select_from_scores(
-        labels[ok_idx],
-        num_classes,
-        sources,
-        theta_gmm=selection_cfg.theta_gmm,
-        theta_cons=selection_cfg.theta_cons,
-        gmm=selection_cfg.gmm,
-    )
-
-    def spread(values: np.ndarray, fill, dtype) -> np.ndarray:
+    def spread(name_or_values, fill, dtype) -> np.ndarray:
         out = np.full(n, fill, dtype=dtype)
-        out[ok_idx] = values
+        if len(ok_idx):
+            v = values[name_or_values] if isinstance(name_or_values, str) else name_or_values
+            out[ok_idx] = v
         return out
 
-    is_clean = spread(result.is_clean, False, bool)
+    is_clean = spread("is_clean", False, bool)
     suggested = np.full(n, -1, dtype=np.int64)
     confidence = np.full(n, np.nan, dtype=np.float32)
+    embeddings = embeddings_of(table)[ok_idx]
     hints = suggest_labels(embeddings, labels[ok_idx], bank, tau, probe_probs)
     confidence[ok_idx] = hints.top_probs[:, 0]
     suggested[ok_idx] = np.where(
-        hints.top_probs[:, 0] >= selection_cfg.suggest_min_confidence, hints.top_labels[:, 0], -1
+        hints.top_probs[:, 0] >= cfg.suggest_min_confidence, hints.top_labels[:, 0], -1
     )
     clean_rows = ok & is_clean
     suggested[clean_rows] = labels[clean_rows]
@@ -198,31 +251,34 @@ def fit_and_build_manifest(
         return [class_names[v] if 0 <= v < num_classes else None for v in values]
 
     columns: dict[str, pa.Array] = {
-        "key": pa.array(keys.tolist(), pa.string()),
-        "shard": pa.array(shards.tolist(), pa.string()),
+        "key": pa.array(batch.keys.tolist(), pa.string()),
+        "shard": pa.array(batch.shards.tolist(), pa.string()),
         "shard_pos": table.column("shard_pos").combine_chunks(),
         "label": pa.array(np.where(labels >= 0, labels, -1)),
         "label_name": pa.array(names_of(labels), pa.string()),
         "is_clean": pa.array(is_clean),
         "status": pa.array(final_status.tolist(), pa.string()),
         "reason": pa.array(
-            [r if s == STATUS_FAILED else "" for r, s in zip(reason, final_status, strict=True)],
+            [
+                r if s == STATUS_FAILED else ""
+                for r, s in zip(batch.reason, final_status, strict=True)
+            ],
             pa.string(),
         ),
         "suggested_label": pa.array(suggested),
         "suggested_name": pa.array(names_of(suggested), pa.string()),
         "suggested_confidence": pa.array(confidence),
-        "clean_score": pa.array(spread(result.clean_score, np.nan, np.float32)),
-        "backfilled": pa.array(spread(result.backfilled, False, bool)),
+        "clean_score": pa.array(spread("clean_score", np.nan, np.float32)),
+        "backfilled": pa.array(spread("backfilled", False, bool)),
     }
-    for name, sel in result.sources.items():
-        p_label = sources[name].p_label
-        max_p = sources[name].max_p
-        columns[f"p_label_{name}"] = pa.array(spread(p_label, np.nan, np.float32))
-        columns[f"max_p_{name}"] = pa.array(spread(max_p, np.nan, np.float32))
-        columns[f"loss_score_{name}"] = pa.array(spread(sel.loss_score, np.nan, np.float32))
-        columns[f"gmm_p_clean_{name}"] = pa.array(spread(sel.gmm_p_clean, np.nan, np.float32))
-        columns[f"consistency_{name}"] = pa.array(spread(sel.consistency, np.nan, np.float32))
+    for name in names:
+        p_column, max_column = source_columns(True)[name]
+        columns[f"p_label_{name}"] = pa.array(spread(rows[p_column], np.nan, np.float32))
+        columns[f"max_p_{name}"] = pa.array(spread(rows[max_column], np.nan, np.float32))
+        for quantity in ("loss_score", "gmm_p_clean", "consistency"):
+            columns[f"{quantity}_{name}"] = pa.array(
+                spread(f"{quantity}_{name}", np.nan, np.float32)
+            )
     argmax_zs = np.where(ok, table.column("argmax").to_numpy(), -1)
     columns["argmax_zeroshot"] = pa.array(argmax_zs)
     columns["topk_labels_zeroshot"] = table.column("topk_labels").combine_chunks()
@@ -245,27 +301,55 @@ def fit_and_build_manifest(
     columns["explain_suggested_similarity"] = pa.array(
         spread(hints.suggested_similarity, np.nan, np.float32)
     )
-    known_truth = true_labels >= 0
-    if known_truth.any():
-        columns["true_label"] = pa.array(true_labels)
-    manifest = pa.table(columns)
+    columns["true_label"] = table.column("true_label").combine_chunks()
+    return pa.table(columns)
 
+
+# The manifest columns `summarise` reads (a few bytes per sample).
+SUMMARY_COLUMNS = [
+    "status",
+    "reason",
+    "label",
+    "true_label",
+    "is_clean",
+    "suggested_label",
+    "clean_score",
+    "argmax_zeroshot",
+]
+
+
+def summarise(columns: Mapping[str, np.ndarray], selection_counts: dict, class_names) -> dict:
+    """Counts, detection and suggestion figures from the manifest's SUMMARY_COLUMNS."""
+    status = np.asarray(columns["status"], dtype=object)
+    reason = np.asarray(columns["reason"], dtype=object)
+    labels = np.asarray(columns["label"], dtype=np.int64)
+    true_labels = np.asarray(columns["true_label"], dtype=np.int64)
+    is_clean = np.asarray(columns["is_clean"], dtype=bool)
+    suggested = np.asarray(columns["suggested_label"], dtype=np.int64)
+    clean_score = np.asarray(columns["clean_score"], dtype=np.float64)
+    argmax_zs = np.asarray(columns["argmax_zeroshot"], dtype=np.int64)
+    n = status.shape[0]
+    ok = status != STATUS_FAILED
+    failed_reasons = reason[~ok]
+    duplicates = sum(1 for r in failed_reasons if str(r).startswith("duplicate key"))
     summary = {
         "counts": {
             "samples": int(n),
             "ok": int(ok.sum()),
             "failed": int((~ok).sum()),
             "duplicate_keys": int(duplicates),
-            "clean": int(clean_rows.sum()),
+            "clean": int((ok & is_clean).sum()),
             "noisy": int((ok & ~is_clean).sum()),
             "noisy_with_suggestion": int((ok & ~is_clean & (suggested >= 0)).sum()),
-            "failed_by_reason": failure_reasons(reason[~ok]),
+            "failed_by_reason": failure_reasons(failed_reasons),
         },
-        "selection": result.counts(),
+        "selection": selection_counts,
         "class_names": list(class_names),
-        "zero_shot_accuracy_vs_given_labels": float((argmax_zs[ok] == labels[ok]).mean()),
+        "zero_shot_accuracy_vs_given_labels": float((argmax_zs[ok] == labels[ok]).mean())
+        if ok.any()
+        else None,
     }
-    truth_rows = ok & known_truth
+    truth_rows = ok & (true_labels >= 0)
     if truth_rows.any():
         truly_clean = labels[truth_rows] == true_labels[truth_rows]
         summary["zero_shot_accuracy_vs_true_labels"] = float(
@@ -275,7 +359,7 @@ def fit_and_build_manifest(
         summary["detection"] = detection_metrics(
             is_clean[truth_rows],
             truly_clean,
-            clean_score=spread(result.clean_score, 0.0, np.float64)[truth_rows],
+            clean_score=np.nan_to_num(clean_score[truth_rows], nan=0.0),
         )
         wrong = truth_rows & (labels != true_labels)
         suggested_wrong = wrong & ~is_clean & (suggested >= 0)
@@ -291,6 +375,54 @@ def fit_and_build_manifest(
             if wrong.any()
             else None,
         }
+    return summary
+
+
+def manifest_summary_columns(manifest: pa.Table) -> dict[str, np.ndarray]:
+    return {name: manifest.column(name).to_numpy(zero_copy_only=False) for name in SUMMARY_COLUMNS}
+
+
+def mixture_parameters(fitted: FittedSelection) -> dict:
+    """The fitted mixtures per source, for the report's GMM curves (JSON-ready)."""
+    out = {"gmm": fitted.spec.gmm, "sources": {}}
+    for name, source in fitted.sources.items():
+        out["sources"][name] = {
+            "means": source.means.tolist(),
+            "variances": source.variances.tolist(),
+            "weights": source.weights.tolist(),
+            "degenerate": source.degenerate.astype(bool).tolist(),
+        }
+    return out
+
+
+def duplicate_rows_in_memory(keys: np.ndarray, shards: np.ndarray) -> np.ndarray:
+    """(row, first shard) for every repeat of a key seen earlier in row (shard) order."""
+    seen: dict[str, str] = {}
+    repeats = []
+    for i, key in enumerate(keys):
+        if key in seen:
+            repeats.append((i, seen[key]))
+        else:
+            seen[key] = shards[i]
+    return np.array(repeats, dtype=object).reshape(-1, 2)
+
+
+def fit_and_build_manifest(
+    table: pa.Table,
+    selection_cfg: SelectionConfig,
+    class_names: list[str],
+    bank: PromptBank,
+    tau: float,
+    seed: int = 0,
+) -> tuple[pa.Table, dict]:
+    """The in-memory global fit over a whole score table: (manifest, summary parts)."""
+    keys = np.asarray(table.column("key").to_pylist(), dtype=object)
+    shards = np.asarray(table.column("shard").to_pylist(), dtype=object)
+    batch = ScoreBatch(table, duplicate_rows_in_memory(keys, shards))
+    fitted, probe_probs = fit_in_memory(batch, selection_cfg, len(class_names), seed)
+    manifest = build_manifest(batch, fitted, probe_probs, selection_cfg, class_names, bank, tau)
+    summary = summarise(manifest_summary_columns(manifest), fitted.counts(), class_names)
+    summary["mixtures"] = mixture_parameters(fitted)
     return manifest, summary
 
 

@@ -16,6 +16,11 @@ import time
 from cleaner import uri as uri_lib
 from cleaner.config import CleanJobConfig, ConfigError, load_config
 from cleaner.fit import fit_and_build_manifest, read_scores
+from cleaner.fit_distributed import (
+    choose_mode,
+    fit_and_write_manifest_distributed,
+    read_manifest_for_report,
+)
 from cleaner.models import load_clip
 from cleaner.pipeline import SCORES_DIR, score_shards, shard_output_names, table_to_parquet_bytes
 from cleaner.prompts import encode_prompts
@@ -66,15 +71,36 @@ def run_clean(cfg: CleanJobConfig) -> dict:
 
     t2 = time.perf_counter()
     names = shard_output_names(shards)
-    table = read_scores(scores_uri, [names[s] for s in shards], with_embeddings=True)
-    manifest, parts = fit_and_build_manifest(
-        table, cfg.selection, spec.names, bank, cfg.scoring.tau, seed=cfg.seed
+    score_uris = [uri_lib.join(scores_uri, names[s]) for s in shards]
+    plan = choose_mode(cfg.selection, score_uris, spec.num_classes)
+    print(
+        f"[fit] {plan.mode} global fit over {plan.samples} samples (in-memory estimate "
+        f"{plan.estimated_gb:.2f} GB, budget {plan.budget_gb:.2f} GB)",
+        flush=True,
     )
+    manifest_uri = uri_lib.join(cfg.output, "manifest.parquet")
+    if plan.mode == "in_memory":
+        table = read_scores(scores_uri, [names[s] for s in shards], with_embeddings=True)
+        manifest, parts = fit_and_build_manifest(
+            table, cfg.selection, spec.names, bank, cfg.scoring.tau, seed=cfg.seed
+        )
+        del table
+        uri_lib.write_bytes(manifest_uri, table_to_parquet_bytes(manifest))
+    else:
+        parts = fit_and_write_manifest_distributed(
+            score_uris,
+            shards,
+            cfg.selection,
+            spec.names,
+            bank,
+            cfg.scoring.tau,
+            manifest_uri,
+            seed=cfg.seed,
+        )
+        manifest = read_manifest_for_report(manifest_uri)
+    parts["fit"] = plan.as_dict()
     timings["selection_s"] = time.perf_counter() - t2
 
-    uri_lib.write_bytes(
-        uri_lib.join(cfg.output, "manifest.parquet"), table_to_parquet_bytes(manifest)
-    )
     timings["total_s"] = time.perf_counter() - t0
     summary = {
         "job": "clean",
