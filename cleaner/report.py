@@ -29,8 +29,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.collections import PolyCollection
+from matplotlib.collections import LineCollection, PolyCollection
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
 from cleaner import uri as uri_lib
@@ -55,6 +56,9 @@ SOURCES = ("zeroshot", "probe")
 COLOR_CLEAN = "#2a9d8f"
 COLOR_NOISY = "#e76f51"
 COLOR_OTHER = "#457b9d"
+COLOR_MIXTURE = "#222222"
+CURVE_POINTS = 101  # points per fitted-mixture curve
+CURVE_HEADROOM = 1.5  # a curve may raise a panel's scale to this many times its tallest bar
 
 SECTIONS = (
     ("summary", "Run summary"),
@@ -116,7 +120,7 @@ def render_report(
     data = _ReportData.from_manifest(manifest, summary)
     parts = [
         _section_summary(data, summary),
-        _section_histograms(data),
+        _section_histograms(data, summary),
         _section_clean_fraction(data),
         _section_per_class(data, summary),
         _section_confusion(data),
@@ -436,8 +440,12 @@ def _histogram_grid(
     legend: tuple[str, str],
     colors: tuple[str, str],
     title: str,
+    curves: Mapping[int, tuple[np.ndarray, np.ndarray]] | None = None,
 ) -> Figure:
     """Small multiples: per class, stacked histograms (group 1 at the bottom, group 0 on top).
+
+    curves: per class, the fitted mixture and its clean component in counts per bin at
+    evenly spaced scores from 0 to 1, drawn over the bars (solid and dashed).
 
     Drawn in ONE axes (panels laid out in data coordinates, bars as two PolyCollections):
     about 20x faster than one matplotlib Axes per class. Each panel's heights are scaled
@@ -455,12 +463,21 @@ def _histogram_grid(
     bottom_bars: list[np.ndarray] = []
     top_bars: list[np.ndarray] = []
     frames: list[np.ndarray] = []
+    mixture_lines: list[np.ndarray] = []
+    component_lines: list[np.ndarray] = []
     for i, k in enumerate(classes):
         row, col = divmod(i, cols)
         x0 = col * (1.0 + gap_x)
         y0 = (rows - 1 - row) * (1.0 + gap_y)
         first, second = counts[k, 1].astype(np.float64), counts[k, 0].astype(np.float64)
         peak = float((first + second).max()) or 1.0
+        curve = (curves or {}).get(k)
+        if curve is not None:
+            peak = max(peak, min(float(curve[0].max()), CURVE_HEADROOM * peak))
+            for values, out in zip(curve, (mixture_lines, component_lines), strict=True):
+                heights = np.minimum(values / peak, 1.0)
+                xs = np.linspace(0.0, 1.0, values.shape[0])
+                out.append(np.stack([x0 + xs, y0 + heights], axis=-1))
         h1, h2 = first / peak, (first + second) / peak
         for heights, base, out in ((h1, np.zeros_like(h1), bottom_bars), (h2, h1, top_bars)):
             keep = heights > base
@@ -505,10 +522,22 @@ def _histogram_grid(
     ax.add_collection(
         PolyCollection(np.concatenate(frames), facecolors="none", edgecolors="#bbb", linewidths=0.6)
     )
+    for lines, style in ((mixture_lines, "solid"), (component_lines, "dashed")):
+        if lines:
+            ax.add_collection(
+                LineCollection(lines, colors=COLOR_MIXTURE, linewidths=0.9, linestyles=style)
+            )
     ax.set_xlim(-0.02, cols * (1.0 + gap_x) - gap_x + 0.02)
     ax.set_ylim(-0.25, rows * (1.0 + gap_y) - gap_y + 0.3)
-    handles = [Patch(color=colors[0]), Patch(color=colors[1])]
-    fig.legend(handles, legend, loc="upper right", ncol=2, fontsize=9, frameon=False)
+    handles: list = [Patch(color=colors[0]), Patch(color=colors[1])]
+    labels = list(legend)
+    if mixture_lines:
+        handles += [
+            Line2D([], [], color=COLOR_MIXTURE, linewidth=0.9),
+            Line2D([], [], color=COLOR_MIXTURE, linewidth=0.9, linestyle="dashed"),
+        ]
+        labels += ["fitted GMM", "its clean component"]
+    fig.legend(handles, labels, loc="upper right", ncol=len(labels), fontsize=9, frameon=False)
     fig.text(0.01, 1.0 - 0.1 / height_in, title, fontsize=10, va="top")
     return fig
 
@@ -653,7 +682,43 @@ def _largest_classes(data: _ReportData, totals: np.ndarray, cap: int) -> list[in
     return [int(k) for k in order[:cap]]
 
 
-def _section_histograms(data: _ReportData) -> str:
+def _mixture_curves(
+    summary: Mapping, source: str, classes: Sequence[int], totals: np.ndarray
+) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """Per class: the fitted 2-component mixture of `source` and its clean (larger-mean)
+    component, as expected counts per histogram bin (summary["mixtures"], if present)."""
+    fit = _get(summary, "mixtures", "sources", source)
+    mode = _get(summary, "mixtures", "gmm")
+    if not isinstance(fit, Mapping) or mode not in ("per_class", "global"):
+        return {}
+    try:
+        means = np.asarray(fit["means"], dtype=np.float64)
+        variances = np.asarray(fit["variances"], dtype=np.float64)
+        weights = np.asarray(fit["weights"], dtype=np.float64)
+        degenerate = np.asarray(fit["degenerate"], dtype=bool)
+    except (KeyError, TypeError, ValueError):
+        return {}
+    x = np.linspace(0.0, 1.0, CURVE_POINTS)
+    curves = {}
+    for k in classes:
+        group = k if mode == "per_class" else 0
+        if group >= means.shape[0] or k >= degenerate.shape[0] or degenerate[k]:
+            continue
+        var = np.maximum(variances[group], 1e-12)[:, None]
+        densities = (
+            weights[group][:, None]
+            * np.exp(-((x[None] - means[group][:, None]) ** 2) / (2.0 * var))
+            / np.sqrt(2.0 * np.pi * var)
+        )
+        if not np.isfinite(densities).all():
+            continue
+        per_bin = totals[k] / HIST_BINS  # expected count in a bin = N * density * width
+        clean = int(np.argmax(means[group]))
+        curves[int(k)] = (per_bin * densities.sum(axis=0), per_bin * densities[clean])
+    return curves
+
+
+def _section_histograms(data: _ReportData, summary: Mapping) -> str:
     if data.loss_score is None:
         return _section("histograms", _note("The manifest has no loss_score column."))
     usable = data.ok & np.isfinite(data.loss_score) & (data.labels >= 0)
@@ -666,7 +731,9 @@ def _section_histograms(data: _ReportData) -> str:
         _note(
             f"Loss score (log p(label), min-max normalised per class) of the {source} source, "
             f"{HIST_BINS} bins from 0 to 1; stacked: selected clean at the bottom, not selected "
-            "on top. Each panel is scaled to its tallest bin (its count: 'max' in the corner)."
+            "on top. Each panel is scaled to its tallest bin (its count: 'max' in the corner). "
+            "Lines: the fitted 2-component GMM of the class (solid) and its clean, larger-mean "
+            "component (dashed), in expected samples per bin."
         )
     ]
     present = int((totals > 0).sum())
@@ -682,6 +749,7 @@ def _section_histograms(data: _ReportData) -> str:
         ("selected clean", "not selected (noisy)"),
         (COLOR_CLEAN, COLOR_NOISY),
         f"loss_score_{source} by selection",
+        curves=_mixture_curves(summary, source, classes, totals),
     )
     content.append(_png_img(fig, "per-class loss-score histograms by selection"))
     if data.has_truth:

@@ -11,7 +11,14 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from cleaner.report import SECTIONS, render_report, top_noisy_keys, write_report
+from cleaner.report import (
+    HIST_BINS,
+    SECTIONS,
+    _mixture_curves,
+    render_report,
+    top_noisy_keys,
+    write_report,
+)
 
 TITLES = dict(SECTIONS)
 PNG_SRC = re.compile(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"')
@@ -278,3 +285,32 @@ def test_degenerate_inputs() -> None:
         "class_names": "abc",
     }
     assert TITLES["noisy"] in render_report(manifest, junk)
+
+
+def test_mixture_curves_hold_the_class_count_and_skip_degenerate_classes() -> None:
+    summary = {
+        "mixtures": {
+            "gmm": "per_class",
+            "sources": {
+                "zeroshot": {
+                    "means": [[0.3, 0.8], [0.5, 0.5], [0.2, 0.7]],
+                    "variances": [[0.01, 0.005], [0.01, 0.01], [0.004, 0.01]],
+                    "weights": [[0.3, 0.7], [0.5, 0.5], [0.5, 0.5]],
+                    "degenerate": [False, True, False],
+                }
+            },
+        }
+    }
+    totals = np.array([200, 50, 80])
+    curves = _mixture_curves(summary, "zeroshot", [0, 1, 2], totals)
+    assert set(curves) == {0, 2}
+    for k, (mixture, clean) in curves.items():
+        # per-bin counts averaged over [0, 1] times the bins: the class's count
+        assert abs(mixture.mean() * HIST_BINS - totals[k]) < 0.03 * totals[k]
+        assert (clean <= mixture + 1e-9).all()
+    # the clean component is the larger-mean one: its mass sits above 0.5
+    x = np.linspace(0, 1, len(curves[0][1]))
+    assert curves[0][1][x > 0.5].sum() > 0.95 * curves[0][1].sum()
+    assert _mixture_curves({}, "zeroshot", [0], totals) == {}
+    global_fit = {"mixtures": {**summary["mixtures"], "gmm": "global"}}
+    assert set(_mixture_curves(global_fit, "zeroshot", [0, 2], totals)) == {0, 2}
