@@ -1100,6 +1100,21 @@ def fit_selection_in_memory(
     return _fit(spec, _local_runner(batch, chunk_rows)), batch
 
 
+def _evaluate_in_chunks(fitted: FittedSelection, batch: Batch, chunk_rows: int) -> Batch:
+    """`fitted.evaluate` chunk by chunk into preallocated columns: the values are per
+    sample, so the result is the same, but the temporaries (responsibilities, masks)
+    stay chunk-sized instead of N-sized (about 1 GB less at N = 1e7)."""
+    num_rows = len(next(iter(batch.values())))
+    out: Batch = {}
+    for start in range(0, num_rows, chunk_rows):
+        chunk = {name: values[start : start + chunk_rows] for name, values in batch.items()}
+        for name, values in fitted.evaluate(chunk).items():
+            if name not in out:
+                out[name] = np.empty(num_rows, dtype=values.dtype)
+            out[name][start : start + values.shape[0]] = values
+    return out
+
+
 def select_from_scores_em(
     labels: np.ndarray,
     num_classes: int,
@@ -1129,7 +1144,7 @@ def select_from_scores_em(
         reg_covar=reg_covar,
         chunk_rows=chunk_rows,
     )
-    values = fitted.evaluate(batch)
+    values = _evaluate_in_chunks(fitted, batch, chunk_rows)
     selections = {
         name: SourceSelection(
             loss_score=values[f"loss_score_{name}"],
