@@ -19,6 +19,7 @@ gathering the score table on the driver:
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -234,8 +235,17 @@ def fit_and_write_manifest_distributed(
     import ray
 
     num_classes = len(class_names)
+    start = time.perf_counter()
+
+    def elapsed() -> str:
+        return f"{time.perf_counter() - start:.1f} s"
+
     ds = read_score_dataset(score_uris, [*SMALL_COLUMNS, "embedding"])
     repeats = find_duplicate_rows(ds, {shard: i for i, shard in enumerate(shards)})
+    print(
+        f"[fit] repeated keys: {sum(len(v) for v in repeats.values())} rows ({elapsed()})",
+        flush=True,
+    )
     # materialised once (in the object store, not on the driver): the probe's epochs and
     # the selection's passes then read blocks instead of the score files
     usable = ds.map_batches(UsableRows(repeats), batch_format="pyarrow").materialize()
@@ -254,7 +264,7 @@ def fit_and_write_manifest_distributed(
             seed=seed,
         )
         usable = probe.transform(usable)
-    print("[fit] distributed GMM selection (EM over Ray Data blocks)", flush=True)
+        print(f"[fit] probe trained ({elapsed()})", flush=True)
     fitted = fit_selection(
         usable,
         num_classes,
@@ -264,6 +274,7 @@ def fit_and_write_manifest_distributed(
         theta_cons=cfg.theta_cons,
         gmm=cfg.gmm,
     )
+    print(f"[fit] GMM selection fitted over Ray Data blocks ({elapsed()})", flush=True)
     refs = {
         "fitted": ray.put(fitted),
         "probe": ray.put(probe),
@@ -294,7 +305,9 @@ def fit_and_write_manifest_distributed(
                 kept[name].append(part.column(name).to_numpy(zero_copy_only=False))
             written += 1
             if written % 50 == 0 or written == len(score_uris):
-                print(f"[fit] manifest: {written}/{len(score_uris)} shards", flush=True)
+                print(
+                    f"[fit] manifest: {written}/{len(score_uris)} shards ({elapsed()})", flush=True
+                )
     columns = {name: np.concatenate(parts) for name, parts in kept.items()}
     summary = summarise(columns, fitted.counts(), class_names)
     summary["mixtures"] = mixture_parameters(fitted)
