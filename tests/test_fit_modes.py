@@ -12,6 +12,7 @@ import pytest
 from cleaner.config import SelectionConfig, load_config
 from cleaner.fit_distributed import choose_mode
 from jobs.clean import run_clean
+from tests.browser import loaded_images
 from tests.conftest import count_samples
 
 pytestmark = pytest.mark.integration
@@ -127,3 +128,13 @@ def test_auto_mode_follows_the_memory_budget(shards_with_repeats, scored_run):
     assert roomy.samples == count_samples(shards_with_repeats) and roomy.embed_dim > 0
     assert roomy.mode == "in_memory" and tight.mode == "distributed"
     assert forced.mode == "distributed" and forced.requested == "distributed"
+
+
+def test_the_job_report_renders_in_chromium(scored_run, tmp_path):
+    summary, out = scored_run
+    assert "report_error" not in summary
+    images = loaded_images(out / "report.html", tmp_path)
+    plots = [im for im in images if im["cls"] == "plot"]
+    thumbnails = [im for im in images if im["cls"] == "thumb"]
+    assert len(plots) >= 4 and len(thumbnails) >= 1  # thumbnails read back from the shards
+    assert all(im["complete"] and im["width"] > 0 for im in images)
