@@ -48,9 +48,12 @@ format: $(INSTALLED)
 	$(VENV)/bin/ruff format .
 
 bench: demo
+	$(PY) -m pip install -q -e ".[test,bench]"
 	$(PY) -m benchmarks.throughput --input $(DEMO_DATA)/train
 	$(PY) -m benchmarks.probe_modes --run runs/demo
 	$(PY) -m benchmarks.train_scaling --manifest runs/demo
+	$(PY) -m benchmarks.cleanlab_compare
+	$(PY) -m benchmarks.selection_scale
 
 tiny-clip: $(INSTALLED)
 	$(PY) -m jobs.train_tiny_clip --num-images 40000 --epochs 16 --seed 0
