@@ -18,7 +18,7 @@ import torch
 from filelock import FileLock
 
 from cleaner import uri as uri_lib
-from cleaner.config import ModelConfig
+from cleaner.config import ConfigError, ModelConfig
 
 ASSETS_DIR = Path(__file__).parent / "assets"
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
@@ -115,7 +115,7 @@ def load_clip(config: ModelConfig, device: str | torch.device | None = None) -> 
         open_clip.add_model_config(fetch_to_cache(config.config_file, config.cache_dir))
     name = config.name
     if not name.startswith(("hf-hub:", "local-dir:")) and name not in open_clip.list_models():
-        raise ValueError(
+        raise ConfigError(
             f"unknown open_clip model name {name!r}: not a registered config "
             "(give model.config_file, or one of open_clip.list_models())"
         )
@@ -126,7 +126,7 @@ def load_clip(config: ModelConfig, device: str | torch.device | None = None) -> 
         bundled = ASSETS_DIR / f"{name}.pt"
         pretrained = str(bundled) if bundled.exists() else None
     if pretrained is None and not config.random_weights:
-        raise ValueError(
+        raise ConfigError(
             f"no pretrained weights for model {name!r}: give model.pretrained (an open_clip "
             "tag, a local path or an s3:// checkpoint), or model.random_weights=true for "
             "speed measurements"
@@ -134,9 +134,14 @@ def load_clip(config: ModelConfig, device: str | torch.device | None = None) -> 
     target = select_device(str(device) if device is not None else None)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)  # random weights, when asked for, are the same in every actor
-        model = open_clip.create_model(
-            name, pretrained=pretrained, device=target, cache_dir=config.cache_dir
-        )
+        try:
+            model = open_clip.create_model(
+                name, pretrained=pretrained, device=target, cache_dir=config.cache_dir
+            )
+        except RuntimeError as err:
+            if "not a known tag" not in str(err):
+                raise
+            raise ConfigError(f"model {name!r}: {err}") from None
     model.eval().requires_grad_(False)
     tokenizer = open_clip.get_tokenizer(name)
     pp = getattr(model.visual, "preprocess_cfg", {})

@@ -213,7 +213,7 @@ def read_shard(
     total = 0
     try:
         fs, path = uri_lib.resolve(shard)
-        with fs.open_input_stream(path) as stream:
+        with fs.open_input_stream(path, buffer_size=uri_lib.STREAM_BUFFER_BYTES) as stream:
             for sample in iter_tar_samples(stream):
                 total += 1
                 label, true_label, problem = sample_labels(sample, class_names)
@@ -257,7 +257,7 @@ def fetch_thumbnails(
         wanted = set(keys)
         try:
             fs, path = uri_lib.resolve(shard)
-            with fs.open_input_stream(path) as stream:
+            with fs.open_input_stream(path, buffer_size=uri_lib.STREAM_BUFFER_BYTES) as stream:
                 for sample in iter_tar_samples(stream):
                     if sample.key not in wanted:
                         continue

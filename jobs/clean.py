@@ -23,6 +23,7 @@ from cleaner.fit_distributed import (
 )
 from cleaner.models import load_clip
 from cleaner.pipeline import SCORES_DIR, score_shards, shard_output_names, table_to_parquet_bytes
+from cleaner.preflight import check_clean_job_io, check_labels_match_spec
 from cleaner.prompts import encode_prompts
 from cleaner.report import top_noisy_keys, write_report
 from cleaner.shards import fetch_thumbnails
@@ -43,6 +44,7 @@ def run_clean(cfg: CleanJobConfig) -> dict:
     """Run the whole cleaning job for a validated config; returns the summary it writes."""
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
+    check_clean_job_io(cfg)  # S3 unreachable, no bucket, denied, output not writable: stop now
     spec = load_class_spec(cfg.data.classes)
     shards = uri_lib.expand_shard_spec(cfg.data.input)
     print(
@@ -56,6 +58,7 @@ def run_clean(cfg: CleanJobConfig) -> dict:
         if previous.get("run_fingerprint") == run_fingerprint:
             print(f"[clean] {cfg.output} is up to date with this config: nothing to do", flush=True)
             return previous
+    check_labels_match_spec(shards, spec.names, f"class spec {cfg.data.classes!r}")
     clip = load_clip(cfg.model, device="cpu")
     bank = encode_prompts(clip.model, clip.tokenizer, spec.prompts(), device="cpu")
     image_size = clip.image_size

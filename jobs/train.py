@@ -17,6 +17,7 @@ import time
 
 from cleaner import uri as uri_lib
 from cleaner.config import ConfigError, load_config
+from cleaner.preflight import check_train_job_io
 from cleaner.versions import package_versions
 from jobs.common import (
     connect_ray,
@@ -52,6 +53,7 @@ def run_train(cfg: TrainJobConfig) -> dict:
     from ray.train.torch import TorchTrainer
 
     started = time.perf_counter()
+    check_train_job_io(cfg)  # S3 unreachable, no bucket, denied, storage not writable
     spec = load_class_spec(cfg.data.classes)
     index = load_sample_index(manifest_uri(cfg.data.manifest))
     shards = uri_lib.expand_shard_spec(cfg.data.input)

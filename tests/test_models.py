@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cleaner.config import ModelConfig
+from cleaner.config import ConfigError, ModelConfig
 from cleaner.models import ASSETS_DIR, autocast_dtype, fetch_to_cache, load_clip
 from tests.conftest import make_bucket
 
@@ -40,6 +40,14 @@ def test_unknown_model_and_missing_checkpoint_are_named():
         load_clip(ModelConfig(name="ViT-Nope"), device="cpu")
     with pytest.raises(FileNotFoundError, match="model file not found"):
         load_clip(ModelConfig(pretrained="/nonexistent/model.pt"), device="cpu")
+    # configuration errors: the jobs print them as one line (exit 2), not a stack trace
+    with pytest.raises(ConfigError, match="unknown open_clip model name 'ViT-Nope'"):
+        load_clip(ModelConfig(name="ViT-Nope"), device="cpu")
+    with pytest.raises(
+        ConfigError,
+        match="model 'tiny-clip-shapes': Pretrained value 'no-such-tag' is not a known tag",
+    ):
+        load_clip(ModelConfig(pretrained="no-such-tag"), device="cpu")
 
 
 def test_missing_weights_are_an_error_unless_random_weights_are_asked_for():
