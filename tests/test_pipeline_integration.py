@@ -71,6 +71,11 @@ def test_local_folder_every_sample_once_and_rerun_skips(local_ray, demo_shards, 
         == np.array(manifest.column("is_clean").to_pylist())
     )
     assert agreement >= 0.98
+    print(
+        f"\ninput samples {expected}, manifest rows {manifest.num_rows}; finished rerun: no "
+        f"work; interrupted rerun: {rerun['scoring']['shards_scored']} shard scored, "
+        f"{rerun['scoring']['shards_skipped']} skipped, manifest rows {again.num_rows}"
+    )
     changed = run_clean(config(str(demo_shards), str(out), "selection.theta_cons=0.9"))
     assert changed["scoring"]["shards_scored"] == 0  # same model: scores reused, fit redone
     assert changed["run_fingerprint"] != summary["run_fingerprint"]

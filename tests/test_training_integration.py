@@ -125,6 +125,11 @@ def test_killed_worker_resumes_from_its_checkpoint(cleaned):
     assert [h["epoch"] for h in history] == list(range(1, EPOCHS + 1))
     assert any("resumed_from_epoch" in h for h in history)
     assert outcome["summary"]["epochs_completed"] == EPOCHS
+    print(
+        f"\nkilled worker {victims[0]}: epochs {[h['epoch'] for h in history]}, resumed from "
+        f"epoch {[h['resumed_from_epoch'] for h in history if 'resumed_from_epoch' in h]}, "
+        f"training samples per epoch {[h['train_samples'] for h in history]}"
+    )
 
 
 def test_pipeline_job_cleans_then_trains(cleaned):
