@@ -15,8 +15,9 @@ files keep only the top-5 zero-shot probabilities), this script recomputes:
 
 and feeds the SAME float64 matrices (rows renormalised) to both methods:
 
-  ours              `cleaner.selection.select_from_scores` (the job's selection: sklearn
-                    GMMs, consistency, intersection of every source; METHOD.md section 3),
+  ours              `cleaner.distributed.select_from_scores_em` (the job's selection: the
+                    deterministic-EM GMMs, consistency, intersection of every source;
+                    METHOD.md section 3),
                     on one or two sources
   cleanlab default  `cleanlab.filter.find_label_issues(labels, pred_probs)`
                     (filter_by="prune_by_noise_rate")
@@ -55,12 +56,13 @@ from sklearn.metrics import roc_auc_score
 
 from cleaner import uri as uri_lib
 from cleaner.config import CleanJobConfig
+from cleaner.distributed import select_from_scores_em
 from cleaner.fit import embeddings_of, read_scores
 from cleaner.models import load_clip
 from cleaner.pipeline import SCORES_DIR, shard_output_names
 from cleaner.probe import fit_probe_probs
 from cleaner.prompts import encode_prompts, ensemble_probs_numpy
-from cleaner.selection import SourceScores, select_from_scores
+from cleaner.selection import SourceScores
 from cleaner.shards import STATUS_OK
 from jobs.common import load_class_spec
 
@@ -195,7 +197,7 @@ def compare(labels: np.ndarray, true_labels: np.ndarray, probs: dict, cfg, k: in
     for set_name, (sources, _) in PROB_SETS.items():
         matrices = [probs[s] for s in sources]
         start = time.perf_counter()
-        result = select_from_scores(
+        result = select_from_scores_em(
             labels,
             k,
             {s: SourceScores.from_probs(labels, probs[s]) for s in sources},

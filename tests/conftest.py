@@ -118,3 +118,20 @@ def local_ray(s3_endpoint):
     )
     yield ray
     ray.shutdown()
+
+
+def clean_config(input_uri: str, output_uri: str, *extra: str, batch_size: int = 128):
+    """A clean-job config for tests: demo classes, one small scorer actor, overrides."""
+    from cleaner.config import load_config
+
+    return load_config(
+        None,
+        [
+            f"data.input={input_uri}",
+            "data.classes=demo",
+            f"output={output_uri}",
+            "scoring.max_actors=1",
+            f"scoring.batch_size={batch_size}",
+            *extra,
+        ],
+    )

@@ -9,27 +9,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from cleaner.config import SelectionConfig, load_config
+from cleaner.config import SelectionConfig
 from cleaner.fit_distributed import choose_mode
 from jobs.clean import run_clean
 from tests.browser import loaded_images
-from tests.conftest import count_samples
+from tests.conftest import clean_config, count_samples
 
 pytestmark = pytest.mark.integration
-
-
-def config(input_uri: str, output_uri: str, *extra: str):
-    return load_config(
-        None,
-        [
-            f"data.input={input_uri}",
-            "data.classes=demo",
-            f"output={output_uri}",
-            "scoring.max_actors=1",
-            "scoring.batch_size=128",
-            *extra,
-        ],
-    )
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +47,7 @@ def scored_run(local_ray, shards_with_repeats, tmp_path_factory):
     other runs reuse."""
     out = tmp_path_factory.mktemp("fit") / "in_memory"
     summary = run_clean(
-        config(
+        clean_config(
             str(shards_with_repeats),
             str(out),
             "selection.fit_mode=in_memory",
@@ -74,7 +60,7 @@ def scored_run(local_ray, shards_with_repeats, tmp_path_factory):
 def rerun(shards, scores_from, out, *extra):
     """The job on already computed scores (only the fit runs): (summary, manifest)."""
     shutil.copytree(scores_from / "scores", out / "scores")
-    summary = run_clean(config(str(shards), str(out), *extra))
+    summary = run_clean(clean_config(str(shards), str(out), *extra))
     assert summary["scoring"]["shards_scored"] == 0
     return summary, pq.read_table(out / "manifest.parquet")
 

@@ -19,9 +19,8 @@ import yaml
 from PIL import Image
 
 from cleaner.classes import DEMO_CLASS_SPEC
-from cleaner.config import load_config
 from jobs.clean import run_clean
-from tests.conftest import S3_ENV, count_samples, upload_folder
+from tests.conftest import S3_ENV, clean_config, count_samples, upload_folder
 from tests.s3_fault_proxy import S3FaultProxy
 from tests.test_preflight import relabel
 
@@ -62,18 +61,7 @@ def two_shards(demo_shards, tmp_path):
 
 
 def config(input_uri: str, output_uri: str, *extra: str):
-    return load_config(
-        None,
-        [
-            f"data.input={input_uri}",
-            "data.classes=demo",
-            f"output={output_uri}",
-            "scoring.max_actors=1",
-            "scoring.batch_size=64",
-            "scoring.read_batch_size=32",
-            *extra,
-        ],
-    )
+    return clean_config(input_uri, output_uri, "scoring.read_batch_size=32", *extra, batch_size=64)
 
 
 def test_transient_s3_errors_are_retried_to_success(

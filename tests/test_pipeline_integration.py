@@ -10,30 +10,15 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from cleaner.config import load_config
 from jobs.clean import run_clean
-from tests.conftest import count_samples, make_bucket, upload_folder
+from tests.conftest import clean_config, count_samples, make_bucket, upload_folder
 
 pytestmark = pytest.mark.integration
 
 
-def config(input_uri: str, output_uri: str, *extra: str):
-    return load_config(
-        None,
-        [
-            f"data.input={input_uri}",
-            "data.classes=demo",
-            f"output={output_uri}",
-            "scoring.max_actors=1",
-            "scoring.batch_size=128",
-            *extra,
-        ],
-    )
-
-
 def test_local_folder_every_sample_once_and_rerun_skips(local_ray, demo_shards, tmp_path):
     out = tmp_path / "run"
-    summary = run_clean(config(str(demo_shards), str(out)))
+    summary = run_clean(clean_config(str(demo_shards), str(out)))
     expected = count_samples(demo_shards)
     manifest = pq.read_table(out / "manifest.parquet")
     keys = manifest.column("key").to_pylist()
@@ -51,13 +36,13 @@ def test_local_folder_every_sample_once_and_rerun_skips(local_ray, demo_shards, 
     # A finished run, rerun: nothing to do. An interrupted one (a score file and the
     # summary gone), rerun: only the missing shard is scored, the rest reused.
     written = (out / "manifest.parquet").stat().st_mtime_ns
-    assert run_clean(config(str(demo_shards), str(out))) == summary
+    assert run_clean(clean_config(str(demo_shards), str(out))) == summary
     assert (out / "manifest.parquet").stat().st_mtime_ns == written
     (out / "summary.json").unlink()
     first_scores = sorted((out / "scores").glob("*.parquet"))[0]
     before = pq.read_table(first_scores).column("p_label").to_numpy()
     first_scores.unlink()
-    rerun = run_clean(config(str(demo_shards), str(out)))
+    rerun = run_clean(clean_config(str(demo_shards), str(out)))
     assert rerun["scoring"]["shards_scored"] == 1
     assert rerun["scoring"]["shards_skipped"] == len(score_files) - 1
     # Batches are composed differently on a rerun: scores agree to float precision, and
@@ -76,7 +61,7 @@ def test_local_folder_every_sample_once_and_rerun_skips(local_ray, demo_shards, 
         f"work; interrupted rerun: {rerun['scoring']['shards_scored']} shard scored, "
         f"{rerun['scoring']['shards_skipped']} skipped, manifest rows {again.num_rows}"
     )
-    changed = run_clean(config(str(demo_shards), str(out), "selection.theta_cons=0.9"))
+    changed = run_clean(clean_config(str(demo_shards), str(out), "selection.theta_cons=0.9"))
     assert changed["scoring"]["shards_scored"] == 0  # same model: scores reused, fit redone
     assert changed["run_fingerprint"] != summary["run_fingerprint"]
 
@@ -84,7 +69,7 @@ def test_local_folder_every_sample_once_and_rerun_skips(local_ray, demo_shards, 
 def test_s3_input_and_output(local_ray, demo_shards):
     client = make_bucket("integration")
     upload_folder(client, demo_shards, "integration", "shards/train")
-    summary = run_clean(config("s3://integration/shards/train", "s3://integration/runs/one"))
+    summary = run_clean(clean_config("s3://integration/shards/train", "s3://integration/runs/one"))
     body = client.get_object(Bucket="integration", Key="runs/one/manifest.parquet")["Body"].read()
     manifest = pq.read_table(io.BytesIO(body))
     expected = count_samples(demo_shards)
@@ -103,7 +88,7 @@ def test_bad_samples_and_shards_become_failed_rows(local_ray, demo_shards, tmp_p
     (folder / "truncated.tar").write_bytes(data[: len(data) // 3])
     (folder / "empty.tar").write_bytes(b"\0" * 1024)
     out = tmp_path / "run"
-    summary = run_clean(config(str(folder), str(out)))
+    summary = run_clean(clean_config(str(folder), str(out)))
     manifest = pq.read_table(out / "manifest.parquet").to_pydict()
     status = np.array(manifest["status"])
     reasons = [r for r, s in zip(manifest["reason"], status, strict=True) if s == "failed"]
