@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-from sklearn.metrics import roc_auc_score
 
 
 def _as_bool_vector(name: str, values: np.ndarray) -> np.ndarray:
@@ -67,6 +66,8 @@ def detection_metrics(
         if not np.isfinite(score).all():
             raise ValueError("clean_score contains NaN or inf")
         if 0 < tp + fn < truth.shape[0]:
+            from sklearn.metrics import roc_auc_score  # lazily: Ray workers rarely need it
+
             auroc = float(roc_auc_score(truth, score))
 
     num_samples = int(truth.shape[0])

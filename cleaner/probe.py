@@ -27,9 +27,6 @@ import warnings
 from typing import Literal
 
 import numpy as np
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import KFold, StratifiedKFold
 
 ProbeMode = Literal["insample", "crossfit"]
 PROBE_MODES: tuple[str, ...] = ("insample", "crossfit")
@@ -108,6 +105,9 @@ def _fit_predict(
     if train_classes.shape[0] == 1:
         probs[:, train_classes[0]] = 1.0
         return probs
+    from sklearn.exceptions import ConvergenceWarning  # lazily: see selection.gmm_p_clean
+    from sklearn.linear_model import LogisticRegression
+
     model = LogisticRegression(C=C, max_iter=max_iter, class_weight="balanced", random_state=seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", category=ConvergenceWarning)
@@ -118,6 +118,8 @@ def _fit_predict(
 
 def _fold_splits(labels: np.ndarray, folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """Stratified (or, if impossible, plain shuffled) k-fold train/test index pairs."""
+    from sklearn.model_selection import KFold, StratifiedKFold
+
     n_splits = max(2, min(folds, labels.shape[0]))
     largest_class = int(np.bincount(labels).max())
     placeholder = np.zeros((labels.shape[0], 1))

@@ -36,8 +36,6 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.mixture import GaussianMixture
 
 GmmMode = Literal["per_class", "global"]
 GMM_MODES: tuple[str, ...] = ("per_class", "global")
@@ -306,6 +304,11 @@ def loss_scores(
 
 def _gmm_clean_posterior(values: np.ndarray) -> np.ndarray:
     """Fit a 2-component 1-D mixture; posterior of the larger-mean component per value."""
+    # sklearn is imported here, not at module level: the distributed fit's Ray workers
+    # import this module for its validation and never need sklearn (about 80 MB each)
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.mixture import GaussianMixture
+
     mixture = GaussianMixture(n_components=2, **GMM_SETTINGS)
     column = values.reshape(-1, 1)
     with warnings.catch_warnings():
