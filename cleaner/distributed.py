@@ -82,9 +82,8 @@ from cleaner.selection import (
     SelectionResult,
     SourceScores,
     SourceSelection,
-    _validate_source,
     consistency_scores,
-    validate_labels,
+    validate_selection_input,
     validate_thresholds,
 )
 
@@ -1062,15 +1061,8 @@ def fit_selection_in_memory(
     keys break backfill ties (ascending); default: the row index, as selection.py. The
     rows are processed in chunks of chunk_rows (any value gives the same result).
     """
-    validate_thresholds(theta_gmm, theta_cons, gmm)
-    labels = validate_labels(labels, num_classes)
-    if not sources:
-        raise ValueError("sources is empty: at least one probability source is needed")
+    labels = validate_selection_input(labels, num_classes, sources, theta_gmm, theta_cons, gmm)
     n = labels.shape[0]
-    for name, scores in sources.items():
-        if not isinstance(scores, SourceScores):
-            raise ValueError(f"source {name!r} must be a SourceScores, got {type(scores)!r}")
-        _validate_source(name, scores, n)
     if keys is None:
         keys = np.arange(n, dtype=np.int64)
     keys = np.asarray(keys)

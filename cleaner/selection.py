@@ -245,6 +245,26 @@ def _validate_source(name: str, scores: SourceScores, num_samples: int) -> None:
         raise ValueError(f"source {name!r}: p_label exceeds max_p")
 
 
+def validate_selection_input(
+    labels: np.ndarray,
+    num_classes: int,
+    sources: dict[str, SourceScores],
+    theta_gmm: float,
+    theta_cons: float,
+    gmm: str,
+) -> np.ndarray:
+    """Check thresholds, labels and every source; returns the labels as int64."""
+    validate_thresholds(theta_gmm, theta_cons, gmm)
+    labels = validate_labels(labels, num_classes)
+    if not sources:
+        raise ValueError("sources is empty: at least one probability source is needed")
+    for name, scores in sources.items():
+        if not isinstance(scores, SourceScores):
+            raise ValueError(f"source {name!r} must be a SourceScores, got {type(scores)!r}")
+        _validate_source(name, scores, labels.shape[0])
+    return labels
+
+
 # --------------------------------------------------------------------------- class groups
 
 
@@ -389,15 +409,8 @@ def select_from_scores(
     Intersects the GMM and consistency selections of every source, then backfills
     present classes left empty. Raises ValueError for invalid input.
     """
-    validate_thresholds(theta_gmm, theta_cons, gmm)
-    labels = validate_labels(labels, num_classes)
-    if not sources:
-        raise ValueError("sources is empty: at least one probability source is needed")
+    labels = validate_selection_input(labels, num_classes, sources, theta_gmm, theta_cons, gmm)
     num_samples = labels.shape[0]
-    for name, scores in sources.items():
-        if not isinstance(scores, SourceScores):
-            raise ValueError(f"source {name!r} must be a SourceScores, got {type(scores)!r}")
-        _validate_source(name, scores, num_samples)
 
     groups = _ClassGroups.build(labels, num_classes)
     is_clean = np.ones(num_samples, dtype=bool)
