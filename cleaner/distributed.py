@@ -1012,33 +1012,13 @@ def distributed_select(
     ds: ray.data.Dataset,
     num_classes: int,
     *,
-    source_columns: Mapping[str, tuple[str, str]],
-    label_column: str = "label",
-    key_column: str | None = None,
-    theta_gmm: float = 0.5,
-    theta_cons: float = 0.8,
-    gmm: GmmMode = "per_class",
-    max_iter: int = 100,
-    tol: float = 1e-3,
-    reg_covar: float = 5e-4,
     batch_rows: int = DEFAULT_BATCH_ROWS,
+    **fit_options: Any,
 ) -> ray.data.Dataset:
-    """`fit_selection`, then the dataset with is_clean, backfilled, clean_score and, per
-    source, loss_score_*, gmm_p_clean_*, consistency_* added (lazy map_batches)."""
-    fitted = fit_selection(
-        ds,
-        num_classes,
-        source_columns=source_columns,
-        label_column=label_column,
-        key_column=key_column,
-        theta_gmm=theta_gmm,
-        theta_cons=theta_cons,
-        gmm=gmm,
-        max_iter=max_iter,
-        tol=tol,
-        reg_covar=reg_covar,
-        batch_rows=batch_rows,
-    )
+    """`fit_selection` (fit_options: its keyword arguments), then the dataset with
+    is_clean, backfilled, clean_score and, per source, loss_score_*, gmm_p_clean_*,
+    consistency_* added (lazy map_batches)."""
+    fitted = fit_selection(ds, num_classes, batch_rows=batch_rows, **fit_options)
     return fitted.transform(ds, batch_rows=batch_rows)
 
 
