@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import pyarrow as pa
@@ -45,11 +46,6 @@ def embeddings_of(table: pa.Table) -> np.ndarray:
     column = table.column("embedding").combine_chunks()
     width = column.type.list_size
     return column.flatten().to_numpy(zero_copy_only=False).reshape(-1, width)
-
-
-def fixed_list_to_numpy(column: pa.ChunkedArray) -> np.ndarray:
-    array = column.combine_chunks()
-    return array.flatten().to_numpy(zero_copy_only=False).reshape(-1, array.type.list_size)
 
 
 @dataclass
@@ -139,17 +135,26 @@ class ScoreBatch:
         self.ok = self.status == STATUS_OK
         self.ok_idx = np.nonzero(self.ok)[0]
 
-    def selection_batch(self, probe_probs: np.ndarray | None) -> dict[str, np.ndarray]:
-        """The usable rows' selection columns (SELECTION_COLUMNS) as numpy arrays."""
+    @cached_property
+    def usable_embeddings(self) -> np.ndarray:
+        """The usable rows' embeddings (as stored, float16), read once per batch."""
+        return embeddings_of(self.table)[self.ok_idx]
+
+    @cached_property
+    def _zero_shot_rows(self) -> dict[str, np.ndarray]:
         ok = self.ok_idx
-        batch = {
+        return {
             "key": self.keys[ok].astype(str),
             "label": self.labels[ok].astype(np.int64),
             "p_label": self.table.column("p_label").to_numpy()[ok].astype(np.float64),
             "max_p": self.table.column("max_p").to_numpy()[ok].astype(np.float64),
         }
+
+    def selection_batch(self, probe_probs: np.ndarray | None) -> dict[str, np.ndarray]:
+        """The usable rows' key, label and the `source_columns` of each source."""
+        batch = dict(self._zero_shot_rows)
         if probe_probs is not None:
-            batch["probe_p_label"] = probe_probs[np.arange(len(ok)), batch["label"]]
+            batch["probe_p_label"] = probe_probs[np.arange(len(self.ok_idx)), batch["label"]]
             batch["probe_max_p"] = probe_probs.max(axis=1)
         return batch
 
@@ -175,7 +180,7 @@ def fit_in_memory(
     probe_probs = None
     if cfg.probe != "none":
         probe_probs = fit_probe_probs(
-            embeddings_of(batch.table)[batch.ok_idx],
+            batch.usable_embeddings,
             batch.labels[batch.ok_idx],
             num_classes,
             mode=cfg.probe,
@@ -217,11 +222,10 @@ def build_manifest(
     table, n, ok, ok_idx, labels = batch.table, batch.n, batch.ok, batch.ok_idx, batch.labels
     num_classes = len(class_names)
     rows = batch.selection_batch(probe_probs)
-    names = list(source_columns(probe_probs is not None))
+    by_source = source_columns(probe_probs is not None)
     evaluation_batch = {fitted.spec.label_column: rows["label"]}
     if fitted.spec.key_column is not None:
         evaluation_batch[fitted.spec.key_column] = rows["key"]
-    by_source = source_columns(probe_probs is not None)
     for name, p_column, max_column in fitted.spec.sources:
         evaluation_batch[p_column] = rows[by_source[name][0]]
         evaluation_batch[max_column] = rows[by_source[name][1]]
@@ -237,8 +241,7 @@ def build_manifest(
     is_clean = spread("is_clean", False, bool)
     suggested = np.full(n, -1, dtype=np.int64)
     confidence = np.full(n, np.nan, dtype=np.float32)
-    embeddings = embeddings_of(table)[ok_idx]
-    hints = suggest_labels(embeddings, labels[ok_idx], bank, tau, probe_probs)
+    hints = suggest_labels(batch.usable_embeddings, labels[ok_idx], bank, tau, probe_probs)
     confidence[ok_idx] = hints.top_probs[:, 0]
     suggested[ok_idx] = np.where(
         hints.top_probs[:, 0] >= cfg.suggest_min_confidence, hints.top_labels[:, 0], -1
@@ -271,8 +274,7 @@ def build_manifest(
         "clean_score": pa.array(spread("clean_score", np.nan, np.float32)),
         "backfilled": pa.array(spread("backfilled", False, bool)),
     }
-    for name in names:
-        p_column, max_column = source_columns(True)[name]
+    for name, (p_column, max_column) in by_source.items():
         columns[f"p_label_{name}"] = pa.array(spread(rows[p_column], np.nan, np.float32))
         columns[f"max_p_{name}"] = pa.array(spread(rows[max_column], np.nan, np.float32))
         for quantity in ("loss_score", "gmm_p_clean", "consistency"):

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,7 +43,7 @@ from cleaner.fit import (
     SUMMARY_COLUMNS,
     ScoreBatch,
     build_manifest,
-    embeddings_of,
+    duplicate_rows_in_memory,
     mixture_parameters,
     source_columns,
     summarise,
@@ -142,13 +142,12 @@ def find_duplicate_rows(ds, shard_order: dict[str, int]) -> dict[str, list[tuple
         .take_all()
     )
     rows.sort(key=lambda r: (shard_order[r["shard"]], int(r["shard_pos"])))
-    seen: dict[str, str] = {}
+    keys_in_order = np.array([r["key"] for r in rows], dtype=object)
+    shards_in_order = np.array([r["shard"] for r in rows], dtype=object)
     repeats: dict[str, list[tuple[int, str]]] = {}
-    for row in rows:
-        if row["key"] in seen:
-            repeats.setdefault(row["shard"], []).append((int(row["shard_pos"]), seen[row["key"]]))
-        else:
-            seen[row["key"]] = row["shard"]
+    for index, first_shard in duplicate_rows_in_memory(keys_in_order, shards_in_order):
+        row = rows[index]
+        repeats.setdefault(row["shard"], []).append((int(row["shard_pos"]), first_shard))
     return repeats
 
 
@@ -200,18 +199,19 @@ def manifest_part(
     probe_probs = None
     if probe is not None:
         probe_probs = probe.predict_proba(
-            embeddings_of(table)[batch.ok_idx], batch.keys[batch.ok_idx].astype(str)
+            batch.usable_embeddings, batch.keys[batch.ok_idx].astype(str)
         )
     return build_manifest(batch, fitted, probe_probs, cfg, class_names, bank, tau)
 
 
-def ordered_results(refs_in_order: Iterator, window: int) -> Iterator:
-    """ray.get the refs one by one, in order, keeping at most `window` tasks submitted."""
+def ordered_results(task, argument_lists: Iterable[tuple], window: int) -> Iterator:
+    """Run `task.remote(*args)` for each argument list and yield the results in that
+    order, keeping at most `window` tasks submitted and not yet collected."""
     import ray
 
     pending: list = []
-    for make_ref in refs_in_order:
-        pending.append(make_ref())
+    for args in argument_lists:
+        pending.append(task.remote(*args))
         if len(pending) >= window:
             yield ray.get(pending.pop(0))
     while pending:
@@ -283,23 +283,24 @@ def fit_and_write_manifest_distributed(
     task = ray.remote(manifest_part).options(num_cpus=1)
     window = max(2, PARTS_IN_FLIGHT_PER_CPU * int(ray.cluster_resources().get("CPU", 1)))
 
-    def submissions():
-        for score_uri, shard in zip(score_uris, shards, strict=True):
-            yield lambda score_uri=score_uri, shard=shard: task.remote(
-                score_uri,
-                repeats.get(shard, []),
-                refs["fitted"],
-                refs["probe"],
-                cfg,
-                class_names,
-                refs["bank"],
-                tau,
-            )
+    argument_lists = (
+        (
+            score_uri,
+            repeats.get(shard, []),
+            refs["fitted"],
+            refs["probe"],
+            cfg,
+            class_names,
+            refs["bank"],
+            tau,
+        )
+        for score_uri, shard in zip(score_uris, shards, strict=True)
+    )
 
     kept: dict[str, list[np.ndarray]] = {name: [] for name in SUMMARY_COLUMNS}
     written = 0
     with ManifestWriter(manifest_uri) as writer:
-        for part in ordered_results(submissions(), window):
+        for part in ordered_results(task, argument_lists, window):
             writer.write(part)
             for name in SUMMARY_COLUMNS:
                 kept[name].append(part.column(name).to_numpy(zero_copy_only=False))
