@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import os
 import socket
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -135,3 +137,22 @@ def clean_config(input_uri: str, output_uri: str, *extra: str, batch_size: int =
             *extra,
         ],
     )
+
+
+def jpeg(color=(200, 10, 10), size=(40, 30)) -> bytes:
+    """A small solid-colour JPEG (color: an RGB tuple or a colour name)."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def write_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
+    """A tar file with the given (member name, bytes), in that order."""
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path

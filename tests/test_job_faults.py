@@ -16,11 +16,10 @@ import boto3
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from PIL import Image
 
 from cleaner.classes import DEMO_CLASS_SPEC
 from jobs.clean import run_clean
-from tests.conftest import S3_ENV, clean_config, count_samples, upload_folder
+from tests.conftest import S3_ENV, clean_config, count_samples, jpeg, upload_folder, write_tar
 from tests.s3_fault_proxy import S3FaultProxy
 from tests.test_preflight import relabel
 
@@ -139,21 +138,6 @@ def test_larger_class_spec_and_a_stray_label(proxy_ray, two_shards, tmp_path):
     assert selection["per_class"]["total"][10:] == [0, 0]
 
 
-def jpeg() -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", (64, 64), (200, 30, 30)).save(buf, format="JPEG")
-    return buf.getvalue()
-
-
-def write_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
-    with tarfile.open(path, "w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return path
-
-
 BAD_SAMPLES = [
     ("bad-corrupt.jpg", b"not an image at all"),
     ("bad-corrupt.cls", b"1"),
@@ -189,7 +173,7 @@ def test_every_bad_input_in_one_job(proxy_ray, demo_shards, tmp_path):
     with tarfile.open(good) as tar:  # its first 5 samples again: duplicate keys
         members = [(m.name, tar.extractfile(m).read()) for m in tar][:15]
     write_tar(folder / "shapes-copy.tar", members)
-    image = jpeg()
+    image = jpeg((200, 30, 30), (64, 64))
     write_tar(folder / "shapes-bad.tar", [(n, image if d is None else d) for n, d in BAD_SAMPLES])
 
     out = tmp_path / "run"

@@ -19,6 +19,7 @@ import pytest
 
 from cleaner import preflight
 from cleaner.config import ConfigError, load_config
+from cleaner.demo.shapes import SHAPE_CLASSES
 from cleaner.preflight import PreflightError, check_labels_match_spec
 from jobs.clean import run_clean
 from tests.conftest import REPO_ROOT, S3_ENV, free_port, make_bucket
@@ -26,18 +27,7 @@ from tests.s3_fault_proxy import S3FaultProxy
 
 pytestmark = pytest.mark.integration
 
-DEMO_CLASSES = [
-    "circle",
-    "ellipse",
-    "square",
-    "rectangle",
-    "triangle",
-    "star",
-    "cross",
-    "ring",
-    "diamond",
-    "crescent",
-]
+DEMO_CLASSES = list(SHAPE_CLASSES)
 EARLY_S = 30.0  # "ends early": permanent errors are not retried for minutes
 
 

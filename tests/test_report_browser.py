@@ -2,20 +2,13 @@
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
 from PIL import Image
 
 from cleaner.report import render_report, top_noisy_keys
 from tests.browser import loaded_images, screenshot
+from tests.conftest import jpeg
 from tests.test_report import make_manifest, make_summary
-
-
-def jpeg(colour: str, size: int = 48) -> bytes:
-    out = io.BytesIO()
-    Image.new("RGB", (size, size), colour).save(out, format="JPEG")
-    return out.getvalue()
 
 
 def test_report_images_load_in_headless_chromium(tmp_path) -> None:
@@ -33,7 +26,10 @@ def test_report_images_load_in_headless_chromium(tmp_path) -> None:
         },
     }
     keys = top_noisy_keys(manifest, 3)
-    thumbs = {key: jpeg(colour) for key, colour in zip(keys, ("red", "green", "blue"), strict=True)}
+    thumbs = {
+        key: jpeg(colour, (48, 48))
+        for key, colour in zip(keys, ("red", "green", "blue"), strict=True)
+    }
     page = tmp_path / "report.html"
     page.write_text(render_report(manifest, summary, thumbnails=thumbs), encoding="utf-8")
 

@@ -18,23 +18,9 @@ from cleaner.shards import (
     read_shard,
     split_member_name,
 )
+from tests.conftest import jpeg, write_tar
 
 CLASSES = ["circle", "square", "star"]
-
-
-def jpeg(color=(200, 10, 10), size=(40, 30)) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", size, color).save(buf, format="JPEG")
-    return buf.getvalue()
-
-
-def write_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
-    with tarfile.open(path, "w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return path
 
 
 def read_all(path: Path, batch_size: int = 256) -> tuple[list[dict], dict]:
