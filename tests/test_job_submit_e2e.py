@@ -67,11 +67,9 @@ def token_head(s3_endpoint, tmp_path_factory):
         ray_cli("stop", "--force", env=env, timeout=120)
 
 
-def test_submitted_clean_job_reads_and_writes_s3(token_head, demo_shards):
-    address, env, _ = token_head
-    client = make_bucket("e2e-data")
-    uploaded = upload_folder(client, demo_shards, "e2e-data", "train")
-    shards = [k for k in uploaded if k.endswith(".tar")]
+def submit_job(address: str, env: dict, module: str, *overrides: str):
+    """`ray job submit` of `python -m <module> ...` with the project's runtime env, on the
+    cluster's own CPUs (ray.num_cpus=null); asserts it succeeded."""
     submitted = ray_cli(
         "job",
         "submit",
@@ -80,15 +78,29 @@ def test_submitted_clean_job_reads_and_writes_s3(token_head, demo_shards):
         "--",
         "python",
         "-m",
-        "jobs.clean",
-        "--config=configs/demo.yaml",
-        "data.input=s3://e2e-data/train/",
-        "output=s3://e2e-data/runs/e2e",
+        module,
+        *overrides,
         "ray.num_cpus=null",
         env=env,
         timeout=600,
     )
     assert submitted.returncode == 0, submitted.stdout[-4000:] + submitted.stderr[-4000:]
+    return submitted
+
+
+def test_submitted_clean_job_reads_and_writes_s3(token_head, demo_shards):
+    address, env, _ = token_head
+    client = make_bucket("e2e-data")
+    uploaded = upload_folder(client, demo_shards, "e2e-data", "train")
+    shards = [k for k in uploaded if k.endswith(".tar")]
+    submitted = submit_job(
+        address,
+        env,
+        "jobs.clean",
+        "--config=configs/demo.yaml",
+        "data.input=s3://e2e-data/train/",
+        "output=s3://e2e-data/runs/e2e",
+    )
     assert "succeeded" in submitted.stdout
 
     manifest = pq.read_table(
@@ -131,14 +143,9 @@ def test_submitted_train_job_checkpoints_to_s3(token_head, demo_shards):
     """After the clean job above: MixFix for one epoch, manifest and checkpoints on S3."""
     address, env, _ = token_head
     client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"])  # bucket of the clean test
-    submitted = ray_cli(
-        "job",
-        "submit",
-        f"--address={address}",
-        "--runtime-env=ray_config.yaml",
-        "--",
-        "python",
-        "-m",
+    submit_job(
+        address,
+        env,
         "jobs.train",
         "--config=configs/train-demo.yaml",
         "data.input=s3://e2e-data/train/",
@@ -148,11 +155,7 @@ def test_submitted_train_job_checkpoints_to_s3(token_head, demo_shards):
         "run.name=e2e",
         "optim.epochs=1",
         "optim.batch_size=32",
-        "ray.num_cpus=null",
-        env=env,
-        timeout=600,
     )
-    assert submitted.returncode == 0, submitted.stdout[-4000:] + submitted.stderr[-4000:]
     keys = [
         o["Key"]
         for o in client.list_objects_v2(Bucket="e2e-data", Prefix="train-runs/e2e/")["Contents"]
