@@ -29,6 +29,7 @@ from cleaner.shards import STATUS_FAILED, STATUS_OK
 SMALL_COLUMNS = [c for c in ClipScorer.output_columns if c not in ("shard_total", "embedding")]
 SUGGEST_BUDGET = 128 * 1024 * 1024  # bytes of prompt similarities held at once
 TOP_SUGGESTIONS = 3
+NOTHING_USABLE = "[fit] no usable sample: every sample failed; the manifest gives each reason"
 
 
 def read_scores(scores_uri: str, file_names: list[str], with_embeddings: bool) -> pa.Table:
@@ -173,10 +174,15 @@ def source_columns(with_probe: bool) -> dict[str, tuple[str, str]]:
 
 def fit_in_memory(
     batch: ScoreBatch, cfg: SelectionConfig, num_classes: int, seed: int = 0
-) -> tuple[FittedSelection, np.ndarray | None]:
-    """The global fit on one node: sklearn probe, then the deterministic EM selection."""
+) -> tuple[FittedSelection | None, np.ndarray | None]:
+    """The global fit on one node: sklearn probe, then the deterministic EM selection.
+
+    (None, None) when no sample is usable: there is nothing to fit, and the manifest
+    lists every sample as failed with its reason.
+    """
     if len(batch.ok_idx) == 0:
-        raise ValueError("no usable sample: every sample failed (see the manifest's reasons)")
+        print(NOTHING_USABLE, flush=True)
+        return None, None
     probe_probs = None
     if cfg.probe != "none":
         probe_probs = fit_probe_probs(
@@ -207,7 +213,7 @@ def fit_in_memory(
 
 def build_manifest(
     batch: ScoreBatch,
-    fitted: FittedSelection,
+    fitted: FittedSelection | None,
     probe_probs: np.ndarray | None,
     cfg: SelectionConfig,
     class_names: list[str],
@@ -216,20 +222,23 @@ def build_manifest(
 ) -> pa.Table:
     """Manifest rows of a score batch under a fitted selection (one row per input row).
 
-    probe_probs: float[usable rows, K] or None. The same function serves the in-memory
-    fit (the whole run at once) and the distributed one (one shard per task).
+    probe_probs: float[usable rows, K] or None; fitted may be None only when no row is
+    usable. The same function serves the in-memory fit (the whole run at once) and the
+    distributed one (one shard per task).
     """
     table, n, ok, ok_idx, labels = batch.table, batch.n, batch.ok, batch.ok_idx, batch.labels
     num_classes = len(class_names)
     rows = batch.selection_batch(probe_probs)
     by_source = source_columns(probe_probs is not None)
-    evaluation_batch = {fitted.spec.label_column: rows["label"]}
-    if fitted.spec.key_column is not None:
-        evaluation_batch[fitted.spec.key_column] = rows["key"]
-    for name, p_column, max_column in fitted.spec.sources:
-        evaluation_batch[p_column] = rows[by_source[name][0]]
-        evaluation_batch[max_column] = rows[by_source[name][1]]
-    values = fitted.evaluate(evaluation_batch) if len(ok_idx) else {}
+    values: dict[str, np.ndarray] = {}
+    if len(ok_idx):
+        evaluation_batch = {fitted.spec.label_column: rows["label"]}
+        if fitted.spec.key_column is not None:
+            evaluation_batch[fitted.spec.key_column] = rows["key"]
+        for name, p_column, max_column in fitted.spec.sources:
+            evaluation_batch[p_column] = rows[by_source[name][0]]
+            evaluation_batch[max_column] = rows[by_source[name][1]]
+        values = fitted.evaluate(evaluation_batch)
 
     def spread(name_or_values, fill, dtype) -> np.ndarray:
         out = np.full(n, fill, dtype=dtype)
@@ -423,9 +432,17 @@ def fit_and_build_manifest(
     batch = ScoreBatch(table, duplicate_rows_in_memory(keys, shards))
     fitted, probe_probs = fit_in_memory(batch, selection_cfg, len(class_names), seed)
     manifest = build_manifest(batch, fitted, probe_probs, selection_cfg, class_names, bank, tau)
-    summary = summarise(manifest_summary_columns(manifest), fitted.counts(), class_names)
-    summary["mixtures"] = mixture_parameters(fitted)
-    return manifest, summary
+    return manifest, summary_with_fit(manifest_summary_columns(manifest), fitted, class_names)
+
+
+def summary_with_fit(
+    columns: Mapping[str, np.ndarray], fitted: FittedSelection | None, class_names
+) -> dict:
+    """`summarise`, plus the selection counts and mixtures of the fit when there was one."""
+    summary = summarise(columns, fitted.counts() if fitted is not None else {}, class_names)
+    if fitted is not None:
+        summary["mixtures"] = mixture_parameters(fitted)
+    return summary
 
 
 def spread_rows(values: np.ndarray, fill, n: int, rows: np.ndarray) -> np.ndarray:

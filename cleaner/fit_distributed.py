@@ -39,14 +39,14 @@ from cleaner.distributed import (
     fit_selection,
 )
 from cleaner.fit import (
+    NOTHING_USABLE,
     SMALL_COLUMNS,
     SUMMARY_COLUMNS,
     ScoreBatch,
     build_manifest,
     duplicate_rows_in_memory,
-    mixture_parameters,
     source_columns,
-    summarise,
+    summary_with_fit,
 )
 from cleaner.prompts import PromptBank
 from cleaner.shards import STATUS_OK
@@ -249,8 +249,11 @@ def fit_and_write_manifest_distributed(
     # materialised once (in the object store, not on the driver): the probe's epochs and
     # the selection's passes then read blocks instead of the score files
     usable = ds.map_batches(UsableRows(repeats), batch_format="pyarrow").materialize()
-    probe = None
-    if cfg.probe != "none":
+    probe, fitted = None, None
+    num_usable = usable.count()  # a materialised dataset knows its row count
+    if num_usable == 0:
+        print(NOTHING_USABLE, flush=True)
+    elif cfg.probe != "none":
         print(f"[fit] streaming probe ({cfg.probe}) over the embeddings", flush=True)
         probe = fit_probe_streaming(
             usable,
@@ -265,16 +268,17 @@ def fit_and_write_manifest_distributed(
         )
         usable = probe.transform(usable)
         print(f"[fit] probe trained ({elapsed()})", flush=True)
-    fitted = fit_selection(
-        usable,
-        num_classes,
-        source_columns=source_columns(probe is not None),
-        key_column="key",
-        theta_gmm=cfg.theta_gmm,
-        theta_cons=cfg.theta_cons,
-        gmm=cfg.gmm,
-    )
-    print(f"[fit] GMM selection fitted over Ray Data blocks ({elapsed()})", flush=True)
+    if num_usable > 0:
+        fitted = fit_selection(
+            usable,
+            num_classes,
+            source_columns=source_columns(probe is not None),
+            key_column="key",
+            theta_gmm=cfg.theta_gmm,
+            theta_cons=cfg.theta_cons,
+            gmm=cfg.gmm,
+        )
+        print(f"[fit] GMM selection fitted over Ray Data blocks ({elapsed()})", flush=True)
     refs = {
         "fitted": ray.put(fitted),
         "probe": ray.put(probe),
@@ -310,9 +314,7 @@ def fit_and_write_manifest_distributed(
                     f"[fit] manifest: {written}/{len(score_uris)} shards ({elapsed()})", flush=True
                 )
     columns = {name: np.concatenate(parts) for name, parts in kept.items()}
-    summary = summarise(columns, fitted.counts(), class_names)
-    summary["mixtures"] = mixture_parameters(fitted)
-    return summary
+    return summary_with_fit(columns, fitted, class_names)
 
 
 def read_manifest_for_report(manifest_uri: str) -> pa.Table:

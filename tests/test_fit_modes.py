@@ -13,7 +13,7 @@ from cleaner.config import SelectionConfig
 from cleaner.fit_distributed import choose_mode
 from jobs.clean import run_clean
 from tests.browser import loaded_images
-from tests.conftest import clean_config, count_samples
+from tests.conftest import clean_config, count_samples, write_tar
 
 pytestmark = pytest.mark.integration
 
@@ -124,3 +124,23 @@ def test_the_job_report_renders_in_chromium(scored_run, tmp_path):
     thumbnails = [im for im in images if im["cls"] == "thumb"]
     assert len(plots) >= 4 and len(thumbnails) >= 1  # thumbnails read back from the shards
     assert all(im["complete"] and im["width"] > 0 for im in images)
+
+
+@pytest.mark.parametrize("mode", ["in_memory", "distributed"])
+def test_every_sample_failed_still_gives_a_manifest(local_ray, tmp_path, mode):
+    """Nothing usable: no fit, but every sample is in the manifest as failed with its reason."""
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for s in range(2):
+        members = []
+        for i in range(5):
+            members += [(f"s{s}-k{i}.jpg", b"not an image"), (f"s{s}-k{i}.cls", b"1")]
+        write_tar(shards / f"broken-{s}.tar", members)
+    out = tmp_path / "run"
+    summary = run_clean(clean_config(str(shards), str(out), f"selection.fit_mode={mode}"))
+    manifest = pq.read_table(out / "manifest.parquet")
+    assert manifest.num_rows == 10 == summary["counts"]["failed"] == summary["counts"]["samples"]
+    assert set(manifest.column("status").to_pylist()) == {"failed"}
+    assert all(r.startswith("image decode error") for r in manifest.column("reason").to_pylist())
+    assert summary["fit"]["mode"] == mode and "mixtures" not in summary
+    assert (out / "report.html").exists() and "report_error" not in summary
