@@ -1,21 +1,37 @@
-# Every target installs what it needs into .venv (created on first use).
+# Every target installs what it needs into .venv (created on first use), exactly as uv.lock says.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
+# uv itself lives in .tools/, apart from the locked .venv, at a pinned version.
+UV_VERSION := 0.13.9
+TOOLS := .tools
+UV := $(TOOLS)/bin/uv
+export UV_PROJECT_ENVIRONMENT := $(VENV)
 
 DEMO_DATA := data/demo
 DEMO_ARGS := --out $(DEMO_DATA) --num-samples 6000 --test-samples 1000 --samples-per-shard 500 --noise symmetric --rate 0.4 --seed 0
 
-.PHONY: install browser demo demo-data train-demo test lint format bench tiny-clip clean-runs
+.PHONY: install lock browser demo demo-data train-demo test test-fast lint format bench tiny-clip clean-runs
 
 install: $(INSTALLED)
 
-$(INSTALLED): pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[test]"
+$(UV):
+	$(PYTHON) -m venv $(TOOLS)
+	$(TOOLS)/bin/python -m pip install -q "uv==$(UV_VERSION)"
+
+# `uv sync --locked` installs exactly uv.lock (the project editable, plus the test extra) and
+# stops with an error when pyproject.toml has changed since the lock was made: run `make lock`.
+$(INSTALLED): pyproject.toml uv.lock | $(UV)
+	$(UV) sync --locked --extra test
 	touch $@
+
+# Refresh the lock on purpose (newest versions allowed by pyproject.toml), then the cluster's
+# pinned requirements exported from it. Commit uv.lock and cluster/requirements.txt together.
+lock: $(UV)
+	$(UV) lock --upgrade
+	$(UV) export --locked --no-dev --no-emit-project --format requirements-txt \
+	  --output-file cluster/requirements.txt --quiet
 
 # Debian's Chromium renders the HTML report in the report test (headless).
 CHROMIUM ?= /usr/bin/chromium
@@ -39,6 +55,10 @@ test: $(INSTALLED) browser
 	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest -q
 
+# The edit loop: the unit tests only (no Ray cluster, no S3 endpoint, no browser).
+test-fast: $(INSTALLED)
+	$(PY) -m pytest -q -m "not integration and not e2e and not slow"
+
 lint: $(INSTALLED)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
@@ -48,7 +68,7 @@ format: $(INSTALLED)
 	$(VENV)/bin/ruff format .
 
 bench: demo
-	$(PY) -m pip install -q -e ".[test,bench]"
+	$(UV) sync --locked --extra test --extra bench
 	$(PY) -m benchmarks.throughput --input $(DEMO_DATA)/train
 	$(PY) -m benchmarks.probe_modes --run runs/demo
 	$(PY) -m benchmarks.train_scaling --manifest runs/demo

@@ -3,13 +3,12 @@
 Fast and offline: no cloud, no Kubernetes, no Ray cluster. The launcher config is validated with
 Ray's own schema (and Ray's own config preparation), the rest against the conventions that keep
 the clusters safe (token auth, no secrets, loopback dashboard, GPU types scaling from zero) and in
-step with the project (pinned versions equal the installed ones, entrypoints name real modules).
+step with the project (pinned versions equal the committed uv.lock, entrypoints name real modules).
 """
 
 from __future__ import annotations
 
 import copy
-import importlib.metadata
 import importlib.resources
 import json
 import re
@@ -55,10 +54,6 @@ SECRET_PATTERNS = {
 
 def normalize(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
-
-
-def installed(name: str) -> str:
-    return importlib.metadata.version(name)
 
 
 def pins_in(text: str) -> dict[str, str]:
@@ -273,23 +268,101 @@ def test_secret_patterns_allow_indirection(text):
 
 
 # --------------------------------------------------------------------------------------------
-# Pinned versions == the project's installed versions
+# Pinned versions == the committed lock (uv.lock), never whatever happens to be installed
 # --------------------------------------------------------------------------------------------
 
-
-def check_pins(pins: dict[str, str], where: str) -> None:
-    missing = REQUIRED_PINS - set(pins)
-    assert not missing, f"{where}: not pinned: {sorted(missing)}"
-    wrong = {
-        name: (version, installed(name))
-        for name, version in pins.items()
-        if installed(name) != version
-    }
-    assert not wrong, f"{where}: pinned != installed (pinned, installed): {wrong}"
+UV_LOCK = REPO_ROOT / "uv.lock"
+CLUSTER_REQUIREMENTS = CLUSTER / "requirements.txt"
+# Packages of the test and bench extras only: the cluster does not need them.
+NOT_ON_THE_CLUSTER = {"pytest", "moto", "ruff", "cleanlab"}
 
 
-def test_setup_commands_pin_the_installed_versions(aws):
-    check_pins(pins_in(" ".join(aws["setup_commands"])), "cluster/aws.yaml setup_commands")
+@pytest.fixture(scope="module")
+def lock() -> dict[str, str]:
+    """uv.lock -> {normalized name: version}; one version per package (one resolution)."""
+    import tomllib
+
+    data = tomllib.loads(UV_LOCK.read_text())
+    versions: dict[str, set[str]] = {}
+    for package in data["package"]:
+        versions.setdefault(normalize(package["name"]), set()).add(package["version"])
+    forked = {name: sorted(v) for name, v in versions.items() if len(v) > 1}
+    assert not forked, f"uv.lock holds several versions of: {forked} (see [tool.uv] environments)"
+    return {name: v.pop() for name, v in versions.items()}
+
+
+def locked_python() -> str:
+    return (REPO_ROOT / ".python-version").read_text().strip()
+
+
+def requirement_pins(text: str) -> dict[str, str]:
+    """Pins of a requirements file (`name==version ; markers \\ --hash=...`)."""
+    pins = {}
+    for line in text.splitlines():
+        match = re.match(r"([A-Za-z0-9][A-Za-z0-9._-]*)(\[[^\]]*\])?==([^\s;\\]+)", line)
+        if match:
+            pins[normalize(match.group(1))] = match.group(3)
+    return pins
+
+
+def check_against_lock(pins: dict[str, str], lock: dict[str, str], where: str) -> None:
+    """Every pin equals the lock; the message names each package that drifted."""
+    drift = [
+        f"{name}: {where} pins {version}, uv.lock has {lock.get(name, 'nothing')}"
+        for name, version in sorted(pins.items())
+        if lock.get(name) != version
+    ]
+    assert not drift, "\n".join(drift)
+
+
+def test_lock_is_resolved_for_the_locked_python(lock):
+    import tomllib
+
+    data = tomllib.loads(UV_LOCK.read_text())
+    assert locked_python() == "3.11"
+    assert all(
+        f"python_version == '{locked_python()}'" in env
+        for env in tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["tool"]["uv"][
+            "environments"
+        ]
+    )
+    assert data["requires-python"].startswith(">=3.11")
+    assert "clipcleaner" in lock
+
+
+def test_cluster_requirements_equal_the_lock(lock):
+    pins = requirement_pins(CLUSTER_REQUIREMENTS.read_text())
+    check_against_lock(pins, lock, "cluster/requirements.txt")
+    missing = (REQUIRED_PINS | project_dependencies()) - set(pins)
+    assert not missing, f"cluster/requirements.txt: not pinned: {sorted(missing)} (run make lock)"
+    assert not NOT_ON_THE_CLUSTER & set(pins), "test/bench extras do not belong on the cluster"
+    assert "clipcleaner" not in pins, "the project is installed from its own folder"
+    hashed = CLUSTER_REQUIREMENTS.read_text().count("--hash=sha256:")
+    assert hashed >= len(pins), "every pin carries its hashes"
+
+
+def test_lock_check_names_the_drifting_package(lock):
+    drifted = {"boto3": "0.0.1", "torch": lock["torch"]}
+    with pytest.raises(AssertionError, match=r"boto3: here pins 0\.0\.1, uv\.lock has"):
+        check_against_lock(drifted, lock, "here")
+
+
+def test_setup_commands_install_the_lock(aws, lock):
+    text = " ".join(aws["setup_commands"])
+    assert "--require-hashes" in text and "~/clipcleaner/cluster/requirements.txt" in text
+    assert (
+        aws["file_mounts"]["~/clipcleaner/cluster/requirements.txt"] == "./cluster/requirements.txt"
+    )
+    assert f"--python {locked_python()}" in text, "the node venv uses the lock's Python"
+    pins = pins_in(text)
+    assert pins.pop("uv") == makefile_uv_version(), "nodes run the uv version the Makefile pins"
+    check_against_lock(pins, lock, "cluster/aws.yaml setup_commands")
+
+
+def makefile_uv_version() -> str:
+    match = re.search(r"^UV_VERSION := (\S+)", (REPO_ROOT / "Makefile").read_text(), re.M)
+    assert match, "Makefile: UV_VERSION"
+    return match.group(1)
 
 
 def dockerfile_pins() -> dict[str, str]:
@@ -298,28 +371,35 @@ def dockerfile_pins() -> dict[str, str]:
     return pins_in(" ".join(line for line in text.splitlines() if line.startswith("RUN")))
 
 
-def test_dockerfile_pins_the_installed_versions():
-    check_pins(dockerfile_pins(), "cluster/kuberay/Dockerfile")
-    base = re.search(r"^FROM rayproject/ray:(\S+)", DOCKERFILE.read_text(), re.M)
-    assert base, "FROM rayproject/ray:<version>-..."
-    assert base.group(1).split("-")[0] == installed("ray"), "base image Ray != installed Ray"
+def test_dockerfile_installs_the_lock(lock):
+    text = DOCKERFILE.read_text()
+    assert re.search(r"^COPY .*cluster/requirements\.txt", text, re.M)
+    assert "--require-hashes" in text
+    check_against_lock(dockerfile_pins(), lock, "cluster/kuberay/Dockerfile")
+    base = re.search(r"^FROM rayproject/ray:(\S+)", text, re.M)
+    assert base, "FROM rayproject/ray:<version>-py<python>-..."
+    ray_version, python_tag = base.group(1).split("-")[:2]
+    assert ray_version == lock["ray"], f"base image Ray {ray_version} != uv.lock's {lock['ray']}"
+    assert python_tag == "py" + locked_python().replace(".", ""), "base image Python != the lock's"
 
 
-def test_every_project_dependency_is_pinned_on_the_cluster(aws):
+def test_ray_config_installs_nothing_beside_the_lock(lock):
+    """Jobs run on nodes that carry the lock: a per-job install could only drift from it."""
+    runtime_env = yaml.safe_load((REPO_ROOT / "ray_config.yaml").read_text())
+    for key in ("pip", "uv", "conda", "py_executable"):
+        assert key not in runtime_env, f"ray_config.yaml: {key} would install beside the lock"
+    assert ".tools/" in runtime_env["excludes"] and ".venv/" in runtime_env["excludes"]
+
+
+def project_dependencies() -> set[str]:
     import tomllib
 
     deps = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
-    names = {normalize(re.match(r"[A-Za-z0-9._-]+", d).group(0)) for d in deps}
-    for where, pins in (
-        ("cluster/aws.yaml", pins_in(" ".join(aws["setup_commands"]))),
-        ("cluster/kuberay/Dockerfile", dockerfile_pins()),
-    ):
-        missing = names - set(pins)
-        assert not missing, f"{where}: pin these pyproject dependencies too: {sorted(missing)}"
+    return {normalize(re.match(r"[A-Za-z0-9._-]+", d).group(0)) for d in deps}
 
 
-def test_kuberay_ray_version_and_image_follow_installed_ray(manifests):
-    ray_version = installed("ray")
+def test_kuberay_ray_version_and_image_follow_the_locked_ray(manifests, lock):
+    ray_version = lock["ray"]
     for name, docs in manifests.items():
         for spec in cluster_specs(docs):
             assert spec["rayVersion"] == ray_version, f"{name}: rayVersion"
