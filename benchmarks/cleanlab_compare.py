@@ -54,16 +54,16 @@ import numpy as np
 import yaml
 from sklearn.metrics import roc_auc_score
 
-from cleaner import uri as uri_lib
 from cleaner.config import CleanJobConfig
 from cleaner.distributed import select_from_scores_em
 from cleaner.fit import embeddings_of, read_scores
-from cleaner.models import load_clip
-from cleaner.pipeline import SCORES_DIR, shard_output_names
 from cleaner.probe import fit_probe_probs
-from cleaner.prompts import encode_prompts, ensemble_probs_numpy
+from cleaner.reading import uri as uri_lib
+from cleaner.reading.shards import STATUS_OK
+from cleaner.scoring.models import load_clip
+from cleaner.scoring.pipeline import SCORES_DIR, shard_output_names
+from cleaner.scoring.prompts import encode_prompts, ensemble_probs_numpy
 from cleaner.selection import SourceScores
-from cleaner.shards import STATUS_OK
 from jobs.common import load_class_spec
 
 # setting -> (generator noise kind, rate); "idn" is derived here, not generated

@@ -17,11 +17,11 @@ import json
 import tempfile
 import time
 
-from cleaner import uri as uri_lib
 from cleaner.config import load_config
-from cleaner.models import load_clip
-from cleaner.pipeline import read_stage, score_shards, score_stage
-from cleaner.prompts import encode_prompts
+from cleaner.reading import uri as uri_lib
+from cleaner.scoring.models import load_clip
+from cleaner.scoring.pipeline import read_stage, score_shards, score_stage
+from cleaner.scoring.prompts import encode_prompts
 from jobs.common import load_class_spec
 
 

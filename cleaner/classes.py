@@ -121,7 +121,7 @@ class ClassSpec:
 
     @classmethod
     def load(cls, path: str | Path) -> ClassSpec:
-        """Load a class spec from a local YAML path (see cleaner.uri for remote files)."""
+        """Load a class spec from a local YAML path (see cleaner.reading.uri for remote files)."""
         return cls.from_yaml_text(Path(path).read_text())
 
 

@@ -14,16 +14,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cleaner import uri as uri_lib
 from cleaner.config import SelectionConfig
 from cleaner.distributed import FittedSelection, fit_selection_in_memory
 from cleaner.metrics import detection_metrics
-from cleaner.pipeline import fixed_size_list_array
 from cleaner.probe import fit_probe_probs
-from cleaner.prompts import PromptBank
-from cleaner.scorer import ClipScorer
+from cleaner.reading import uri as uri_lib
+from cleaner.reading.shards import STATUS_FAILED, STATUS_OK
+from cleaner.scoring.pipeline import fixed_size_list_array
+from cleaner.scoring.prompts import PromptBank
+from cleaner.scoring.scorer import ClipScorer
 from cleaner.selection import SourceScores
-from cleaner.shards import STATUS_FAILED, STATUS_OK
 
 # The score files' columns (see ClipScorer / pipeline.scores_to_table) minus the embedding.
 SMALL_COLUMNS = [c for c in ClipScorer.output_columns if c not in ("shard_total", "embedding")]

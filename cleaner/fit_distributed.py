@@ -28,7 +28,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from cleaner import uri as uri_lib
 from cleaner.config import SelectionConfig
 from cleaner.distributed import (
     FittedSelection,
@@ -48,8 +47,9 @@ from cleaner.fit import (
     source_columns,
     summary_with_fit,
 )
-from cleaner.prompts import PromptBank
-from cleaner.shards import STATUS_OK
+from cleaner.reading import uri as uri_lib
+from cleaner.reading.shards import STATUS_OK
+from cleaner.scoring.prompts import PromptBank
 
 GIB = 1024**3
 DEFAULT_MEMORY_FRACTION = 0.5  # of the driver's available memory, when no budget is set

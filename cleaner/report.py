@@ -34,7 +34,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
-from cleaner import uri as uri_lib
+from cleaner.reading import uri as uri_lib
 
 __all__ = ["render_report", "top_noisy_keys", "write_report"]
 

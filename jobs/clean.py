@@ -13,7 +13,6 @@ import json
 import logging
 import time
 
-from cleaner import uri as uri_lib
 from cleaner.config import CleanJobConfig, ConfigError, load_config
 from cleaner.fit import fit_and_build_manifest, read_scores
 from cleaner.fit_distributed import (
@@ -21,12 +20,18 @@ from cleaner.fit_distributed import (
     fit_and_write_manifest_distributed,
     read_manifest_for_report,
 )
-from cleaner.models import load_clip
-from cleaner.pipeline import SCORES_DIR, score_shards, shard_output_names, table_to_parquet_bytes
-from cleaner.preflight import check_clean_job_io, check_labels_match_spec
-from cleaner.prompts import encode_prompts
+from cleaner.reading import uri as uri_lib
+from cleaner.reading.preflight import check_clean_job_io, check_labels_match_spec
+from cleaner.reading.shards import fetch_thumbnails
 from cleaner.report import top_noisy_keys, write_report
-from cleaner.shards import fetch_thumbnails
+from cleaner.scoring.models import load_clip
+from cleaner.scoring.pipeline import (
+    SCORES_DIR,
+    score_shards,
+    shard_output_names,
+    table_to_parquet_bytes,
+)
+from cleaner.scoring.prompts import encode_prompts
 from cleaner.versions import package_versions
 from jobs.common import (
     connect_ray,

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import yaml
 
-from cleaner import uri as uri_lib
 from cleaner.classes import DEMO_CLASS_SPEC, ClassSpec
 from cleaner.config import ConfigError, RayConfig
+from cleaner.reading import uri as uri_lib
 
 
 def parse_job_args(description: str, argv: list[str] | None = None) -> argparse.Namespace:

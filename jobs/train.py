@@ -15,9 +15,9 @@ import json
 import os
 import time
 
-from cleaner import uri as uri_lib
 from cleaner.config import ConfigError, load_config
-from cleaner.preflight import check_train_job_io
+from cleaner.reading import uri as uri_lib
+from cleaner.reading.preflight import check_train_job_io
 from cleaner.versions import package_versions
 from jobs.common import (
     connect_ray,

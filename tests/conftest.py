@@ -77,7 +77,7 @@ def count_samples(folder: Path) -> int:
     """Samples (distinct keys) in all the tar shards of a folder, counted with tarfile."""
     import tarfile
 
-    from cleaner.shards import split_member_name
+    from cleaner.reading.shards import split_member_name
 
     keys = set()
     for shard in sorted(folder.glob("*.tar")):

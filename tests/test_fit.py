@@ -7,8 +7,8 @@ import pyarrow as pa
 
 from cleaner.config import SelectionConfig
 from cleaner.fit import chunk_rows, fit_and_build_manifest, suggest_labels
-from cleaner.pipeline import fixed_size_list_array
-from cleaner.prompts import PromptBank, pad_prompt_features
+from cleaner.scoring.pipeline import fixed_size_list_array
+from cleaner.scoring.prompts import PromptBank, pad_prompt_features
 
 
 def unit(x):

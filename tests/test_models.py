@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from cleaner.config import ConfigError, ModelConfig
-from cleaner.models import ASSETS_DIR, autocast_dtype, fetch_to_cache, load_clip
+from cleaner.scoring.models import ASSETS_DIR, autocast_dtype, fetch_to_cache, load_clip
 from tests.conftest import make_bucket
 
 CHECKPOINT = ASSETS_DIR / "tiny-clip-shapes.pt"

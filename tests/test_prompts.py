@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from cleaner.classes import DEMO_CLASS_SPEC, ClassSpec
-from cleaner.prompts import (
+from cleaner.scoring.prompts import (
     PromptBank,
     ensemble_log_probs,
     ensemble_probs_numpy,

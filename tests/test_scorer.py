@@ -11,10 +11,10 @@ from PIL import Image
 
 from cleaner.classes import DEMO_CLASS_SPEC, ClassSpec
 from cleaner.config import ModelConfig
-from cleaner.models import load_clip
-from cleaner.prompts import encode_prompts
-from cleaner.scorer import ClipScorer
-from cleaner.shards import decode_image
+from cleaner.reading.shards import decode_image
+from cleaner.scoring.models import load_clip
+from cleaner.scoring.prompts import encode_prompts
+from cleaner.scoring.scorer import ClipScorer
 
 
 def make_scorer() -> tuple[ClipScorer, ClassSpec]:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cleaner.shards import (
+from cleaner.reading.shards import (
     SHARD_ERROR_PREFIX,
     decode_image,
     parse_label,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cleaner import uri as uri_lib
+from cleaner.reading import uri as uri_lib
 from tests.conftest import make_bucket
 
 

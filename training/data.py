@@ -15,9 +15,9 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow.parquet as pq
 
-from cleaner import uri as uri_lib
-from cleaner.pipeline import decoded_samples
-from cleaner.shards import STATUS_OK
+from cleaner.reading import uri as uri_lib
+from cleaner.reading.shards import STATUS_OK
+from cleaner.scoring.pipeline import decoded_samples
 from training.mixfix import random_crop_flip
 
 TRAIN_COLUMNS = ("image", "target", "sample_id", "epoch")

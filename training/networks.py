@@ -214,11 +214,11 @@ def load_initial_weights(model: nn.Module, path: str) -> LoadReport:
 
     Accepts a bare state dict or a checkpoint dict nesting it under "state_dict", "model",
     "model_state_dict" or "net"; "module." (DDP) and "_orig_mod." (torch.compile) key
-    prefixes are removed. s3:// locations are fetched through cleaner.models.fetch_to_cache
+    prefixes are removed. s3:// locations are fetched through cleaner.scoring.models.fetch_to_cache
     (cached once per node); file:// and plain paths are read in place.
     """
     if path.startswith("s3://"):
-        from cleaner.models import fetch_to_cache  # imports open_clip: only when needed
+        from cleaner.scoring.models import fetch_to_cache  # imports open_clip: only when needed
 
         local_path = fetch_to_cache(path)
     else:

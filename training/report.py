@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from cleaner import uri as uri_lib
+from cleaner.reading import uri as uri_lib
 
 CURVES = (
     ("loss", "training loss"),

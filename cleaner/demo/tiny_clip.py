@@ -38,7 +38,7 @@ from PIL import Image
 
 from cleaner.classes import DEMO_CLASS_SPEC, ClassSpec
 from cleaner.demo.shapes import draw_shape
-from cleaner.prompts import encode_prompts, ensemble_probs_numpy
+from cleaner.scoring.prompts import encode_prompts, ensemble_probs_numpy
 
 TINY_CLIP_NAME = "tiny-clip-shapes"
 ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
@@ -431,7 +431,7 @@ def zero_shot_predictions(
     """(labels, predictions) of the prompt-ensemble zero-shot classifier on fresh shapes.
 
     Images are drawn at 64 px and go through `preprocess` (the model's own transform), as in
-    production; the classifier is cleaner.prompts' ensemble over `spec.prompts()`.
+    production; the classifier is cleaner.scoring.prompts' ensemble over `spec.prompts()`.
     """
     spec = spec or ClassSpec.load(DEMO_CLASS_SPEC)
     was_training = model.training

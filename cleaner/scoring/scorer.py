@@ -13,9 +13,9 @@ import numpy as np
 import torch
 
 from cleaner.config import ModelConfig
-from cleaner.models import LoadedClip, load_clip
-from cleaner.prompts import PromptBank, ensemble_log_probs
-from cleaner.shards import STATUS_OK
+from cleaner.reading.shards import STATUS_OK
+from cleaner.scoring.models import LoadedClip, load_clip
+from cleaner.scoring.prompts import PromptBank, ensemble_log_probs
 
 PASSTHROUGH_COLUMNS = (
     "key",

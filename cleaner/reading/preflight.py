@@ -7,7 +7,7 @@
   credentials are rejected, the object or prefix is not there, a folder is not writable.
   Transient ones (HTTP 5xx, throttling, a dropped connection) are retried a few times with
   backoff here; during the job the AWS SDK's standard retry strategy retries every request
-  (cleaner.uri.s3_filesystem).
+  (cleaner.reading.uri.s3_filesystem).
 - The labels of the first samples are compared with the class spec: when more than a
   small fraction of them fall outside it (integers >= the class count, names the spec does
   not list), the spec does not describe the data and the job stops. A few stray labels
@@ -31,8 +31,8 @@ from dataclasses import dataclass, field
 import pyarrow.fs as pafs
 from braceexpand import braceexpand
 
-from cleaner import uri as uri_lib
 from cleaner.config import ConfigError
+from cleaner.reading import uri as uri_lib
 
 # Tries of one preflight S3 call for errors that may pass (each try is a single request).
 NETWORK_ATTEMPTS = 4  # no connection (refused, DNS, timeout): ~2 s in all, then "cannot reach"
@@ -328,7 +328,7 @@ def peek_labels(
     max_shards: int = PEEK_SHARDS,
 ) -> LabelPeek:
     """Labels of up to `max_samples` samples from the first `max_shards` readable shards."""
-    from cleaner.shards import iter_tar_samples
+    from cleaner.reading.shards import iter_tar_samples
 
     peek = LabelPeek()
     for shard in shards:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-from cleaner import uri as uri_lib
+from cleaner.reading import uri as uri_lib
 
 STATUS_OK = "ok"
 STATUS_FAILED = "failed"

@@ -17,8 +17,8 @@ import open_clip
 import torch
 from filelock import FileLock
 
-from cleaner import uri as uri_lib
 from cleaner.config import ConfigError, ModelConfig
+from cleaner.reading import uri as uri_lib
 
 ASSETS_DIR = Path(__file__).parent / "assets"
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")

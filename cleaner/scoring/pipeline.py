@@ -21,11 +21,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cleaner import uri as uri_lib
 from cleaner.config import CleanJobConfig
-from cleaner.prompts import PromptBank
-from cleaner.scorer import ClipScorer
-from cleaner.shards import read_shard
+from cleaner.reading import uri as uri_lib
+from cleaner.reading.shards import read_shard
+from cleaner.scoring.prompts import PromptBank
+from cleaner.scoring.scorer import ClipScorer
 
 log = logging.getLogger(__name__)
 SCORES_DIR = "scores"
@@ -187,7 +187,7 @@ def decoded_samples(
     """Ray Dataset of the samples of `shards`, decoded in CPU tasks (one task per shard).
 
     Columns: key, shard, shard_pos, label, true_label, image (uint8 [S, S, 3]), status,
-    reason, shard_total (see cleaner.shards.read_shard).
+    reason, shard_total (see cleaner.reading.shards.read_shard).
     """
     import ray
     from ray.data import TaskPoolStrategy
