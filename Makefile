@@ -55,9 +55,9 @@ test: $(INSTALLED) browser
 	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest -q
 
-# The edit loop: the unit tests only (no Ray cluster, no S3 endpoint, no browser).
+# The edit loop: the unit tests only (no Ray, no S3 endpoint, no browser).
 test-fast: $(INSTALLED)
-	$(PY) -m pytest -q -m "not integration and not e2e and not slow"
+	$(PY) -m pytest -q -m "not integration and not e2e and not browser"
 
 lint: $(INSTALLED)
 	$(VENV)/bin/ruff check .

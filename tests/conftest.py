@@ -156,3 +156,16 @@ def write_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
     return path
+
+
+# Fixtures that start a Ray instance or an S3 endpoint: a test that uses one is an integration
+# test even without the marker, so `make test-fast` (unit tests only) leaves it out.
+SERVICE_FIXTURES = {"local_ray", "ray_local", "proxy_ray", "s3_endpoint", "fault_proxy"}
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    for item in items:
+        if SERVICE_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.integration)
+        if item.module.__name__.endswith("test_report_browser"):
+            item.add_marker(pytest.mark.browser)

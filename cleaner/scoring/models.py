@@ -20,7 +20,7 @@ from filelock import FileLock
 from cleaner.config import ConfigError, ModelConfig
 from cleaner.reading import uri as uri_lib
 
-ASSETS_DIR = Path(__file__).parent / "assets"
+ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
 log = logging.getLogger(__name__)
 
