@@ -53,7 +53,7 @@ train-demo: $(INSTALLED)
 test: $(INSTALLED) browser
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 # The edit loop: the unit tests only (no Ray, no S3 endpoint, no browser).
 test-fast: $(INSTALLED)
