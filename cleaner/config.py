@@ -42,7 +42,15 @@ class ModelConfig(StrictModel):
         default=None, description="extra open_clip model config JSON (local or s3://)"
     )
     cache_dir: str | None = Field(default=None, description="per-node cache for s3:// files")
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        default="auto",
+        description="auto: bf16 on GPUs with native bf16 (compute capability 8.0+), else fp16",
+    )
+    quick_gelu: bool | Literal["auto"] = Field(
+        default="auto",
+        description="QuickGELU activations; auto: as the pretrained tag was trained (OpenAI's: "
+        "true), or the quick_gelu flag stored with a checkpoint file",
+    )
     random_weights: bool = Field(
         default=False, description="allow a model without weights (seeded; speed tests only)"
     )

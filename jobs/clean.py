@@ -66,7 +66,7 @@ def run_clean(cfg: CleanJobConfig) -> dict:
     check_labels_match_spec(shards, spec.names, f"class spec {cfg.data.classes!r}")
     clip = load_clip(cfg.model, device="cpu")
     bank = encode_prompts(clip.model, clip.tokenizer, spec.prompts(), device="cpu")
-    image_size = clip.image_size
+    image_size, resize = clip.image_size, clip.resize
     del clip
     timings["setup_s"] = time.perf_counter() - t0
 
@@ -74,7 +74,7 @@ def run_clean(cfg: CleanJobConfig) -> dict:
     t1 = time.perf_counter()
     scores_uri = uri_lib.join(cfg.output, SCORES_DIR)
     fingerprint = cfg.fingerprint(*spec.names, *[p for ps in spec.prompts() for p in ps])
-    stats = score_shards(cfg, shards, bank, spec.names, image_size, scores_uri, fingerprint)
+    stats = score_shards(cfg, shards, bank, spec.names, image_size, scores_uri, fingerprint, resize)
     timings["scoring_s"] = time.perf_counter() - t1
 
     t2 = time.perf_counter()

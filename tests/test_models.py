@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+import numpy as np
+import open_clip
 import pytest
 import torch
+from open_clip.transformer import QuickGELU
+from safetensors.torch import save_file
 
 from cleaner.config import ConfigError, ModelConfig
-from cleaner.scoring.models import ASSETS_DIR, autocast_dtype, fetch_to_cache, load_clip
+from cleaner.scoring.models import (
+    ASSETS_DIR,
+    autocast_dtype,
+    fetch_to_cache,
+    load_clip,
+    stored_quick_gelu,
+    uses_quick_gelu,
+)
 from tests.conftest import make_bucket
 
 CHECKPOINT = ASSETS_DIR / "tiny-clip-shapes.pt"
@@ -62,3 +73,79 @@ def test_missing_weights_are_an_error_unless_random_weights_are_asked_for():
 def test_autocast_only_on_gpu():
     assert autocast_dtype(torch.device("cpu"), "auto") is None
     assert autocast_dtype(torch.device("cpu"), "bf16") is None
+
+
+def random_checkpoint(name: str, path, **stored) -> str:
+    """A small checkpoint file holding a full state dict of `name` with random values.
+
+    Each tensor is one random row broadcast to its shape, so a ViT-B/32 file is a few KB;
+    `stored` entries (e.g. quick_gelu=True) are saved beside the state dict.
+    """
+    with torch.device("meta"):
+        shapes = {
+            k: v.shape
+            for k, v in open_clip.model.CLIP(**open_clip.get_model_config(name))
+            .state_dict()
+            .items()
+        }
+    gen = torch.Generator().manual_seed(0)
+    state = {
+        k: (torch.randn(s[-1], generator=gen) * 0.02).expand(s) if len(s) else torch.tensor(4.6)
+        for k, s in shapes.items()
+    }
+    torch.save({"state_dict": state, **stored}, path)
+    return str(path)
+
+
+def test_openai_tag_builds_quick_gelu_without_downloading(tmp_path, monkeypatch):
+    """OpenAI's ViT-B/32 was trained with QuickGELU: 'auto' follows the tag's config.
+
+    Only the download is replaced (by a random-weights file); tag resolution, model
+    building, checkpoint loading and preprocessing are open_clip's own.
+    """
+    fake = random_checkpoint("ViT-B-32", tmp_path / "vit-b-32.pt")
+    asked = []
+
+    def no_download(cfg, *args, **kwargs):
+        asked.append(cfg)
+        return fake
+
+    monkeypatch.setattr(open_clip.factory, "download_pretrained", no_download)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    clip = load_clip(ModelConfig(name="ViT-B-32", pretrained="openai"), device="cpu")
+    assert len(asked) == 1 and asked[0]["quick_gelu"] is True
+    block = clip.model.visual.transformer.resblocks[0]
+    assert isinstance(block.mlp.gelu, QuickGELU)
+    assert isinstance(clip.model.transformer.resblocks[0].mlp.gelu, QuickGELU)
+    assert clip.quick_gelu and uses_quick_gelu(clip.model)
+    assert float(clip.model.logit_scale) == pytest.approx(4.6)  # the file's weights loaded
+    assert (clip.image_size, clip.resize_mode, clip.interpolation) == (224, "shortest", "bicubic")
+    np.testing.assert_allclose(clip.mean, open_clip.OPENAI_DATASET_MEAN, rtol=1e-6)
+
+
+def test_checkpoint_files_follow_their_stored_quick_gelu_flag_or_the_config(tmp_path):
+    state = torch.load(CHECKPOINT, weights_only=True)
+    flagged = tmp_path / "flagged.pt"
+    torch.save({"state_dict": state, "quick_gelu": True}, flagged)
+    assert stored_quick_gelu(str(flagged)) is True and stored_quick_gelu(str(CHECKPOINT)) is None
+    auto = load_clip(ModelConfig(pretrained=str(flagged)), device="cpu")
+    assert auto.quick_gelu and uses_quick_gelu(auto.model)
+    off = load_clip(ModelConfig(pretrained=str(flagged), quick_gelu=False), device="cpu")
+    assert not off.quick_gelu and not uses_quick_gelu(off.model)
+    plain = load_clip(ModelConfig(pretrained=str(CHECKPOINT)), device="cpu")
+    assert not plain.quick_gelu  # no flag stored: the model config's own (GELU)
+    forced = load_clip(ModelConfig(pretrained=str(CHECKPOINT), quick_gelu=True), device="cpu")
+    assert forced.quick_gelu
+    for name, value in (("true", True), ("false", False)):  # safetensors: in the metadata
+        path = tmp_path / f"{name}.safetensors"
+        save_file(state, str(path), metadata={"quick_gelu": name})
+        assert load_clip(ModelConfig(pretrained=str(path)), device="cpu").quick_gelu is value
+    # the same weights score differently with the other activation: the flag matters
+    image = torch.rand(2, 3, 32, 32)
+    assert not torch.allclose(auto.model.encode_image(image), plain.model.encode_image(image))
+
+
+def test_quick_gelu_setting_is_validated():
+    assert ModelConfig(quick_gelu="true").quick_gelu is True
+    with pytest.raises(ValueError, match="quick_gelu"):
+        ModelConfig(quick_gelu="sometimes")

@@ -138,19 +138,50 @@ def sample_labels(sample: RawSample, class_names: list[str]) -> tuple[int, int, 
     return label, true_label, problem
 
 
-def decode_image(data: bytes, size: int) -> np.ndarray:
-    """Decode, convert to RGB, resize the short side to `size` (bicubic), centre-crop: uint8 HxWx3."""
+RESAMPLING = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
+
+
+def decode_image(
+    data: bytes,
+    size: int,
+    resize_mode: str = "shortest",
+    interpolation: str = "bicubic",
+    fill_color: int = 0,
+) -> np.ndarray:
+    """Decode, convert to RGB and resize as open_clip's inference transform does: uint8 HxWx3.
+
+    resize_mode 'shortest': short side to `size`, centre crop; 'squash': straight to
+    size x size; 'longest': long side to `size`, centred on a fill_color square.
+    interpolation 'bicubic' or 'bilinear' ('random' means bicubic at inference, as in
+    open_clip). The geometry matches torchvision's Resize/CenterCrop pixel for pixel.
+    """
+    if resize_mode not in ("shortest", "squash", "longest"):
+        raise ValueError(f"unknown resize_mode {resize_mode!r} (shortest, squash or longest)")
+    resample = RESAMPLING.get(interpolation, Image.Resampling.BICUBIC)
     with Image.open(io.BytesIO(data)) as img:
         img.load()
         rgb = img.convert("RGB")
     width, height = rgb.size
     if width < 1 or height < 1:
         raise ValueError("empty image")
-    scale = size / min(width, height)
-    new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
+    if resize_mode == "squash":
+        if (width, height) != (size, size):
+            rgb = rgb.resize((size, size), resample)
+        return np.asarray(rgb, dtype=np.uint8)
+    if resize_mode == "longest":
+        ratio = max(width, height) / size
+        new_w, new_h = max(1, round(width / ratio)), max(1, round(height / ratio))
+        if (new_w, new_h) != (width, height):
+            rgb = rgb.resize((new_w, new_h), resample)
+        canvas = Image.new("RGB", (size, size), (fill_color,) * 3)
+        canvas.paste(rgb, ((size - new_w) // 2, (size - new_h) // 2))
+        return np.asarray(canvas, dtype=np.uint8)
+    short, long = min(width, height), max(width, height)
+    new_short, new_long = size, int(size * long / short)  # torchvision's rounding
+    new_w, new_h = (new_short, new_long) if width <= height else (new_long, new_short)
     if (new_w, new_h) != (width, height):
-        rgb = rgb.resize((new_w, new_h), Image.Resampling.BICUBIC)
-    left, top = (new_w - size) // 2, (new_h - size) // 2
+        rgb = rgb.resize((new_w, new_h), resample)
+    left, top = round((new_w - size) / 2.0), round((new_h - size) / 2.0)
     return np.asarray(rgb.crop((left, top, left + size, top + size)), dtype=np.uint8)
 
 
@@ -202,6 +233,9 @@ def read_shard(
     image_size: int,
     extensions: list[str],
     batch_size: int = 256,
+    resize_mode: str = "shortest",
+    interpolation: str = "bicubic",
+    fill_color: int = 0,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Yield column batches of decoded samples of one shard; the last batch carries the total.
 
@@ -225,7 +259,9 @@ def read_shard(
                         problem = f"no image member (expected one of {', '.join(extensions)})"
                     else:
                         try:
-                            image = decode_image(data, image_size)
+                            image = decode_image(
+                                data, image_size, resize_mode, interpolation, fill_color
+                            )
                         except (OSError, ValueError, Image.DecompressionBombError) as err:
                             problem = f"image decode error: {type(err).__name__}: {err}"
                             image = blank

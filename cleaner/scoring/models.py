@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,22 +69,117 @@ def _looks_like_path(pretrained: str) -> bool:
     )
 
 
-def select_device(prefer: str | None = None) -> torch.device:
-    """CUDA when present (or as asked), else CPU."""
+def select_device(prefer: str | None = None, gpu_ids: list | None = None) -> torch.device:
+    """The device a stage may use: as asked, else the GPU it was granted, else CPU.
+
+    gpu_ids are the GPUs the stage reserved (ray.get_gpu_ids() in a Ray actor or task;
+    None outside Ray). A stage that reserved no GPU runs on CPU even where CUDA is
+    visible: Ray does not hide GPUs from workers that asked for none.
+    """
     if prefer:
         return torch.device(prefer)
+    if gpu_ids is None:
+        gpu_ids = _granted_gpu_ids()
+    if gpu_ids is not None and len(gpu_ids) == 0:
+        return torch.device("cpu")
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
-    """bf16 (or fp16 where bf16 is unsupported) on GPU for 'auto'; None (fp32) on CPU."""
+def _granted_gpu_ids() -> list | None:
+    """ray.get_gpu_ids() inside a Ray worker; None outside Ray (no reservation to follow)."""
+    try:
+        import ray
+    except ImportError:  # pragma: no cover - ray is a dependency
+        return None
+    if not ray.is_initialized():
+        return None
+    try:
+        if ray.get_runtime_context().worker.mode != ray.WORKER_MODE:
+            return None  # the driver reserves nothing; it follows what it sees
+    except AttributeError:  # pragma: no cover - older/newer runtime context
+        return None
+    return list(ray.get_gpu_ids())
+
+
+def native_bf16(capability: tuple[int, int] | None) -> bool:
+    """True where the GPU computes bf16 natively (compute capability 8.0+: A100, H100, L4...).
+
+    torch.cuda.is_bf16_supported() also counts emulation (T4, V100), where bf16 is slow
+    and fp16 with a GradScaler is the right choice.
+    """
+    return capability is not None and tuple(capability) >= (8, 0)
+
+
+def autocast_dtype(
+    device: torch.device, precision: str = "auto", capability: tuple[int, int] | None = None
+) -> torch.dtype | None:
+    """The autocast dtype for a precision setting: None (fp32) on CPU or for 'fp32'.
+
+    'auto' is bf16 where the GPU has native bf16 (capability >= 8.0), else fp16.
+    capability defaults to the device's own (torch.cuda.get_device_capability).
+    """
     if precision == "fp32" or device.type != "cuda":
         return None
     if precision == "fp16":
         return torch.float16
-    if precision == "bf16" or torch.cuda.is_bf16_supported():
+    if precision == "bf16":
         return torch.bfloat16
-    return torch.float16
+    if capability is None:
+        capability = torch.cuda.get_device_capability(device)
+    return torch.bfloat16 if native_bf16(capability) else torch.float16
+
+
+def stored_quick_gelu(path: str) -> bool | None:
+    """The `quick_gelu` flag stored with a checkpoint file, or None where it has none.
+
+    Torch checkpoints carry it as a top-level key beside `state_dict`
+    ({"state_dict": ..., "quick_gelu": true}, which open_clip loads as is); safetensors
+    files carry it in their metadata ("quick_gelu": "true"). Reading it maps the file
+    (mmap), it does not load the weights.
+    """
+    if path.endswith(".safetensors"):
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as f:
+            value = (f.metadata() or {}).get("quick_gelu")
+        return None if value is None else str(value).lower() in ("1", "true", "yes")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (RuntimeError, ValueError, OSError):  # a TorchScript archive or an old format
+        return None
+    if isinstance(checkpoint, dict) and "quick_gelu" in checkpoint:
+        return bool(checkpoint["quick_gelu"])
+    return None
+
+
+def resolve_quick_gelu(
+    setting: bool | str, name: str, pretrained: str | None, checkpoint: str | None
+) -> tuple[bool | None, str]:
+    """(QuickGELU on/off, or None to keep the model config's own; why) for a model config.
+
+    'auto' follows open_clip's pretrained config for a tag (OpenAI's weights were trained
+    with QuickGELU; open_clip would build plain GELU and only warn), and for a checkpoint
+    file the flag stored with it (see stored_quick_gelu).
+    """
+    if isinstance(setting, bool):
+        return setting, "model.quick_gelu"
+    if checkpoint is not None:
+        flag = stored_quick_gelu(checkpoint)
+        if flag is not None:
+            return flag, f"the quick_gelu flag stored with {pretrained}"
+        return None, "the model config (no quick_gelu flag stored with the checkpoint)"
+    if pretrained:
+        tag_cfg = open_clip.get_pretrained_cfg(name, pretrained)
+        if tag_cfg:
+            return bool(
+                tag_cfg.get("quick_gelu", False)
+            ), f"open_clip's config of tag {pretrained!r}"
+    return None, "the model config"
+
+
+def uses_quick_gelu(model: torch.nn.Module) -> bool:
+    """True if the model's activations are QuickGELU (what the built module really has)."""
+    return any(isinstance(m, open_clip.transformer.QuickGELU) for m in model.modules())
 
 
 @dataclass
@@ -98,6 +194,10 @@ class LoadedClip:
     std: np.ndarray
     amp_dtype: torch.dtype | None
     name: str
+    resize_mode: str = "shortest"
+    interpolation: str = "bicubic"
+    fill_color: int = 0
+    quick_gelu: bool = False
 
     @property
     def embed_dim(self) -> int:
@@ -107,9 +207,23 @@ class LoadedClip:
             else int(self.model.visual.output_dim)
         )
 
+    @property
+    def resize(self) -> dict:
+        """How the decoder resizes to image_size for this model (read_shard's keywords)."""
+        return {
+            "resize_mode": self.resize_mode,
+            "interpolation": self.interpolation,
+            "fill_color": self.fill_color,
+        }
+
 
 def load_clip(config: ModelConfig, device: str | torch.device | None = None) -> LoadedClip:
-    """Create a CLIP with open_clip's factory from a model config; errors name the problem."""
+    """Create a CLIP with open_clip's factory from a model config; errors name the problem.
+
+    The activation (QuickGELU or GELU) follows model.quick_gelu (see resolve_quick_gelu);
+    the preprocessing (size, mean, std, resize mode, interpolation) follows the model's
+    final preprocess_cfg, which open_clip merges from the tag's config.
+    """
     register_bundled_configs()
     if config.config_file:
         open_clip.add_model_config(fetch_to_cache(config.config_file, config.cache_dir))
@@ -120,29 +234,44 @@ def load_clip(config: ModelConfig, device: str | torch.device | None = None) -> 
             "(give model.config_file, or one of open_clip.list_models())"
         )
     pretrained = config.pretrained
+    checkpoint = None
     if pretrained and _looks_like_path(pretrained):
-        pretrained = fetch_to_cache(pretrained, config.cache_dir)
+        pretrained = checkpoint = fetch_to_cache(pretrained, config.cache_dir)
     elif pretrained is None and name.startswith("tiny-clip"):
         bundled = ASSETS_DIR / f"{name}.pt"
         pretrained = str(bundled) if bundled.exists() else None
-    if pretrained is None and not config.random_weights:
+    schema_weights = name.startswith(("hf-hub:", "local-dir:"))  # weights come with the model
+    if pretrained is None and not config.random_weights and not schema_weights:
         raise ConfigError(
             f"no pretrained weights for model {name!r}: give model.pretrained (an open_clip "
             "tag, a local path or an s3:// checkpoint), or model.random_weights=true for "
             "speed measurements"
         )
+    quick_gelu, why = resolve_quick_gelu(config.quick_gelu, name, config.pretrained, checkpoint)
+    base_cfg = open_clip.get_model_config(name) or {}
+    activation: dict = {}
+    if quick_gelu is True:
+        activation["force_quick_gelu"] = True
+    elif quick_gelu is False and base_cfg.get("quick_gelu", False):
+        activation["quick_gelu"] = False  # a model kwarg: overrides the config's True
     target = select_device(str(device) if device is not None else None)
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        # open_clip warns about a QuickGELU mismatch only when we chose it on purpose
+        warnings.filterwarnings("ignore", message="QuickGELU mismatch")
         torch.manual_seed(0)  # random weights, when asked for, are the same in every actor
         try:
             model = open_clip.create_model(
-                name, pretrained=pretrained, device=target, cache_dir=config.cache_dir
+                name, pretrained=pretrained, device=target, cache_dir=config.cache_dir, **activation
             )
         except RuntimeError as err:
             if "not a known tag" not in str(err):
                 raise
             raise ConfigError(f"model {name!r}: {err}") from None
     model.eval().requires_grad_(False)
+    has_quick_gelu = uses_quick_gelu(model)
+    log.info(
+        "model %s: %s activations, from %s", name, "QuickGELU" if has_quick_gelu else "GELU", why
+    )
     tokenizer = open_clip.get_tokenizer(name)
     pp = getattr(model.visual, "preprocess_cfg", {})
     size = pp.get("size", model.visual.image_size)
@@ -156,4 +285,8 @@ def load_clip(config: ModelConfig, device: str | torch.device | None = None) -> 
         std=np.asarray(pp.get("std", open_clip.OPENAI_DATASET_STD), dtype=np.float32),
         amp_dtype=autocast_dtype(target, config.precision),
         name=name,
+        resize_mode=str(pp.get("resize_mode", "shortest")),
+        interpolation=str(pp.get("interpolation", "bicubic")),
+        fill_color=int(pp.get("fill_color", 0)),
+        quick_gelu=has_quick_gelu,
     )

@@ -161,8 +161,17 @@ def actor_resources(cfg: CleanJobConfig) -> dict[str, float]:
     return {"num_gpus": float(gpus), "num_cpus": float(cfg.scoring.cpus_per_actor)}
 
 
-def read_stage(cfg: CleanJobConfig, shards: list[str], class_names: list[str], image_size: int):
-    """Ray Dataset of decoded samples: one CPU task per shard, uint8 images of image_size."""
+def read_stage(
+    cfg: CleanJobConfig,
+    shards: list[str],
+    class_names: list[str],
+    image_size: int,
+    resize: dict | None = None,
+):
+    """Ray Dataset of decoded samples: one CPU task per shard, uint8 images of image_size.
+
+    resize: the model's resize_mode / interpolation / fill_color (LoadedClip.resize).
+    """
     return decoded_samples(
         shards,
         class_names=class_names,
@@ -171,6 +180,7 @@ def read_stage(cfg: CleanJobConfig, shards: list[str], class_names: list[str], i
         read_batch_size=cfg.scoring.read_batch_size,
         max_readers=cfg.scoring.max_readers,
         reader_memory_mb=cfg.scoring.reader_memory_mb,
+        resize=resize,
     )
 
 
@@ -183,6 +193,7 @@ def decoded_samples(
     read_batch_size: int = 256,
     max_readers: int | None = None,
     reader_memory_mb: int = 768,
+    resize: dict | None = None,
 ):
     """Ray Dataset of the samples of `shards`, decoded in CPU tasks (one task per shard).
 
@@ -206,6 +217,7 @@ def decoded_samples(
             "image_size": image_size,
             "extensions": list(extensions),
             "batch_size": read_batch_size,
+            **(resize or {}),
         },
     )
 
@@ -239,6 +251,7 @@ def score_shards(
     image_size: int,
     scores_uri: str,
     fingerprint: str,
+    resize: dict | None = None,
 ) -> ScoringStats:
     """Score every shard not already scored; one parquet file per shard under scores_uri."""
     import ray
@@ -256,7 +269,7 @@ def score_shards(
     if not todo:
         return ScoringStats(len(shards), skipped, 0, 0, time.perf_counter() - start)
 
-    ds = score_stage(read_stage(cfg, todo, class_names, image_size), cfg, ray.put(bank))
+    ds = score_stage(read_stage(cfg, todo, class_names, image_size, resize), cfg, ray.put(bank))
     samples = 0
     done = 0
 
