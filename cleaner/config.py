@@ -62,7 +62,11 @@ class ScoringConfig(StrictModel):
     batch_size: int = Field(default=256, gt=0)
     min_actors: int = Field(default=1, gt=0)
     max_actors: int = Field(default=2, gt=0)
-    gpus_per_actor: float | Literal["auto"] = "auto"
+    gpus_per_actor: float | Literal["auto"] = Field(
+        default="auto",
+        description="GPUs per scorer actor; fractions put several actors on one GPU "
+        "(0.5: two), a throughput knob; 0: CPU actors; auto: 1 if the cluster has GPUs",
+    )
     cpus_per_actor: float = Field(default=1.0, gt=0)
     read_batch_size: int = Field(default=256, gt=0, description="samples per block from a shard")
     max_readers: int | None = Field(
@@ -71,6 +75,17 @@ class ScoringConfig(StrictModel):
     reader_memory_mb: int = Field(default=768, gt=0, description="memory of one shard-reader task")
     tau: float = Field(default=0.07, gt=0)
     top_k: int = Field(default=5, gt=0)
+
+    @field_validator("gpus_per_actor")
+    @classmethod
+    def _gpus_ray_can_grant(cls, v: float | str) -> float | str:
+        if isinstance(v, str):
+            return v
+        if v < 0 or (v > 1 and v != int(v)):
+            raise ValueError(
+                f"gpus_per_actor ({v}) must be a fraction of one GPU (0 to 1) or a whole number"
+            )
+        return v
 
     @field_validator("max_actors")
     @classmethod

@@ -61,10 +61,33 @@ class OptimConfig(StrictModel):
 
 
 class ScalingConf(StrictModel):
+    """Ray Train workers: one process per GPU when use_gpu (DDP over NCCL)."""
+
     num_workers: int = Field(default=2, gt=0)
     use_gpu: bool = False
     cpus_per_worker: float = Field(default=1.0, gt=0)
-    gpus_per_worker: float = Field(default=1.0, ge=0)
+    gpus_per_worker: float = Field(
+        default=1.0, ge=0, description="must be 1 with use_gpu (one GPU per DDP rank)"
+    )
+    sync_batchnorm: bool = Field(
+        default=True,
+        description="SyncBatchNorm across GPU workers (BatchNorm statistics over the whole "
+        "global batch, as on the paper's single GPU); CPU runs keep BatchNorm",
+    )
+
+    @model_validator(mode="after")
+    def _one_gpu_per_worker(self) -> ScalingConf:
+        if self.use_gpu and self.gpus_per_worker != 1:
+            why = (
+                "ranks sharing a GPU make NCCL fail (duplicate GPU in one communicator)"
+                if self.gpus_per_worker < 1
+                else "a DDP rank uses one GPU; the others would sit idle (raise num_workers)"
+            )
+            raise ValueError(
+                f"scaling.gpus_per_worker must be 1 with use_gpu (got {self.gpus_per_worker}): "
+                f"{why}"
+            )
+        return self
 
 
 class RunConf(StrictModel):

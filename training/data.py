@@ -188,3 +188,24 @@ def training_stream(index: SampleIndex, cfg, class_names: list[str], store):
             "seed": cfg.seed,
         },
     )
+
+
+def split_shards_by_samples(
+    shards: list[str], offsets: dict[str, int], num_samples: int, world: int
+) -> list[list[str]]:
+    """Whole shards dealt to `world` workers so each gets about the same number of samples.
+
+    Largest shard first to the worker with the fewest samples so far (ties: lower rank);
+    each worker's shards keep their manifest order. Deterministic: every rank computes
+    the same split. Splitting by shard count instead would leave a worker with the big
+    shards predicting long after the others.
+    """
+    starts = [offsets[s] for s in shards]
+    sizes = np.diff(np.r_[starts, num_samples]).astype(np.int64)
+    loads = np.zeros(world, dtype=np.int64)
+    owner = np.zeros(len(shards), dtype=np.int64)
+    for i in sorted(range(len(shards)), key=lambda i: (-sizes[i], i)):
+        rank = int(np.argmin(loads))
+        owner[i] = rank
+        loads[rank] += sizes[i]
+    return [[s for s, o in zip(shards, owner, strict=True) if o == rank] for rank in range(world)]

@@ -12,15 +12,29 @@ scheduler, epoch, selection, labels, metrics history) to the run's storage.
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 import time
 
 import numpy as np
 import torch
 
+from training.checkpoint import CHECKPOINT_FILES, load_checkpoint, save_checkpoint
 from training.config import TrainJobConfig
-from training.data import SampleIndex, decoded_with_ids, repetition_factors
+from training.data import (
+    SampleIndex,
+    decoded_with_ids,
+    repetition_factors,
+    split_shards_by_samples,
+)
+from training.devices import (
+    amp_dtype_for,
+    broadcast_buffers,
+    configure_backends,
+    make_scaler,
+    maybe_sync_batchnorm,
+    normalise,
+    to_device,
+)
 from training.mixfix import (
     MixFixState,
     make_optimizer,
@@ -30,20 +44,7 @@ from training.mixfix import (
 )
 from training.networks import build_network
 
-CHECKPOINT_FILES = ("model.pt", "optimizer.pt", "scheduler.pt", "state.npz", "history.json")
-
-
-def amp_dtype_for(device: torch.device, amp: str) -> torch.dtype | None:
-    if device.type != "cuda" or amp == "fp32":
-        return None
-    if amp == "fp16":
-        return torch.float16
-    return torch.bfloat16
-
-
-def normalise(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """uint8 NHWC on device -> normalised float NCHW."""
-    return images.permute(0, 3, 1, 2).float().div_(255.0).sub_(mean).div_(std)
+__all__ = ["CHECKPOINT_FILES", "amp_dtype_for", "load_checkpoint", "save_checkpoint"]
 
 
 def initial_state(index: SampleIndex, mode: str) -> MixFixState:
@@ -75,88 +76,63 @@ def combine_predictions(parts, labels: np.ndarray) -> tuple[np.ndarray, np.ndarr
 
 @torch.no_grad()
 def predict_subset(model, dataset, device, mean, std, amp_dtype, batch_size: int):
-    """(sample ids, max prob, argmax, given labels) for a dataset of decoded samples."""
+    """(sample ids, max prob, argmax, given labels) for a dataset of decoded samples.
+
+    Only images go to the device; ids and labels stay on the host. Predictions stay on
+    the device until the end: one transfer back, no sync per batch.
+    """
     model.eval()
-    ids, probs, preds, labels = [], [], [], []
-    batches = (
-        ()
-        if dataset is None
-        else dataset.iter_torch_batches(
-            batch_size=batch_size,
-            dtypes={"image": torch.uint8, "sample_id": torch.int64, "label": torch.int64},
-            device=str(device),
-        )
-    )
+    ids, labels, probs, preds = [], [], [], []
+    batches = () if dataset is None else dataset.iter_batches(batch_size=batch_size)
     for batch in batches:
-        inputs = normalise(batch["image"], mean, std)
+        inputs = normalise(to_device(batch["image"], device), mean, std)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             logits = model(inputs)
-        p = torch.softmax(logits.float(), dim=1)
-        top_p, top_i = p.max(dim=1)
-        ids.append(batch["sample_id"].cpu().numpy())
-        probs.append(top_p.cpu().numpy())
-        preds.append(top_i.cpu().numpy())
-        labels.append(batch["label"].cpu().numpy())
+        top_p, top_i = torch.softmax(logits.float(), dim=1).max(dim=1)
+        probs.append(top_p)
+        preds.append(top_i)
+        ids.append(np.asarray(batch["sample_id"], dtype=np.int64))
+        labels.append(np.asarray(batch["label"], dtype=np.int64))
     model.train()
     if not ids:
         empty = np.zeros(0)
         return empty.astype(np.int64), empty.astype(np.float32), empty.astype(np.int64), empty
+    both = torch.stack([torch.cat(probs), torch.cat(preds).to(torch.float32)]).cpu().numpy()
     return (
-        np.concatenate(ids).astype(np.int64),
-        np.concatenate(probs).astype(np.float32),
-        np.concatenate(preds).astype(np.int64),
-        np.concatenate(labels).astype(np.int64),
+        np.concatenate(ids),
+        both[0].astype(np.float32),
+        both[1].astype(np.int64),
+        np.concatenate(labels),
     )
+
+
+def epoch_batch_to_device(batch: dict[str, np.ndarray], epoch: int, device, mean, std):
+    """(normalised inputs, targets) on the device from a host batch of the epoch stream.
+
+    The epoch check reads the host copy (no device sync); image and targets are copied
+    from pinned memory without blocking.
+    """
+    epochs = np.asarray(batch["epoch"])
+    if epochs.size and int(epochs[0]) != epoch:
+        raise RuntimeError(f"epoch {epoch} received rows expanded for epoch {epochs[0]}")
+    images = to_device(batch["image"], device)
+    targets = to_device(np.asarray(batch["target"], dtype=np.int64), device)
+    return normalise(images, mean, std), targets
 
 
 def epoch_batches(
     shard, epoch: int, batch_size: int, device, mean, std, *, shuffle_buffer: int, shuffle_seed: int
 ):
     """(normalised inputs, current labels) of this worker's split of the epoch stream."""
-    for batch in shard.iter_torch_batches(
+    for batch in shard.iter_batches(
         batch_size=batch_size,
-        dtypes={
-            "image": torch.uint8,
-            "target": torch.int64,
-            "sample_id": torch.int64,
-            "epoch": torch.int64,
-        },
-        device=str(device),
+        batch_format="numpy",
+        prefetch_batches=2,
         drop_last=True,
         local_shuffle_buffer_size=shuffle_buffer or None,
         local_shuffle_seed=shuffle_seed,
     ):
-        if int(batch["epoch"][0]) != epoch:
-            raise RuntimeError(
-                f"epoch {epoch} received rows expanded for epoch {batch['epoch'][0]}"
-            )
-        yield normalise(batch["image"], mean, std), batch["target"]
-
-
-def save_checkpoint(directory: str, model, optimizer, scheduler, state: MixFixState, history):
-    module = model.module if hasattr(model, "module") else model
-    torch.save(module.state_dict(), os.path.join(directory, "model.pt"))
-    torch.save(optimizer.state_dict(), os.path.join(directory, "optimizer.pt"))
-    torch.save(scheduler.state_dict(), os.path.join(directory, "scheduler.pt"))
-    np.savez(os.path.join(directory, "state.npz"), **state.state_dict())
-    with open(os.path.join(directory, "history.json"), "w") as f:
-        json.dump(history, f)
-
-
-def load_checkpoint(directory: str, model, optimizer, scheduler):
-    module = model.module if hasattr(model, "module") else model
-    module.load_state_dict(torch.load(os.path.join(directory, "model.pt"), weights_only=True))
-    optimizer.load_state_dict(
-        torch.load(os.path.join(directory, "optimizer.pt"), weights_only=True)
-    )
-    scheduler.load_state_dict(
-        torch.load(os.path.join(directory, "scheduler.pt"), weights_only=True)
-    )
-    with np.load(os.path.join(directory, "state.npz")) as data:
-        state = MixFixState.from_state_dict({k: data[k] for k in data.files})
-    with open(os.path.join(directory, "history.json")) as f:
-        history = json.load(f)
-    return state, history
+        yield epoch_batch_to_device(batch, epoch, device, mean, std)
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
@@ -175,7 +151,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if not cfg.scaling.use_gpu:
         torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
     torch.manual_seed(cfg.seed)
-    device = ray.train.torch.get_device()
+    device = ray.train.torch.get_device()  # the GPU Ray granted this worker, or CPU
+    configure_backends(device)
     amp_dtype = amp_dtype_for(device, cfg.optim.amp)
     mean = torch.tensor(cfg.data.mean, device=device).reshape(1, 3, 1, 1)
     std = torch.tensor(cfg.data.std, device=device).reshape(1, 3, 1, 1)
@@ -183,21 +160,23 @@ def train_loop_per_worker(loop_config: dict) -> None:
     model = build_network(
         cfg.network.name, len(class_names), pretrained_path=cfg.network.pretrained
     )
+    model = maybe_sync_batchnorm(model, world, device, cfg.scaling.sync_batchnorm)
     model = ray.train.torch.prepare_model(model)
     optimizer = make_optimizer(model, cfg.optim.lr, cfg.optim.momentum, cfg.optim.weight_decay)
     scheduler = make_scheduler(optimizer, cfg.optim.milestones, cfg.optim.gamma)
-    scaler = torch.amp.GradScaler() if amp_dtype == torch.float16 else None
+    scaler = make_scaler(amp_dtype, device)
 
     state, history, start_epoch = initial_state(index, cfg.mixfix.mode), [], 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
-            state, history = load_checkpoint(directory, model, optimizer, scheduler)
+            state, history = load_checkpoint(directory, model, optimizer, scheduler, device, scaler)
         start_epoch = len(history)
         print(f"[train] rank {rank}: resumed after epoch {start_epoch}", flush=True)
     resumed_from = start_epoch if checkpoint is not None else None
 
-    my_shards = index.shards[rank::world]
+    # Prediction work split by sample count (whole shards, each read by one worker).
+    my_shards = split_shards_by_samples(index.shards, index.offsets, index.num_samples, world)[rank]
     my_test = test_shards[rank::world]
     # A worker with more ranks than shards to go round has nothing to predict (None).
     predict_source = (
@@ -255,6 +234,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         metrics["train_samples"] = int(sum(g[1] for g in gathered))
         metrics["train_images_per_s"] = metrics["train_samples"] / max(g[2] for g in gathered)
 
+        # every rank predicts with rank 0's BatchNorm statistics: 1 or N workers alike
+        broadcast_buffers(module, world)
         if cfg.mixfix.mode == "mixfix":
             mine = predict_subset(
                 module,
@@ -310,7 +291,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             print(f"[train] {json.dumps(metrics)}", flush=True)
         with tempfile.TemporaryDirectory() as directory:
             if rank == 0:
-                save_checkpoint(directory, model, optimizer, scheduler, state, history)
+                save_checkpoint(directory, model, optimizer, scheduler, state, history, scaler)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
             else:
                 ray.train.report(metrics)

@@ -425,7 +425,7 @@ def train_one_epoch(
     """
     device = torch.device(device)
     model.train()
-    loss_sum = 0.0
+    loss_sum = torch.zeros((), device=device)  # on the device: no host sync per step
     samples = 0
     num_batches = 0
     for inputs, targets in batches:
@@ -435,7 +435,9 @@ def train_one_epoch(
         if targets.shape[0] != batch_size:
             raise ValueError(f"batch of {batch_size} inputs but {targets.shape[0]} targets")
         lam, permutation = sample_mixup(batch_size, beta, generator)
-        perm = torch.from_numpy(permutation).to(device)
+        perm = torch.from_numpy(permutation)
+        if device.type == "cuda":  # pinned, non-blocking: the step does not wait for it
+            perm = perm.pin_memory().to(device, non_blocking=True)
         if lam != 1.0:
             inputs = inputs.mul(lam).add_(inputs[perm], alpha=1.0 - lam)
         with _autocast(device, amp_dtype):
@@ -455,10 +457,10 @@ def train_one_epoch(
         else:
             loss.backward()
             optimizer.step()
-        loss_sum += float(loss.detach()) * batch_size
+        loss_sum += loss.detach().float() * batch_size
         samples += batch_size
         num_batches += 1
-    return {"loss": loss_sum / max(samples, 1), "samples": samples, "batches": num_batches}
+    return {"loss": float(loss_sum) / max(samples, 1), "samples": samples, "batches": num_batches}
 
 
 @torch.no_grad()

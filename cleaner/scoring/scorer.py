@@ -8,6 +8,7 @@ in-process too, which is how the unit tests and the benchmark's model-only stage
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import numpy as np
 import torch
@@ -61,6 +62,9 @@ class ClipScorer:
         if num_threads:
             torch.set_num_threads(num_threads)
         self.clip: LoadedClip = load_clip(ModelConfig(**model_config), device=device)
+        if self.clip.amp_dtype is not None:
+            # frozen weights cast once, not on every forward by autocast
+            self.clip.model.to(self.clip.amp_dtype)
         self.text = torch.tensor(prompt_bank.features).to(self.clip.device)
         self.mask = torch.tensor(prompt_bank.mask).to(self.clip.device)
         self.tau, self.top_k = tau, min(top_k, prompt_bank.num_classes)
@@ -68,10 +72,24 @@ class ClipScorer:
         self.mean = torch.from_numpy(self.clip.mean).reshape(shape).to(self.clip.device)
         self.std = torch.from_numpy(self.clip.std).reshape(shape).to(self.clip.device)
 
+    def to_device(self, images: np.ndarray) -> torch.Tensor:
+        """uint8 images on the scoring device, without an extra host copy.
+
+        On a GPU the batch goes through pinned memory with a non-blocking copy; on CPU
+        the tensor shares the batch's memory (it is only read).
+        """
+        array = np.ascontiguousarray(images, dtype=np.uint8)
+        with warnings.catch_warnings():  # Ray's batches may be read-only; we never write
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            pixels = torch.from_numpy(array)
+        if self.clip.device.type == "cuda":
+            return pixels.pin_memory().to(self.clip.device, non_blocking=True)
+        return pixels.to(self.clip.device)
+
     @torch.no_grad()
     def embed(self, images: np.ndarray) -> torch.Tensor:
-        """uint8 [B, S, S, 3] -> L2-normalised float32 image embeddings [B, D]."""
-        pixels = torch.from_numpy(np.array(images, dtype=np.uint8, copy=True)).to(self.clip.device)
+        """uint8 [B, S, S, 3] -> L2-normalised float32 image embeddings [B, D] (on device)."""
+        pixels = self.to_device(images)
         pixels = pixels.permute(0, 3, 1, 2).float().div_(255.0).sub_(self.mean).div_(self.std)
         amp = (
             torch.autocast(self.clip.device.type, dtype=self.clip.amp_dtype)
@@ -82,12 +100,25 @@ class ClipScorer:
             feats = self.clip.model.encode_image(pixels)
         return torch.nn.functional.normalize(feats.float(), dim=-1)
 
+    @torch.no_grad()
+    def score(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        """probs [B, K], top-k probs and labels, embeddings: computed on the device and
+        brought back in one transfer (one sync per batch)."""
+        feats = self.embed(images)
+        probs = ensemble_log_probs(feats, self.text, self.mask, self.tau).exp_()
+        top_p, top_i = probs.topk(self.top_k, dim=-1)
+        k, width = probs.shape[1], self.top_k
+        host = torch.cat([probs, top_p, top_i.to(torch.float32), feats], dim=1).cpu().numpy()
+        return {
+            "probs": host[:, :k],
+            "topk_probs": host[:, k : k + width],
+            "topk_labels": host[:, k + width : k + 2 * width].astype(np.int64),
+            "embedding": host[:, k + 2 * width :].astype(np.float16),
+        }
+
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        feats = self.embed(batch["image"])
-        with torch.no_grad():
-            probs = ensemble_log_probs(feats, self.text, self.mask, self.tau).exp_()
-            top_p, top_i = probs.topk(self.top_k, dim=-1)
-        probs_np = probs.cpu().numpy()
+        scored = self.score(batch["image"])
+        probs_np = scored["probs"]
         labels = np.asarray(batch["label"], dtype=np.int64)
         ok = (np.asarray(batch["status"]) == STATUS_OK) & (labels >= 0)
         p_label = np.full(len(labels), np.nan, dtype=np.float32)
@@ -98,8 +129,8 @@ class ClipScorer:
             p_label=p_label,
             max_p=probs_np.max(axis=1).astype(np.float32),
             argmax=probs_np.argmax(axis=1).astype(np.int64),
-            topk_labels=top_i.cpu().numpy().astype(np.int64),
-            topk_probs=top_p.cpu().numpy().astype(np.float32),
-            embedding=feats.cpu().numpy().astype(np.float16),
+            topk_labels=scored["topk_labels"],
+            topk_probs=scored["topk_probs"].astype(np.float32),
+            embedding=scored["embedding"],
         )
         return out
