@@ -74,3 +74,39 @@ def test_scores_are_consistent_and_failed_rows_have_no_label_score():
     np.testing.assert_array_equal(out["topk_labels"][:, 0], out["argmax"])
     np.testing.assert_allclose(out["topk_probs"][:, 0], out["max_p"], rtol=1e-5)
     assert out["argmax"].max() < spec.num_classes
+
+
+def test_one_transfer_back_per_batch_and_no_extra_image_copy(monkeypatch):
+    """The scorer brings a batch's results back in one .cpu() (one sync), and reads the
+    uint8 batch in place (no full copy before the device transfer)."""
+    scorer, _ = make_scorer()
+    size = scorer.clip.image_size
+    images = np.random.default_rng(2).integers(0, 255, (5, size, size, 3), dtype=np.uint8)
+    images.setflags(write=False)  # as Ray Data hands batches over
+    pixels = scorer.to_device(images)
+    assert pixels.data_ptr() == images.ctypes.data
+    calls = []
+    real_cpu = torch.Tensor.cpu
+
+    def counting_cpu(self, *args, **kwargs):
+        calls.append(tuple(self.shape))
+        return real_cpu(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "cpu", counting_cpu)
+    n = len(images)
+    batch = {
+        "key": np.array([f"k{i}" for i in range(n)], dtype=object),
+        "shard": np.array(["s.tar"] * n, dtype=object),
+        "shard_pos": np.arange(n),
+        "label": np.arange(n),
+        "true_label": np.full(n, -1),
+        "status": np.array(["ok"] * n, dtype=object),
+        "reason": np.array([""] * n, dtype=object),
+        "shard_total": np.full(n, -1),
+        "image": images,
+    }
+    out = scorer(batch)
+    assert len(calls) == 1, calls
+    reference = scorer.embed(images).numpy().astype(np.float16)
+    np.testing.assert_array_equal(out["embedding"], reference)
+    assert out["topk_labels"].dtype == np.int64
