@@ -8,6 +8,8 @@ neither block nor send ids and labels on a round trip through the GPU.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 from torch import nn
@@ -58,7 +60,12 @@ def broadcast_buffers(module: nn.Module, world: int, src: int = 0) -> None:
 
 def to_device(array: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
     """A host array on `device`: from pinned memory without blocking when it is a GPU."""
-    tensor = array if isinstance(array, torch.Tensor) else torch.from_numpy(np.asarray(array))
+    if isinstance(array, torch.Tensor):
+        tensor = array
+    else:
+        with warnings.catch_warnings():  # Ray's batches may be read-only; they are only read
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            tensor = torch.from_numpy(np.ascontiguousarray(array))
     if device.type != "cuda":
         return tensor
     return tensor.pin_memory().to(device, non_blocking=True)
