@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from cleaner.config import ScoringConfig
-from cleaner.scoring.models import autocast_dtype, select_device
+from cleaner.scoring.models import _granted_gpu_ids, autocast_dtype, select_device
 from tests.conftest import free_port
 from training.checkpoint import load_checkpoint, read_states, save_checkpoint
 from training.config import ScalingConf
@@ -74,6 +74,7 @@ def test_device_follows_the_gpus_a_stage_was_granted(monkeypatch):
     assert select_device(gpu_ids=[3]) == CUDA  # Ray sets CUDA_VISIBLE_DEVICES to it
     assert select_device(gpu_ids=None) == CUDA  # outside Ray: what is visible
     assert select_device("cpu", gpu_ids=[0]) == CPU
+    assert _granted_gpu_ids() is None  # a driver (or no Ray) has no reservation to follow
 
 
 def test_checkpoint_loads_onto_the_rank_device_with_its_grad_scaler(tmp_path):
