@@ -16,7 +16,13 @@ from tests.conftest import free_port
 from training.checkpoint import load_checkpoint, read_states, save_checkpoint
 from training.config import ScalingConf
 from training.data import split_shards_by_samples
-from training.devices import amp_dtype_for, broadcast_buffers, make_scaler, maybe_sync_batchnorm
+from training.devices import (
+    amp_dtype_for,
+    broadcast_buffers,
+    configure_backends,
+    make_scaler,
+    maybe_sync_batchnorm,
+)
 from training.loop import epoch_batch_to_device
 from training.mixfix import MixFixState, make_optimizer, make_scheduler, train_one_epoch
 from training.networks import build_network
@@ -204,3 +210,11 @@ def test_epoch_batches_check_the_epoch_on_the_host():
     assert inputs.shape == (4, 3, 8, 8) and targets.dtype == torch.int64
     with pytest.raises(RuntimeError, match="epoch 2 received rows expanded for epoch 3"):
         epoch_batch_to_device(batch, 2, CPU, mean, std)
+
+
+def test_cudnn_benchmark_is_on_for_gpu_training_only(monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    configure_backends(CPU)
+    assert torch.backends.cudnn.benchmark is False
+    configure_backends(CUDA)
+    assert torch.backends.cudnn.benchmark is True
