@@ -10,13 +10,16 @@ Selection (`fit_selection`, `distributed_select`), one map_batches pass each:
 
 1. range: per-class counts and min / max of log p(label) per source (np.minimum.at /
    np.maximum.at), plus the input checks;
-2. histogram: per-mixture histograms of the normalised loss score; the driver runs the
-   initialisation on them (`histogram_init`: Otsu split, then EM on the binned scores);
+2. initialisation: per-mixture histograms of the normalised loss score give each
+   mixture's Otsu split; exact Lloyd passes (hard split's sums, threshold to the
+   midpoint of the two means) refine it until no sample changes side, and the M-step
+   of that split starts the EM (`_split_init`: scikit-learn's k-means init, made
+   deterministic);
 3. EM: one E-step per pass for all the 2-component 1-D mixtures (K per source in
    "per_class" mode, one per source in "global" mode): per mixture, the sums of r, r*x,
    r*x^2 per component and of the log-likelihood; the driver does the M-step. Mixtures
-   that converged are frozen and skipped. Usually 2-3 passes (the initialisation is
-   next to the optimum);
+   that converged (scikit-learn's rule: mean log-likelihood change below tol) are frozen
+   and skipped;
 4. count: per-class counts of every criterion and of the intersection, which give the
    empty classes and the backfill size m;
 5. top-m (only if a class is empty): each block's best m samples per empty class by
@@ -34,14 +37,14 @@ multiple of 2^-40 (2^-28 for log-likelihoods), held as int64 and summed exactly
 (`exact_group_sums`). Integer addition is associative, so any partition gives
 bit-identical sums, parameters, iteration counts and selections.
 
-The EM is our own deterministic numpy EM, not scikit-learn's `GaussianMixture`: the same
-M-step, variance floor (reg_covar), 10*eps component mass and stopping rule (change of
-the mean log-likelihood below tol, after the M-step), but a deterministic initialisation
-from the data's histogram instead of sklearn's k-means++ random picks (which cannot be
-reproduced without gathering). With tol=1e-3 sklearn stops wherever its random start
-leaves it (its selection moves by 1-3% of the samples with random_state on realistic
-data); ours starts at the binned optimum, and agrees with sklearn run to convergence on
->= 99.9% of the samples.
+The EM is our own deterministic numpy EM, not scikit-learn's `GaussianMixture`, but
+it follows the same path as the official code's `GaussianMixture(2)` with every
+default: the same initialisation (the M-step of a 2-means split; ours is found from the
+histogram and exact Lloyd passes instead of k-means++ random picks, which cannot be
+reproduced without gathering), M-step, variance floor (reg_covar, default 1e-6), 10*eps
+component mass and stopping rule (change of the mean log-likelihood below tol = 1e-3,
+at most 100 iterations). It agrees with the official per-class selection on >= 99.8% of
+the union (tests/test_selection_parity.py); docs/selection.md lists what still differs.
 
 Backfill ties: with `key_column` the m picks are exact, ties on the loss score broken by
 ascending key (the in-memory path uses the row index as key, as selection.py does).
@@ -76,6 +79,7 @@ import pyarrow as pa
 from cleaner.probe import PROBE_MODES, l2_normalise
 from cleaner.selection import (
     CONSISTENCY_TOLERANCE,
+    DEFAULT_REG_COVAR,
     DEGENERATE_RANGE,
     LOG_EPSILON,
     GmmMode,
@@ -98,7 +102,9 @@ FitMode = Literal["in_memory", "distributed"]
 # Fixed-point accumulation (see the module docstring).
 STAT_BITS = 40  # r, r*x, r*x^2 in [0, 1]: multiples of 2^-40
 LOGLIK_BITS = 28  # log-likelihood terms, |ll| <= LOGLIK_LIMIT: multiples of 2^-28
-LOGLIK_LIMIT = 2.0**12  # log-likelihoods are clipped here (never reached for x in [0, 1])
+# log-likelihoods are clipped here: never reached for x in [0, 1] with reg_covar >= 1e-6
+# (|log N| <= 0.5 / reg_covar + 40); 2^20 * 2^28 < 2^52 keeps the terms exact
+LOGLIK_LIMIT = 2.0**20
 SPLIT_BITS = 24  # terms are split into hi / lo parts so float64 bincounts stay exact
 MAX_EXACT_ROWS = 1 << 28  # rows per bincount for exact float64 sums of < 2^24 values
 TERM_BITS = np.array([STAT_BITS] * 6 + [LOGLIK_BITS], dtype=np.int64)
@@ -106,8 +112,7 @@ MIN_COMPONENT_MASS = 10 * np.finfo(np.float64).eps  # as sklearn's mixtures
 LOG_2PI = math.log(2.0 * math.pi)
 DEFAULT_BATCH_ROWS = 1 << 18  # rows per chunk inside a block function, and per apply batch
 INIT_BINS = 256  # histogram bins of the normalised loss score for the initialisation
-INIT_TOL = 1e-7  # tol of the binned EM on the driver (mean log-likelihood change)
-INIT_MAX_ITER = 1000
+LLOYD_MAX_ITER = 100  # exact 2-means (Lloyd) passes that refine the histogram's split
 IN_MEMORY_PREFIX = "__"
 
 
@@ -163,7 +168,7 @@ class SelectionSpec:
     gmm: GmmMode = "per_class"
     max_iter: int = 100
     tol: float = 1e-3
-    reg_covar: float = 5e-4
+    reg_covar: float = DEFAULT_REG_COVAR
 
     @property
     def num_groups(self) -> int:
@@ -184,7 +189,7 @@ class SelectionSpec:
             "max_iter": self.max_iter,
             "tol": self.tol,
             "reg_covar": self.reg_covar,
-            "init_params": "histogram (Otsu split, binned EM)",
+            "init_params": "2-means split (histogram Otsu split, exact Lloyd passes)",
             "em": "numpy fixed-point",
         }
 
@@ -417,11 +422,30 @@ def _responsibilities(
     return np.exp(log_prob - loglik[:, None]), loglik
 
 
-def _estep_terms(
-    x: np.ndarray, groups: np.ndarray, means: np.ndarray, variances: np.ndarray, weights: np.ndarray
+def _split_responsibilities(
+    x: np.ndarray, groups: np.ndarray, thresholds: np.ndarray
 ) -> np.ndarray:
-    """int64[n, 7] fixed-point terms: r0, r0 x, r0 x^2, r1, r1 x, r1 x^2, log-likelihood."""
-    resp, loglik = _responsibilities(x, groups, means, variances, weights)
+    """float64[n, 2] hard responsibilities of a 2-means split: upper component if x >= t."""
+    upper = (x >= thresholds[groups]).astype(np.float64)
+    return np.stack((1.0 - upper, upper), axis=1)
+
+
+def _estep_terms(
+    x: np.ndarray,
+    groups: np.ndarray,
+    means: np.ndarray,
+    variances: np.ndarray,
+    weights: np.ndarray,
+    thresholds: np.ndarray | None = None,
+) -> np.ndarray:
+    """int64[n, 7] fixed-point terms: r0, r0 x, r0 x^2, r1, r1 x, r1 x^2, log-likelihood.
+
+    With thresholds (one per mixture) the responsibilities are the hard 2-means split
+    and the log-likelihood term is 0 (the initialisation passes)."""
+    if thresholds is not None:
+        resp, loglik = _split_responsibilities(x, groups, thresholds), np.zeros(x.shape[0])
+    else:
+        resp, loglik = _responsibilities(x, groups, means, variances, weights)
     terms = np.empty((x.shape[0], 7), dtype=np.float64)
     for c in range(2):
         terms[:, 3 * c] = resp[:, c]
@@ -582,6 +606,8 @@ class _EStepPass(_BlockPass):
     spec: SelectionSpec
     sources: dict[str, SourceFit]
     active: dict[str, np.ndarray]  # source -> bool[G], mixtures not yet converged
+    # source -> float64[G]: hard 2-means split at these thresholds instead of the E-step
+    thresholds: dict[str, np.ndarray] | None = None
 
     def __call__(self, batch: Batch) -> Batch:
         labels = _as_labels(batch[self.spec.label_column])
@@ -597,7 +623,8 @@ class _EStepPass(_BlockPass):
             g = groups[rows]
             p_label = np.asarray(batch[p_column], dtype=np.float64)[rows]
             loss = source.loss_score(p_label, labels[rows])
-            terms = _estep_terms(loss, g, source.means, source.variances, source.weights)
+            split = None if self.thresholds is None else self.thresholds[name]
+            terms = _estep_terms(loss, g, source.means, source.variances, source.weights, split)
             out[f"em_{i}"] = exact_group_sums(g, terms, self.spec.num_groups)[None]
         return out
 
@@ -731,10 +758,12 @@ def _fit_counts(spec: SelectionSpec, source: SourceFit, counts: np.ndarray) -> n
     return fitted if spec.gmm == "per_class" else np.array([fitted.sum()])
 
 
-def otsu_split(histogram: np.ndarray, reg_covar: float) -> tuple[np.ndarray, ...]:
-    """(means, variances, weights) float64[G, 2] of the two halves of each histogram's
-    Otsu split (the 2-means threshold that maximises the between-class variance of the
-    bin centres): a deterministic stand-in for a k-means initialisation."""
+def otsu_threshold(histogram: np.ndarray) -> np.ndarray:
+    """float64[G]: each histogram's Otsu split (the 2-means threshold that maximises the
+    between-class variance of the bin centres), as the lower edge of its first upper bin.
+
+    Both sides of the split are non-empty whenever two bins are. Groups with an empty
+    histogram get 0.5 (they are never fitted)."""
     b = histogram.shape[1]
     counts = histogram.astype(np.float64)
     centres = (np.arange(b) + 0.5) / b
@@ -747,62 +776,61 @@ def otsu_split(histogram: np.ndarray, reg_covar: float) -> tuple[np.ndarray, ...
         between = (overall_mean * below - below_sum) ** 2 / (below * above)
     between = np.where((below > 0) & (above > 0), between, -1.0)
     split = np.argmax(between, axis=1) + 1  # first bin of the upper component
-    upper = (np.arange(b)[None, :] >= split[:, None]).astype(np.float64)
-    resp = np.stack([1.0 - upper, upper], axis=2)  # [G, B, 2]
-    return _binned_m_step(counts, centres, resp, reg_covar)
+    return np.where(total[:, 0] > 0, split / b, 0.5)
 
 
-def _binned_m_step(
-    counts: np.ndarray, centres: np.ndarray, resp: np.ndarray, reg_covar: float
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """M-step on histogram data: counts [G, B] at centres [B], responsibilities [G, B, 2]."""
-    weighted = counts[:, :, None] * resp
-    nk = weighted.sum(axis=1) + MIN_COMPONENT_MASS
-    means = (weighted * centres[None, :, None]).sum(axis=1) / nk
-    diff = centres[None, :, None] - means[:, None, :]
-    variances = (weighted * diff * diff).sum(axis=1) / nk + reg_covar
-    return means, variances, nk / nk.sum(axis=1, keepdims=True)
+def _split_init(
+    spec: SelectionSpec, run: Runner, sources: dict[str, SourceFit], active: dict[str, np.ndarray]
+) -> dict[str, SourceFit]:
+    """Initial parameters of every active mixture, as scikit-learn's k-means init.
 
-
-def histogram_init(
-    histogram: np.ndarray,
-    reg_covar: float,
-    *,
-    tol: float = INIT_TOL,
-    max_iter: int = INIT_MAX_ITER,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(means, variances, weights) float64[G, 2]: EM on the binned scores, from the Otsu
-    split, run to tight convergence on the driver (G x B numbers, no data).
-
-    The exact EM over the blocks then starts next to its optimum, so it needs few
-    passes, and a loose tol (sklearn's 1e-3) no longer stops it far from the optimum.
+    The histogram's Otsu split (one pass) is refined by exact Lloyd iterations (one pass
+    each: a hard split's exact sums, then the threshold moves to the midpoint of the two
+    means) until no sample changes side; the initial means, variances (+ reg_covar) and
+    weights are the M-step of that final hard split. Deterministic, and on the scores'
+    1-D data the same 2-means partition that sklearn's KMeans reaches.
     """
-    counts = histogram.astype(np.float64)
-    g, b = counts.shape
-    centres = (np.arange(b) + 0.5) / b
-    means, variances, weights = otsu_split(histogram, reg_covar)
-    total = np.maximum(counts.sum(axis=1), 1.0)
-    bound = np.full(g, -np.inf)
-    active = np.flatnonzero(counts.sum(axis=1) > 0)
-    for _ in range(max_iter):
-        if active.size == 0:
+    histograms = run(_HistogramPass(spec, sources))
+    thresholds = {
+        name: otsu_threshold(histograms[f"hist_{i}"].sum(axis=0))
+        for i, (name, _, _) in enumerate(spec.sources)
+    }
+    lloyd = {name: a.copy() for name, a in active.items()}
+    previous = {name: np.full(spec.num_groups, -1.0) for name in sources}
+    split_sums: dict[str, np.ndarray] = {}
+    for _ in range(LLOYD_MAX_ITER):
+        if not any(a.any() for a in lloyd.values()):
             break
-        c, mu, var = counts[active], means[active], variances[active]
-        constant = np.log(weights[active]) - 0.5 * (LOG_2PI + np.log(var))
-        a0 = constant[:, :1] - 0.5 * (centres - mu[:, :1]) ** 2 / var[:, :1]
-        a1 = constant[:, 1:] - 0.5 * (centres - mu[:, 1:]) ** 2 / var[:, 1:]
-        gap = a1 - a0
-        loglik = np.maximum(a0, a1) + np.log1p(np.exp(-np.abs(gap)))
-        upper = np.exp(a1 - loglik)  # a1 <= loglik: no overflow
-        new_bound = (c * loglik).sum(axis=1) / total[active]
-        resp = np.stack((1.0 - upper, upper), axis=2)
-        means[active], variances[active], weights[active] = _binned_m_step(
-            c, centres, resp, reg_covar
+        out = run(_EStepPass(spec, sources, {n: a.copy() for n, a in lloyd.items()}, thresholds))
+        for i, (name, _, _) in enumerate(spec.sources):
+            moving = lloyd[name]
+            if not moving.any():
+                continue
+            sums = combine_exact_sums(out[f"em_{i}"], TERM_BITS)
+            keep = moving[:, None]
+            split_sums[name] = np.where(keep, sums, split_sums.get(name, sums))
+            lower = sums[:, 0]
+            # the same lower-side count as the last pass: nothing changed side (the split
+            # is a threshold, so equal counts mean equal partitions)
+            settled = moving & (lower == previous[name])
+            previous[name] = np.where(moving, lower, previous[name])
+            mass = np.maximum(sums[:, [0, 3]], MIN_COMPONENT_MASS)
+            centre = 0.5 * (sums[:, 1] / mass[:, 0] + sums[:, 4] / mass[:, 1])
+            thresholds[name] = np.where(moving & ~settled, centre, thresholds[name])
+            lloyd[name] = moving & ~settled
+    for name, fitting in active.items():
+        if not fitting.any():
+            continue
+        means, variances, weights = _m_step(split_sums[name], spec.reg_covar)
+        keep = fitting[:, None]
+        source = sources[name]
+        sources[name] = replace(
+            source,
+            means=np.where(keep, means, source.means),
+            variances=np.where(keep, variances, source.variances),
+            weights=np.where(keep, weights, source.weights),
         )
-        done = np.abs(new_bound - bound[active]) < tol
-        bound[active] = new_bound
-        active = active[~done]
-    return means, variances, weights
+    return sources
 
 
 def _run_em(
@@ -813,19 +841,7 @@ def _run_em(
     active = {name: n > 0 for name, n in n_fit.items()}
     lower_bound = {name: np.full(spec.num_groups, -np.inf) for name in sources}
     if any(a.any() for a in active.values()):
-        histograms = run(_HistogramPass(spec, sources))
-        for i, (name, _, _) in enumerate(spec.sources):
-            means, variances, weights = histogram_init(
-                histograms[f"hist_{i}"].sum(axis=0), spec.reg_covar
-            )
-            keep = active[name][:, None]
-            source = sources[name]
-            sources[name] = replace(
-                source,
-                means=np.where(keep, means, source.means),
-                variances=np.where(keep, variances, source.variances),
-                weights=np.where(keep, weights, source.weights),
-            )
+        sources = _split_init(spec, run, sources, active)
     for _ in range(spec.max_iter):
         if not any(a.any() for a in active.values()):
             break
@@ -944,8 +960,10 @@ def _spec(
         raise ValueError(f"num_classes must be at least 1, got {num_classes}")
     if isinstance(max_iter, bool) or not isinstance(max_iter, (int, np.integer)) or max_iter < 1:
         raise ValueError(f"max_iter must be a positive integer, got {max_iter!r}")
-    if not (tol > 0 and reg_covar >= 0):
-        raise ValueError(f"tol must be > 0 and reg_covar >= 0, got {tol!r}, {reg_covar!r}")
+    if not (tol > 0 and np.isfinite(tol)):
+        raise ValueError(f"tol must be a positive number, got {tol!r}")
+    if isinstance(reg_covar, bool) or not (np.isfinite(reg_covar) and 0 < reg_covar <= 1):
+        raise ValueError(f"reg_covar must be in (0, 1], got {reg_covar!r}")
     validate_thresholds(theta_gmm, theta_cons, gmm)
     sources = tuple((name, p, m) for name, (p, m) in source_columns.items())
     return SelectionSpec(
@@ -979,7 +997,7 @@ def fit_selection(
     gmm: GmmMode = "per_class",
     max_iter: int = 100,
     tol: float = 1e-3,
-    reg_covar: float = 5e-4,
+    reg_covar: float = DEFAULT_REG_COVAR,
     batch_rows: int = DEFAULT_BATCH_ROWS,
     materialize: bool = True,
 ) -> FittedSelection:
@@ -1033,7 +1051,7 @@ def fit_selection_in_memory(
     gmm: GmmMode = "per_class",
     max_iter: int = 100,
     tol: float = 1e-3,
-    reg_covar: float = 5e-4,
+    reg_covar: float = DEFAULT_REG_COVAR,
     chunk_rows: int = DEFAULT_BATCH_ROWS,
 ) -> tuple[FittedSelection, Batch]:
     """The same fit on in-memory arrays: (FittedSelection, the batch it was fitted on).
@@ -1098,7 +1116,7 @@ def select_from_scores_em(
     keys: np.ndarray | None = None,
     max_iter: int = 100,
     tol: float = 1e-3,
-    reg_covar: float = 5e-4,
+    reg_covar: float = DEFAULT_REG_COVAR,
     chunk_rows: int = DEFAULT_BATCH_ROWS,
 ) -> SelectionResult:
     """`select_from_scores` with this module's deterministic EM (the in-memory twin of

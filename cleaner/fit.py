@@ -172,6 +172,16 @@ def source_columns(with_probe: bool) -> dict[str, tuple[str, str]]:
     return columns
 
 
+def engine_options(cfg: SelectionConfig) -> dict:
+    """The selection config's values that the EM engine takes (both fits pass these)."""
+    return {
+        "theta_gmm": cfg.theta_gmm,
+        "theta_cons": cfg.theta_cons,
+        "gmm": cfg.gmm,
+        "reg_covar": cfg.gmm_reg_covar,
+    }
+
+
 def fit_in_memory(
     batch: ScoreBatch, cfg: SelectionConfig, num_classes: int, seed: int = 0
 ) -> tuple[FittedSelection | None, np.ndarray | None]:
@@ -200,13 +210,7 @@ def fit_in_memory(
         for name, (p, m) in source_columns(probe_probs is not None).items()
     }
     fitted, _ = fit_selection_in_memory(
-        rows["label"],
-        num_classes,
-        sources,
-        keys=rows["key"],
-        theta_gmm=cfg.theta_gmm,
-        theta_cons=cfg.theta_cons,
-        gmm=cfg.gmm,
+        rows["label"], num_classes, sources, keys=rows["key"], **engine_options(cfg)
     )
     return fitted, probe_probs
 

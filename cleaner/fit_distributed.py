@@ -44,6 +44,7 @@ from cleaner.fit import (
     ScoreBatch,
     build_manifest,
     duplicate_rows_in_memory,
+    engine_options,
     source_columns,
     summary_with_fit,
 )
@@ -274,9 +275,7 @@ def fit_and_write_manifest_distributed(
             num_classes,
             source_columns=source_columns(probe is not None),
             key_column="key",
-            theta_gmm=cfg.theta_gmm,
-            theta_cons=cfg.theta_cons,
-            gmm=cfg.gmm,
+            **engine_options(cfg),
         )
         print(f"[fit] GMM selection fitted over Ray Data blocks ({elapsed()})", flush=True)
     refs = {
