@@ -13,7 +13,7 @@ per 500k rows, float32 scores, int64 label and key) in a temp dir.
 
 Modes, each run in a fresh subprocess (peak RSS = its VmHWM, read from /proc at exit):
 
-  in_memory    `cleaner.distributed.select_from_scores_em` on the numpy arrays (loaded
+  in_memory    `cleaner.selection.engine.select_from_scores_em` on the numpy arrays (loaded
                from .npy first; the load is not timed, its memory is in the peak)
   distributed  `fit_selection` + `FittedSelection.transform` over `ray.data.read_parquet`
                of the Parquet files, the selected dataset written back to Parquet by
@@ -121,7 +121,7 @@ def generate(root: Path, n: int, k: int) -> Path:
 
 
 def load_sources(folder: Path) -> tuple[np.ndarray, dict]:
-    from cleaner.selection import SourceScores
+    from cleaner.selection.rules import SourceScores
 
     labels = np.load(folder / "label.npy")
     sources = {
@@ -328,7 +328,7 @@ def extrapolate(clock: Clock, fits: int, total: int) -> dict:
 
 
 def run_in_memory(folder: Path, k: int, cap_s: float, store_mb: float, block_mb: float) -> dict:
-    from cleaner.distributed import select_from_scores_em
+    from cleaner.selection.engine import select_from_scores_em
 
     labels, sources = load_sources(folder)
     clock = Clock()
@@ -339,7 +339,7 @@ def run_in_memory(folder: Path, k: int, cap_s: float, store_mb: float, block_mb:
 
 
 def run_sklearn_lib(folder: Path, k: int, cap_s: float, store_mb: float, block_mb: float) -> dict:
-    import cleaner.selection as selection
+    import cleaner.selection.rules as selection
 
     labels, sources = load_sources(folder)
     counts = np.bincount(labels, minlength=k)
@@ -377,7 +377,7 @@ def run_plain(folder: Path, k: int, cap_s: float, store_mb: float, block_mb: flo
 def run_distributed(folder: Path, k: int, cap_s: float, store_mb: float, block_mb: float) -> dict:
     import ray
 
-    from cleaner.distributed import fit_selection
+    from cleaner.selection.engine import fit_selection
 
     sampler = TreeSampler()
     t0 = time.perf_counter()

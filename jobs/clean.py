@@ -14,16 +14,10 @@ import logging
 import time
 
 from cleaner.config import CleanJobConfig, ConfigError, load_config
-from cleaner.fit import fit_and_build_manifest, read_scores
-from cleaner.fit_distributed import (
-    choose_mode,
-    fit_and_write_manifest_distributed,
-    read_manifest_for_report,
-)
 from cleaner.reading import uri as uri_lib
 from cleaner.reading.preflight import check_clean_job_io, check_labels_match_spec
 from cleaner.reading.shards import fetch_thumbnails
-from cleaner.report import top_noisy_keys, write_report
+from cleaner.report.html import top_noisy_keys, write_report
 from cleaner.scoring.models import load_clip
 from cleaner.scoring.pipeline import (
     SCORES_DIR,
@@ -32,6 +26,12 @@ from cleaner.scoring.pipeline import (
     table_to_parquet_bytes,
 )
 from cleaner.scoring.prompts import encode_prompts
+from cleaner.selection.fit_in_memory import fit_and_build_manifest, read_scores
+from cleaner.selection.fit_ray import (
+    choose_mode,
+    fit_and_write_manifest_distributed,
+    read_manifest_for_report,
+)
 from cleaner.versions import package_versions
 from jobs.common import (
     connect_ray,

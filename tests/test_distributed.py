@@ -1,4 +1,4 @@
-"""Tests for cleaner.distributed: the global fit over Ray Data blocks, against in-memory.
+"""Tests for cleaner.selection.engine: the global fit over Ray Data blocks, against in-memory.
 
 Local Ray (2 CPUs) and a few thousand synthetic rows split into several blocks.
 """
@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from cleaner.distributed import (
+from cleaner.selection.engine import (
     EMBEDDING_BYTES_PER_DIM,
     PROBABILITY_BYTES_PER_CLASS,
     SMALL_COLUMN_BYTES,
@@ -27,8 +27,8 @@ from cleaner.distributed import (
     stable_hash,
     to_fixed_point,
 )
-from cleaner.probe import fit_probe_probs
-from cleaner.selection import SourceScores, select_from_scores
+from cleaner.selection.probe import fit_probe_probs
+from cleaner.selection.rules import SourceScores, select_from_scores
 
 SOURCE_COLUMNS = {"zeroshot": ("p_zs", "max_zs"), "probe": ("p_pr", "max_pr")}
 NUM_CLASSES = 12  # 0-7 realistic, 8 absent, 9 one sample, 10 all equal, 11 never consistent

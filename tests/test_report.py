@@ -11,7 +11,7 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from cleaner.report import (
+from cleaner.report.html import (
     HIST_BINS,
     SECTIONS,
     _mixture_curves,
@@ -35,7 +35,7 @@ def make_manifest(
     failed_every: int = 23,
     seed: int = 0,
 ) -> pa.Table:
-    """A synthetic manifest with the columns of cleaner.fit.fit_and_build_manifest."""
+    """A synthetic manifest with the columns of cleaner.selection.fit_in_memory.fit_and_build_manifest."""
     rng = np.random.default_rng(seed)
     true_label = rng.integers(0, num_classes, n)
     flip = rng.random(n) < 0.3

@@ -1,4 +1,4 @@
-"""Tests for cleaner.selection (METHOD.md section 3), with real scikit-learn mixtures."""
+"""Tests for cleaner.selection.rules (METHOD.md section 3), with real scikit-learn mixtures."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from cleaner.selection import (
+from cleaner.selection.rules import (
     SelectionResult,
     SourceScores,
     select_clean,

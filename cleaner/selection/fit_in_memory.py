@@ -15,15 +15,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cleaner.config import SelectionConfig
-from cleaner.distributed import FittedSelection, fit_selection_in_memory
 from cleaner.metrics import detection_metrics
-from cleaner.probe import fit_probe_probs
 from cleaner.reading import uri as uri_lib
 from cleaner.reading.shards import STATUS_FAILED, STATUS_OK
 from cleaner.scoring.pipeline import fixed_size_list_array
 from cleaner.scoring.prompts import PromptBank
 from cleaner.scoring.scorer import ClipScorer
-from cleaner.selection import SourceScores
+from cleaner.selection.engine import FittedSelection, fit_selection_in_memory
+from cleaner.selection.probe import fit_probe_probs
+from cleaner.selection.rules import SourceScores
 
 # The score files' columns (see ClipScorer / pipeline.scores_to_table) minus the embedding.
 SMALL_COLUMNS = [c for c in ClipScorer.output_columns if c not in ("shard_total", "embedding")]

@@ -1,7 +1,7 @@
 """The global fit without gathering: selection and linear probe over Ray Data blocks.
 
 At LAION / full-WebVision scale the score table does not fit on one node. This module
-fits the same selection as `cleaner.selection` (METHOD.md section 3) and a linear probe
+fits the same selection as `cleaner.selection.rules` (METHOD.md section 3) and a linear probe
 (section 2) with passes over a `ray.data.Dataset`; the driver only ever holds per-class
 arrays (K values, K x INIT_BINS for the initialisation) and, for the backfill, at most
 m candidates per empty class. Only the label, p_label / max_p and key columns are read.
@@ -63,7 +63,7 @@ embedding; failed rows filtered out):
         "zeroshot": ("p_label", "max_p"), "probe": ("probe_p_label", "probe_max_p")})
     manifest = fitted.transform(scored)  # is_clean, backfilled, clean_score, ...
 
-`choose_fit_mode` says when this is needed instead of `cleaner.fit`'s in-memory fit.
+`choose_fit_mode` says when this is needed instead of `cleaner.selection.fit_in_memory`'s in-memory fit.
 """
 
 from __future__ import annotations
@@ -76,8 +76,8 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import pyarrow as pa
 
-from cleaner.probe import PROBE_MODES, l2_normalise
-from cleaner.selection import (
+from cleaner.selection.probe import PROBE_MODES, l2_normalise
+from cleaner.selection.rules import (
     CONSISTENCY_TOLERANCE,
     DEFAULT_REG_COVAR,
     DEGENERATE_RANGE,
@@ -1498,7 +1498,7 @@ PROBABILITY_BYTES_PER_CLASS = 16  # probe probabilities float64[N, K] and one te
 
 
 def estimate_in_memory_bytes(num_samples: int, embed_dim: int, num_classes: int = 0) -> int:
-    """Rough peak bytes of the in-memory fit (`cleaner.fit`) on one node."""
+    """Rough peak bytes of the in-memory fit (`cleaner.selection.fit_in_memory`) on one node."""
     for name, value in (
         ("num_samples", num_samples),
         ("embed_dim", embed_dim),

@@ -111,7 +111,7 @@ def render_report(
 ) -> str:
     """The HTML text of the report for one run.
 
-    `manifest` is the run's manifest table (see `cleaner.fit.fit_and_build_manifest`);
+    `manifest` is the run's manifest table (see `cleaner.selection.fit_in_memory.fit_and_build_manifest`);
     `summary` the dict written to summary.json. Missing columns or keys leave out what
     needs them. `thumbnails` maps a sample key to small JPEG/PNG/GIF/WebP bytes, shown
     beside the most confident noisy samples (see `top_noisy_keys` for which keys).

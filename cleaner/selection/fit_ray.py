@@ -1,6 +1,6 @@
 """The global fit over Ray Data, for runs whose score table does not fit one node.
 
-Same outputs as `cleaner.fit.fit_and_build_manifest` (the in-memory fit), built without
+Same outputs as `cleaner.selection.fit_in_memory.fit_and_build_manifest` (the in-memory fit), built without
 gathering the score table on the driver:
 
 1. duplicate keys: a Ray Data groupby on the key column; only keys seen more than once
@@ -9,7 +9,7 @@ gathering the score table on the driver:
 3. selection: `distributed.fit_selection`, whose passes read only label, key and
    p_label / max_p per source (the probe's come from a map over the embeddings);
 4. manifest: one Ray task per score file applies the fitted probe and selection and
-   builds that shard's manifest rows with `cleaner.fit.build_manifest` (the in-memory
+   builds that shard's manifest rows with `cleaner.selection.fit_in_memory.build_manifest` (the in-memory
    fit's own code); the driver streams the parts, in shard order, into manifest.parquet,
    holding one part at a time, and keeps only `fit.SUMMARY_COLUMNS` for the summary.
 
@@ -29,7 +29,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from cleaner.config import SelectionConfig
-from cleaner.distributed import (
+from cleaner.reading import uri as uri_lib
+from cleaner.reading.shards import STATUS_OK
+from cleaner.scoring.prompts import PromptBank
+from cleaner.selection.engine import (
     FittedSelection,
     StreamingProbe,
     choose_fit_mode,
@@ -37,7 +40,7 @@ from cleaner.distributed import (
     fit_probe_streaming,
     fit_selection,
 )
-from cleaner.fit import (
+from cleaner.selection.fit_in_memory import (
     NOTHING_USABLE,
     SMALL_COLUMNS,
     SUMMARY_COLUMNS,
@@ -48,9 +51,6 @@ from cleaner.fit import (
     source_columns,
     summary_with_fit,
 )
-from cleaner.reading import uri as uri_lib
-from cleaner.reading.shards import STATUS_OK
-from cleaner.scoring.prompts import PromptBank
 
 GIB = 1024**3
 DEFAULT_MEMORY_FRACTION = 0.5  # of the driver's available memory, when no budget is set

@@ -287,7 +287,7 @@ def select_from_scores(
     floor (default 1e-6, the official code's). keys break backfill ties (ascending;
     default the row index). Raises ValueError for invalid input.
     """
-    from cleaner.distributed import select_from_scores_em
+    from cleaner.selection.engine import select_from_scores_em
 
     return select_from_scores_em(
         labels,
