@@ -15,7 +15,7 @@ files keep only the top-5 zero-shot probabilities), this script recomputes:
 
 and feeds the SAME float64 matrices (rows renormalised) to both methods:
 
-  ours              `cleaner.selection.engine.select_from_scores_em` (the job's selection: the
+  ours              `cleaner.selection.engine.select_from_scores` (the job's selection: the
                     deterministic-EM GMMs, consistency, intersection of every source;
                     METHOD.md section 3),
                     on one or two sources
@@ -60,10 +60,10 @@ from cleaner.reading.shards import STATUS_OK
 from cleaner.scoring.models import load_clip
 from cleaner.scoring.pipeline import SCORES_DIR, shard_output_names
 from cleaner.scoring.prompts import encode_prompts, ensemble_probs_numpy
-from cleaner.selection.engine import select_from_scores_em
-from cleaner.selection.fit_in_memory import embeddings_of, read_scores
 from cleaner.selection.probe import fit_probe_probs
 from cleaner.selection.rules import SourceScores
+from cleaner.selection.score_table import embeddings_of, read_scores
+from cleaner.selection.select import select_from_scores
 from jobs.common import load_class_spec
 
 # setting -> (generator noise kind, rate); "idn" is derived here, not generated
@@ -197,7 +197,7 @@ def compare(labels: np.ndarray, true_labels: np.ndarray, probs: dict, cfg, k: in
     for set_name, (sources, _) in PROB_SETS.items():
         matrices = [probs[s] for s in sources]
         start = time.perf_counter()
-        result = select_from_scores_em(
+        result = select_from_scores(
             labels,
             k,
             {s: SourceScores.from_probs(labels, probs[s]) for s in sources},

@@ -36,7 +36,8 @@ from benchmarks.cleanlab_compare import (
     normalised,
 )
 from cleaner.selection.probe import fit_probe_probs
-from cleaner.selection.rules import DEFAULT_REG_COVAR, DIVIDEMIX_REG_COVAR, select_clean
+from cleaner.selection.rules import DEFAULT_REG_COVAR, DIVIDEMIX_REG_COVAR
+from cleaner.selection.select import select_clean
 
 SETTINGS: dict[str, tuple[str, float]] = {
     "sym20": GENERATED["sym20"],

@@ -26,12 +26,11 @@ from cleaner.scoring.pipeline import (
     table_to_parquet_bytes,
 )
 from cleaner.scoring.prompts import encode_prompts
-from cleaner.selection.fit_in_memory import fit_and_build_manifest, read_scores
-from cleaner.selection.fit_ray import (
-    choose_mode,
-    fit_and_write_manifest_distributed,
-    read_manifest_for_report,
-)
+from cleaner.selection.fit_in_memory import fit_and_build_manifest
+from cleaner.selection.fit_plan import choose_mode
+from cleaner.selection.fit_ray import fit_and_write_manifest_distributed
+from cleaner.selection.manifest import read_manifest_for_report
+from cleaner.selection.score_table import read_scores
 from cleaner.versions import package_versions
 from jobs.common import (
     connect_ray,

@@ -24,7 +24,8 @@ from threadpoolctl import threadpool_limits
 
 from cleaner import select_clean
 from cleaner.noise import inject_noise
-from cleaner.selection.rules import SourceScores, select_from_scores
+from cleaner.selection.rules import SourceScores
+from cleaner.selection.select import select_from_scores
 
 MIN_JACCARD = 0.99
 

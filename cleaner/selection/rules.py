@@ -37,15 +37,26 @@ from typing import Literal
 import numpy as np
 
 GmmMode = Literal["per_class", "global"]
+
+
 GMM_MODES: tuple[str, ...] = ("per_class", "global")
 
+
 LOG_EPSILON = 1e-12  # probabilities are clipped here before the log
+
+
 DEGENERATE_RANGE = 1e-12  # a class whose loss-score range is at most this cannot be split
+
+
 CONSISTENCY_TOLERANCE = 1e-9  # so that c_i == 1.0 (label is the argmax) passes theta 1.0
+
+
 # The mixtures' variance floor: scikit-learn's default reg_covar, which the official
 # CLIPCleaner code uses (GaussianMixture(2) with every default). DivideMix's 5e-4 selects
 # a larger, less pure set; see docs/selection.md for the measured trade.
 DEFAULT_REG_COVAR = 1e-6
+
+
 DIVIDEMIX_REG_COVAR = 5e-4
 
 
@@ -150,9 +161,6 @@ class SelectionResult:
             "per_criterion": per_criterion,
             "per_class": per_class_counts,
         }
-
-
-# --------------------------------------------------------------------------- validation
 
 
 def validate_thresholds(theta_gmm: float, theta_cons: float, gmm: str) -> None:
@@ -263,105 +271,3 @@ def validate_selection_input(
 def consistency_scores(p_label: np.ndarray, max_p: np.ndarray) -> np.ndarray:
     """c_i = p(label) / max p, clipped to [0, 1] (1.0 when the label ties for the argmax)."""
     return np.clip(p_label / max_p, 0.0, 1.0)
-
-
-# --------------------------------------------------------------------------- public API
-
-
-def select_from_scores(
-    labels: np.ndarray,
-    num_classes: int,
-    sources: dict[str, SourceScores],
-    *,
-    theta_gmm: float = 0.5,
-    theta_cons: float = 0.8,
-    gmm: GmmMode = "per_class",
-    reg_covar: float = DEFAULT_REG_COVAR,
-    keys: np.ndarray | None = None,
-) -> SelectionResult:
-    """Select clean samples from compact per-source columns (p(label), max p).
-
-    Intersects the GMM and consistency selections of every source, then backfills
-    present classes left empty. The mixtures are fitted by the job's EM engine (the same
-    code as the job's in-memory and Ray Data fits). reg_covar is the mixtures' variance
-    floor (default 1e-6, the official code's). keys break backfill ties (ascending;
-    default the row index). Raises ValueError for invalid input.
-    """
-    from cleaner.selection.engine import select_from_scores_em
-
-    return select_from_scores_em(
-        labels,
-        num_classes,
-        sources,
-        theta_gmm=theta_gmm,
-        theta_cons=theta_cons,
-        gmm=gmm,
-        keys=keys,
-        reg_covar=reg_covar,
-    )
-
-
-def select_clean_result(
-    labels: np.ndarray,
-    zeroshot_probs: np.ndarray,
-    probe_probs: np.ndarray | None = None,
-    *,
-    theta_gmm: float = 0.5,
-    theta_cons: float = 0.8,
-    gmm: GmmMode = "per_class",
-    reg_covar: float = DEFAULT_REG_COVAR,
-) -> SelectionResult:
-    """Like `select_clean`, but return the full `SelectionResult`."""
-    validate_thresholds(theta_gmm, theta_cons, gmm)
-    labels_array = np.asarray(labels)
-    if labels_array.ndim != 1:
-        raise ValueError(f"labels must be a 1-D array, got shape {labels_array.shape}")
-    zeroshot = validate_probs("zeroshot_probs", zeroshot_probs, labels_array.shape[0])
-    num_classes = zeroshot.shape[1]
-    labels_array = validate_labels(labels_array, num_classes)
-    sources = {"zeroshot": SourceScores.from_probs(labels_array, zeroshot)}
-    if probe_probs is not None:
-        probe = validate_probs("probe_probs", probe_probs, labels_array.shape[0])
-        if probe.shape[1] != num_classes:
-            raise ValueError(
-                f"shape mismatch: probe_probs has {probe.shape[1]} classes but "
-                f"zeroshot_probs has {num_classes}"
-            )
-        sources["probe"] = SourceScores.from_probs(labels_array, probe)
-    return select_from_scores(
-        labels_array,
-        num_classes,
-        sources,
-        theta_gmm=theta_gmm,
-        theta_cons=theta_cons,
-        gmm=gmm,
-        reg_covar=reg_covar,
-    )
-
-
-def select_clean(
-    labels: np.ndarray,
-    zeroshot_probs: np.ndarray,
-    probe_probs: np.ndarray | None = None,
-    *,
-    theta_gmm: float = 0.5,
-    theta_cons: float = 0.8,
-    gmm: GmmMode = "per_class",
-    reg_covar: float = DEFAULT_REG_COVAR,
-) -> np.ndarray:
-    """CLIPCleaner selection on in-memory arrays: a bool[N] mask of clean samples.
-
-    labels int[N]; zeroshot_probs / probe_probs float[N, K]. With probe_probs=None only
-    the zero-shot GMM and consistency selections are intersected. reg_covar: the
-    mixtures' variance floor (1e-6, the official code's; 5e-4 is DivideMix's). Raises
-    ValueError naming the problem for invalid input.
-    """
-    return select_clean_result(
-        labels,
-        zeroshot_probs,
-        probe_probs,
-        theta_gmm=theta_gmm,
-        theta_cons=theta_cons,
-        gmm=gmm,
-        reg_covar=reg_covar,
-    ).is_clean
