@@ -17,7 +17,7 @@ from cleaner.config import CleanJobConfig, ConfigError, load_config
 from cleaner.reading import uri as uri_lib
 from cleaner.reading.preflight import check_clean_job_io, check_labels_match_spec
 from cleaner.reading.shards import fetch_thumbnails
-from cleaner.report.html import top_noisy_keys, write_report
+from cleaner.report import top_noisy_keys, write_report
 from cleaner.scoring.models import load_clip
 from cleaner.scoring.pipeline import (
     SCORES_DIR,

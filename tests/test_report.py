@@ -11,14 +11,9 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from cleaner.report.html import (
-    HIST_BINS,
-    SECTIONS,
-    _mixture_curves,
-    render_report,
-    top_noisy_keys,
-    write_report,
-)
+from cleaner.report import render_report, top_noisy_keys, write_report
+from cleaner.report.common import HIST_BINS, SECTIONS
+from cleaner.report.plots import _mixture_curves
 
 TITLES = dict(SECTIONS)
 PNG_SRC = re.compile(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"')

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from cleaner.report.html import render_report, top_noisy_keys
+from cleaner.report import render_report, top_noisy_keys
 from tests.browser import loaded_images, screenshot
 from tests.conftest import jpeg
 from tests.test_report import make_manifest, make_summary
