@@ -48,7 +48,7 @@ at most 100 iterations). It agrees with the official per-class selection on >= 9
 the union (tests/test_selection_parity.py); docs/selection.md lists what still differs.
 
 Backfill ties: with `key_column` the m picks are exact, ties on the loss score broken by
-ascending key (the in-memory path uses the row index as key, as selection.py does).
+ascending key (the library uses the row index as key).
 Without a key column, every sample tied with the m-th best score is picked.
 
 The maths (E-step terms, exact sums, M-step, Otsu split) is in `cleaner.selection.em`;

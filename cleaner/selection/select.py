@@ -46,7 +46,7 @@ def fit_selection_in_memory(
 ) -> tuple[FittedSelection, Batch]:
     """The same fit on in-memory arrays: (FittedSelection, the batch it was fitted on).
 
-    keys break backfill ties (ascending); default: the row index, as selection.py. The
+    keys break backfill ties (ascending); default: the row index. The
     rows are processed in chunks of chunk_rows (any value gives the same result).
     """
     labels = validate_selection_input(labels, num_classes, sources, theta_gmm, theta_cons, gmm)

@@ -1,4 +1,4 @@
-"""Tests for cleaner.selection.engine: the global fit over Ray Data blocks, against in-memory.
+"""Tests for the selection engine over Ray Data (cleaner.selection.fit_ray), against in-memory.
 
 Local Ray (2 CPUs) and a few thousand synthetic rows split into several blocks.
 """
@@ -143,7 +143,7 @@ def test_degenerate_and_absent_classes_follow_selection_rules() -> None:
     reference = select_from_scores(labels, NUM_CLASSES, sources)
     for name in sources:
         ours = result.sources[name]
-        # same loss-score normalisation as selection.py, bit for bit
+        # the documented loss-score normalisation, bit for bit
         assert np.array_equal(ours.loss_score, reference.sources[name].loss_score)
         degenerate = np.isin(labels, [9, 10])
         assert (ours.loss_score[degenerate] == 1.0).all()
