@@ -104,6 +104,8 @@ def fit_selection(
     are materialised once (in the object store, not on the driver) for the EM passes.
     Raises ValueError for invalid input.
     """
+    # deliberately the same typed keywords as select.fit_selection_in_memory: the two
+    # entry points of the one engine (Dataset blocks / in-memory batch)
     spec = make_spec(
         num_classes,
         source_columns,

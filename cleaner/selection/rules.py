@@ -200,17 +200,23 @@ def validate_labels(labels: np.ndarray, num_classes: int) -> np.ndarray:
     return labels.astype(np.int64, copy=False)
 
 
+def validate_matrix(name: str, values: np.ndarray, shape: str = "[N, K]") -> np.ndarray:
+    """values as an array; ValueError naming `name` unless numeric, 2-D and non-empty."""
+    values = np.asarray(values)
+    if values.dtype == bool or not (
+        np.issubdtype(values.dtype, np.floating) or np.issubdtype(values.dtype, np.integer)
+    ):
+        raise ValueError(f"{name} must be a numeric array, got dtype {values.dtype}")
+    if values.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D {shape} array, got shape {values.shape}")
+    if values.shape[0] == 0 or values.shape[1] == 0:
+        raise ValueError(f"{name} is empty (shape {values.shape})")
+    return values
+
+
 def validate_probs(name: str, probs: np.ndarray, num_samples: int) -> np.ndarray:
     """Return probs as float64[N, K]; raise ValueError naming `name` for bad input."""
-    probs = np.asarray(probs)
-    if probs.dtype == bool or not (
-        np.issubdtype(probs.dtype, np.floating) or np.issubdtype(probs.dtype, np.integer)
-    ):
-        raise ValueError(f"{name} must be a numeric array, got dtype {probs.dtype}")
-    if probs.ndim != 2:
-        raise ValueError(f"{name} must be a 2-D [N, K] array, got shape {probs.shape}")
-    if probs.shape[0] == 0 or probs.shape[1] == 0:
-        raise ValueError(f"{name} is empty (shape {probs.shape})")
+    probs = validate_matrix(name, probs)
     if probs.shape[0] != num_samples:
         raise ValueError(
             f"shape mismatch: {name} has {probs.shape[0]} rows but labels has {num_samples}"

@@ -167,7 +167,9 @@ def select_clean_result(
     gmm: GmmMode = "per_class",
     reg_covar: float = DEFAULT_REG_COVAR,
 ) -> SelectionResult:
-    """Like `select_clean`, but return the full `SelectionResult`."""
+    """Like `select_clean`, but return the full `SelectionResult`.
+
+    (Its signature repeats `select_clean`'s on purpose: both are public entry points.)"""
     validate_thresholds(theta_gmm, theta_cons, gmm)
     labels_array = np.asarray(labels)
     if labels_array.ndim != 1:
