@@ -253,21 +253,32 @@ def print_table(results: dict) -> None:
         print()
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated")
+def add_run_arguments(parser: argparse.ArgumentParser, json_default: str) -> None:
+    """The options of `generate_and_score` (data, runs, config) and the JSON output."""
     parser.add_argument("--num-samples", type=int, default=6000)
     parser.add_argument("--samples-per-shard", type=int, default=500)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--config", default="configs/demo.yaml")
     parser.add_argument("--data-root", default="data/bench")
     parser.add_argument("--runs-root", default="runs/bench")
-    parser.add_argument("--json", default="runs/bench/cleanlab_compare.json")
-    args = parser.parse_args(argv)
+    parser.add_argument("--json", default=json_default)
+
+
+def settings_of(parser: argparse.ArgumentParser, args: argparse.Namespace, known: dict) -> list:
+    """The --settings names, checked against the known ones."""
     names = [s for s in args.settings.split(",") if s]
-    unknown = [s for s in names if s not in SETTINGS]
+    unknown = [s for s in names if s not in known]
     if unknown:
-        parser.error(f"unknown settings {unknown}; known: {list(SETTINGS)}")
+        parser.error(f"unknown settings {unknown}; known: {list(known)}")
+    return names
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated")
+    add_run_arguments(parser, "runs/bench/cleanlab_compare.json")
+    args = parser.parse_args(argv)
+    names = settings_of(parser, args, SETTINGS)
 
     import cleanlab
 

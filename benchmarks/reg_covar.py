@@ -30,10 +30,12 @@ from benchmarks.cleanlab_compare import (
     SETTINGS as GENERATED,
 )
 from benchmarks.cleanlab_compare import (
+    add_run_arguments,
     generate_and_score,
     instance_dependent_labels,
     load_run,
     normalised,
+    settings_of,
 )
 from cleaner.selection.probe import fit_probe_probs
 from cleaner.selection.rules import DEFAULT_REG_COVAR, DIVIDEMIX_REG_COVAR
@@ -66,18 +68,9 @@ def clean_set_metrics(selected: np.ndarray, truly_clean: np.ndarray) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated")
-    parser.add_argument("--num-samples", type=int, default=6000)
-    parser.add_argument("--samples-per-shard", type=int, default=500)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--config", default="configs/demo.yaml")
-    parser.add_argument("--data-root", default="data/bench")
-    parser.add_argument("--runs-root", default="runs/bench")
-    parser.add_argument("--json", default="runs/bench/reg_covar.json")
+    add_run_arguments(parser, "runs/bench/reg_covar.json")
     args = parser.parse_args(argv)
-    names = [s for s in args.settings.split(",") if s]
-    unknown = [s for s in names if s not in SETTINGS]
-    if unknown:
-        parser.error(f"unknown settings {unknown}; known: {list(SETTINGS)}")
+    names = settings_of(parser, args, SETTINGS)
 
     results: dict[str, dict] = {}
     base: dict | None = None
