@@ -4,8 +4,7 @@ The library is importable without a cluster; `jobs/` holds the Ray entry points.
 """
 
 from cleaner.classes import ClassSpec
-from cleaner.selection.rules import SelectionResult, SourceScores
-from cleaner.selection.select import select_clean, select_from_scores
+from cleaner.selection import SelectionResult, SourceScores, select_clean, select_from_scores
 
 __all__ = ["ClassSpec", "SelectionResult", "SourceScores", "select_clean", "select_from_scores"]
 __version__ = "0.1.0"
