@@ -1,4 +1,5 @@
-"""The global fit: reads every shard's scores, selects clean samples, builds the manifest.
+"""The job's global fit on the driver: every shard's scores in memory, the scikit-learn
+probe, the EM engine's selection, then the manifest and summary.
 
 This is the only step that sees the whole dataset, and it reads only the small columns
 (plus the embeddings when the linear probe is on). Selection is never fitted per shard.

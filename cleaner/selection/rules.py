@@ -1,4 +1,5 @@
-"""Clean-sample selection (METHOD.md section 3): loss-score GMMs, consistency, intersection.
+"""The selection's rules and inputs (METHOD.md section 3): validation, constants,
+consistency, and the result types; the mixtures are fitted by `engine.py`.
 
 Per probability source (zero-shot, probe):
 
