@@ -9,13 +9,13 @@ clean job (`jobs.clean`, configs/demo.yaml, tiny CLIP) scores it into runs/bench
 (both skipped when already done). Then, from the run's stored fp16 embeddings (the score
 files keep only the top-5 zero-shot probabilities), this script recomputes:
 
-- the full zero-shot probabilities [N, K] (the prompt ensemble, as `cleaner.fit`), and
+- the full zero-shot probabilities [N, K] (the prompt ensemble, as `cleaner.selection.fit_in_memory`), and
 - the linear-probe probabilities, cross-fitted (5 folds: out-of-sample, what cleanlab
   expects) and in-sample (the job's default, for reference),
 
 and feeds the SAME float64 matrices (rows renormalised) to both methods:
 
-  ours              `cleaner.distributed.select_from_scores_em` (the job's selection: the
+  ours              `cleaner.selection.engine.select_from_scores` (the job's selection: the
                     deterministic-EM GMMs, consistency, intersection of every source;
                     METHOD.md section 3),
                     on one or two sources
@@ -24,7 +24,7 @@ and feeds the SAME float64 matrices (rows renormalised) to both methods:
   cleanlab CL       the same with filter_by="confident_learning"
 
 cleanlab takes one matrix: where ours uses two sources (zero-shot and probe), cleanlab gets
-their mean (the combination `cleaner.fit` uses for suggestions). Positive = the given label
+their mean (the combination `cleaner.selection.fit_in_memory` uses for suggestions). Positive = the given label
 is wrong: precision, recall and F1 of the flagged samples; AUROC of our clean_score (mean
 over sources of p(label)) and of cleanlab's `get_label_quality_scores` (self_confidence =
 p(label) of its matrix: on the same probabilities the two rankings coincide, so the AUROCs
@@ -55,15 +55,15 @@ import yaml
 from sklearn.metrics import roc_auc_score
 
 from cleaner.config import CleanJobConfig
-from cleaner.distributed import select_from_scores_em
-from cleaner.fit import embeddings_of, read_scores
-from cleaner.probe import fit_probe_probs
 from cleaner.reading import uri as uri_lib
 from cleaner.reading.shards import STATUS_OK
 from cleaner.scoring.models import load_clip
 from cleaner.scoring.pipeline import SCORES_DIR, shard_output_names
 from cleaner.scoring.prompts import encode_prompts, ensemble_probs_numpy
-from cleaner.selection import SourceScores
+from cleaner.selection.probe import fit_probe_probs
+from cleaner.selection.rules import SourceScores
+from cleaner.selection.score_table import embeddings_of, read_scores
+from cleaner.selection.select import select_from_scores
 from jobs.common import load_class_spec
 
 # setting -> (generator noise kind, rate); "idn" is derived here, not generated
@@ -197,7 +197,7 @@ def compare(labels: np.ndarray, true_labels: np.ndarray, probs: dict, cfg, k: in
     for set_name, (sources, _) in PROB_SETS.items():
         matrices = [probs[s] for s in sources]
         start = time.perf_counter()
-        result = select_from_scores_em(
+        result = select_from_scores(
             labels,
             k,
             {s: SourceScores.from_probs(labels, probs[s]) for s in sources},
@@ -253,21 +253,32 @@ def print_table(results: dict) -> None:
         print()
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated")
+def add_run_arguments(parser: argparse.ArgumentParser, json_default: str) -> None:
+    """The options of `generate_and_score` (data, runs, config) and the JSON output."""
     parser.add_argument("--num-samples", type=int, default=6000)
     parser.add_argument("--samples-per-shard", type=int, default=500)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--config", default="configs/demo.yaml")
     parser.add_argument("--data-root", default="data/bench")
     parser.add_argument("--runs-root", default="runs/bench")
-    parser.add_argument("--json", default="runs/bench/cleanlab_compare.json")
-    args = parser.parse_args(argv)
+    parser.add_argument("--json", default=json_default)
+
+
+def settings_of(parser: argparse.ArgumentParser, args: argparse.Namespace, known: dict) -> list:
+    """The --settings names, checked against the known ones."""
     names = [s for s in args.settings.split(",") if s]
-    unknown = [s for s in names if s not in SETTINGS]
+    unknown = [s for s in names if s not in known]
     if unknown:
-        parser.error(f"unknown settings {unknown}; known: {list(SETTINGS)}")
+        parser.error(f"unknown settings {unknown}; known: {list(known)}")
+    return names
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated")
+    add_run_arguments(parser, "runs/bench/cleanlab_compare.json")
+    args = parser.parse_args(argv)
+    names = settings_of(parser, args, SETTINGS)
 
     import cleanlab
 

@@ -16,11 +16,12 @@ import time
 import yaml
 
 from cleaner.config import CleanJobConfig
-from cleaner.fit import fit_and_build_manifest, read_scores
 from cleaner.reading import uri as uri_lib
 from cleaner.scoring.models import load_clip
 from cleaner.scoring.pipeline import SCORES_DIR, shard_output_names
 from cleaner.scoring.prompts import encode_prompts
+from cleaner.selection.fit_in_memory import fit_and_build_manifest
+from cleaner.selection.score_table import read_scores
 from jobs.common import load_class_spec
 
 MODES = ("none", "insample", "crossfit")

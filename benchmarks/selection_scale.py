@@ -1,7 +1,7 @@
 """Selection at scale: wall time and peak memory, in-memory and distributed vs a plain sklearn loop.
 
     python -m benchmarks.selection_scale [--sizes 1e5,1e6,1e7] [--classes 50,1000]
-        [--modes in_memory,distributed,sklearn_lib,plain] [--cap 60] [--json ...]
+        [--modes in_memory,distributed,plain] [--cap 60] [--json ...]
 
 Synthetic columns (what selection reads per sample): label, and for two sources
 (zeroshot, probe) p(label) and max p. Each class has its own noise rate (uniform in
@@ -13,7 +13,8 @@ per 500k rows, float32 scores, int64 label and key) in a temp dir.
 
 Modes, each run in a fresh subprocess (peak RSS = its VmHWM, read from /proc at exit):
 
-  in_memory    `cleaner.distributed.select_from_scores_em` on the numpy arrays (loaded
+  in_memory    `cleaner.selection.select.select_from_scores` (the library, the job's
+               in-memory fit: the EM engine) on the numpy arrays (loaded
                from .npy first; the load is not timed, its memory is in the peak)
   distributed  `fit_selection` + `FittedSelection.transform` over `ray.data.read_parquet`
                of the Parquet files, the selected dataset written back to Parquet by
@@ -22,16 +23,13 @@ Modes, each run in a fresh subprocess (peak RSS = its VmHWM, read from /proc at 
                (shared pages split fairly) of the Ray processes the driver started
                (GCS, raylet, workers, ...; sampled every 0.2 s, so it can miss spikes),
                and their idle PSS right after ray.init is printed too
-  sklearn_lib  `cleaner.selection.select_from_scores`: the job's sklearn path (one
-               `GaussianMixture` per class and source, samples grouped by one argsort,
-               k-means++ initialisation)
   plain        METHOD.md section 3 written as a plain loop: per source, per class
                `labels == k`, min-max normalised log p, `GaussianMixture(2, max_iter=100,
-               tol=1e-3, reg_covar=5e-4, random_state=0)` (sklearn's default k-means
+               tol=1e-3, reg_covar=1e-6, random_state=0)` (sklearn's default k-means
                init), posterior of the higher-mean component, consistency, intersection,
                backfill of empty classes
 
-The sklearn modes stop after --cap seconds; their time is then extrapolated from the
+The plain mode stops after --cap seconds; their time is then extrapolated from the
 mixtures fitted so far (time per fitted mixture x all mixtures) and marked "~" in the
 table and "extrapolated" in the JSON. "speedup" is plain's time / the mode's time.
 "clean" is the number of samples selected; "agree" the fraction of samples on which the
@@ -59,7 +57,7 @@ from pathlib import Path
 import numpy as np
 
 SOURCES = ("zeroshot", "probe")
-MODES = ("in_memory", "distributed", "sklearn_lib", "plain")
+MODES = ("in_memory", "distributed", "plain")
 ROWS_PER_FILE = 500_000
 SEED = 0
 BETA_CLEAN = {"zeroshot": (5.0, 1.5), "probe": (8.0, 1.2)}
@@ -121,7 +119,7 @@ def generate(root: Path, n: int, k: int) -> Path:
 
 
 def load_sources(folder: Path) -> tuple[np.ndarray, dict]:
-    from cleaner.selection import SourceScores
+    from cleaner.selection.rules import SourceScores
 
     labels = np.load(folder / "label.npy")
     sources = {
@@ -295,7 +293,7 @@ def plain_select(
                 continue
             x = ((values - low) / (high - low)).reshape(-1, 1)
             rank[members] += x[:, 0]
-            gmm = GaussianMixture(2, max_iter=100, tol=1e-3, reg_covar=5e-4, random_state=0)
+            gmm = GaussianMixture(2, max_iter=100, tol=1e-3, reg_covar=1e-6, random_state=0)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", category=ConvergenceWarning)
                 gmm.fit(x)
@@ -328,40 +326,14 @@ def extrapolate(clock: Clock, fits: int, total: int) -> dict:
 
 
 def run_in_memory(folder: Path, k: int, cap_s: float, store_mb: float, block_mb: float) -> dict:
-    from cleaner.distributed import select_from_scores_em
+    from cleaner.selection.select import select_from_scores
 
     labels, sources = load_sources(folder)
     clock = Clock()
-    result = select_from_scores_em(labels, k, sources)
+    result = select_from_scores(labels, k, sources)
     timing = clock.read()
     np.save(folder / "is_clean_in_memory.npy", result.is_clean)
     return {**timing, "num_clean": int(result.is_clean.sum())}
-
-
-def run_sklearn_lib(folder: Path, k: int, cap_s: float, store_mb: float, block_mb: float) -> dict:
-    import cleaner.selection as selection
-
-    labels, sources = load_sources(folder)
-    counts = np.bincount(labels, minlength=k)
-    total = len(sources) * int((counts > 1).sum())
-    done = [0]
-    clock = Clock()
-    start = clock.wall0
-    original = selection._gmm_clean_posterior
-
-    def counted(values: np.ndarray) -> np.ndarray:
-        out = original(values)
-        done[0] += 1
-        if time.perf_counter() - start > cap_s and done[0] < total:
-            raise _Deadline(done[0], total)
-        return out
-
-    selection._gmm_clean_posterior = counted
-    try:
-        result = selection.select_from_scores(labels, k, sources)
-    except _Deadline as stop:
-        return extrapolate(clock, *stop.args)
-    return {**clock.read(), "num_clean": int(result.is_clean.sum())}
 
 
 def run_plain(folder: Path, k: int, cap_s: float, store_mb: float, block_mb: float) -> dict:
@@ -377,7 +349,7 @@ def run_plain(folder: Path, k: int, cap_s: float, store_mb: float, block_mb: flo
 def run_distributed(folder: Path, k: int, cap_s: float, store_mb: float, block_mb: float) -> dict:
     import ray
 
-    from cleaner.distributed import fit_selection
+    from cleaner.selection.fit_ray import fit_selection
 
     sampler = TreeSampler()
     t0 = time.perf_counter()
@@ -430,7 +402,6 @@ def run_distributed(folder: Path, k: int, cap_s: float, store_mb: float, block_m
 RUNNERS = {
     "in_memory": run_in_memory,
     "distributed": run_distributed,
-    "sklearn_lib": run_sklearn_lib,
     "plain": run_plain,
 }
 

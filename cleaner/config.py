@@ -102,6 +102,13 @@ class SelectionConfig(StrictModel):
     theta_gmm: float = Field(default=0.5, ge=0.0, le=1.0)
     theta_cons: float = Field(default=0.8, ge=0.0, le=1.0)
     gmm: Literal["per_class", "global"] = "per_class"
+    gmm_reg_covar: float = Field(
+        default=1e-6,
+        gt=0.0,
+        le=1.0,
+        description="variance floor of the 2-component mixtures: 1e-6 as the official "
+        "code (scikit-learn's default); 5e-4 (DivideMix's) keeps a larger, less pure set",
+    )
     probe: Literal["insample", "crossfit", "none"] = "insample"
     probe_folds: int = Field(default=5, ge=2)
     probe_c: float = Field(default=1.0, gt=0)

@@ -14,12 +14,6 @@ import logging
 import time
 
 from cleaner.config import CleanJobConfig, ConfigError, load_config
-from cleaner.fit import fit_and_build_manifest, read_scores
-from cleaner.fit_distributed import (
-    choose_mode,
-    fit_and_write_manifest_distributed,
-    read_manifest_for_report,
-)
 from cleaner.reading import uri as uri_lib
 from cleaner.reading.preflight import check_clean_job_io, check_labels_match_spec
 from cleaner.reading.shards import fetch_thumbnails
@@ -32,6 +26,11 @@ from cleaner.scoring.pipeline import (
     table_to_parquet_bytes,
 )
 from cleaner.scoring.prompts import encode_prompts
+from cleaner.selection.fit_in_memory import fit_and_build_manifest
+from cleaner.selection.fit_plan import choose_mode
+from cleaner.selection.fit_ray import fit_and_write_manifest_distributed
+from cleaner.selection.manifest import read_manifest_for_report
+from cleaner.selection.score_table import read_scores
 from cleaner.versions import package_versions
 from jobs.common import (
     connect_ray,

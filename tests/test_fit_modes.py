@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from cleaner.config import SelectionConfig
-from cleaner.fit_distributed import choose_mode
+from cleaner.selection.fit_plan import choose_mode
 from jobs.clean import run_clean
 from tests.browser import loaded_images
 from tests.conftest import clean_config, count_samples, write_tar

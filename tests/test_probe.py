@@ -1,11 +1,11 @@
-"""Tests for cleaner.probe (METHOD.md section 2), with real scikit-learn."""
+"""Tests for cleaner.selection.probe (METHOD.md section 2), with real scikit-learn."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from cleaner.probe import fit_probe_probs, l2_normalise
+from cleaner.selection.probe import fit_probe_probs, l2_normalise
 
 
 def _clusters(

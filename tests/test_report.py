@@ -11,14 +11,9 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from cleaner.report import (
-    HIST_BINS,
-    SECTIONS,
-    _mixture_curves,
-    render_report,
-    top_noisy_keys,
-    write_report,
-)
+from cleaner.report import render_report, top_noisy_keys, write_report
+from cleaner.report.common import HIST_BINS, SECTIONS
+from cleaner.report.plots import _mixture_curves
 
 TITLES = dict(SECTIONS)
 PNG_SRC = re.compile(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"')
@@ -35,7 +30,7 @@ def make_manifest(
     failed_every: int = 23,
     seed: int = 0,
 ) -> pa.Table:
-    """A synthetic manifest with the columns of cleaner.fit.fit_and_build_manifest."""
+    """A synthetic manifest with the columns of cleaner.selection.fit_in_memory.fit_and_build_manifest."""
     rng = np.random.default_rng(seed)
     true_label = rng.integers(0, num_classes, n)
     flip = rng.random(n) < 0.3

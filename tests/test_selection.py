@@ -1,4 +1,4 @@
-"""Tests for cleaner.selection (METHOD.md section 3), with real scikit-learn mixtures."""
+"""Tests for cleaner.selection.rules (METHOD.md section 3), with real scikit-learn mixtures."""
 
 from __future__ import annotations
 
@@ -7,13 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from cleaner.selection import (
-    SelectionResult,
-    SourceScores,
-    select_clean,
-    select_clean_result,
-    select_from_scores,
-)
+from cleaner.selection.rules import SelectionResult, SourceScores
+from cleaner.selection.select import select_clean, select_clean_result, select_from_scores
 
 
 def _probs_for(true: np.ndarray, num_classes: int, seed: int, signal: float = 4.0) -> np.ndarray:

@@ -1,4 +1,5 @@
-"""Clean-sample selection (METHOD.md section 3): loss-score GMMs, consistency, intersection.
+"""The selection's rules and inputs (METHOD.md section 3): validation, constants,
+consistency, and the result types; the mixtures are fitted by `engine.py`.
 
 Per probability source (zero-shot, probe):
 
@@ -31,27 +32,33 @@ Degenerate cases (decisions):
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
 
 GmmMode = Literal["per_class", "global"]
+
+
 GMM_MODES: tuple[str, ...] = ("per_class", "global")
 
+
 LOG_EPSILON = 1e-12  # probabilities are clipped here before the log
+
+
 DEGENERATE_RANGE = 1e-12  # a class whose loss-score range is at most this cannot be split
+
+
 CONSISTENCY_TOLERANCE = 1e-9  # so that c_i == 1.0 (label is the argmax) passes theta 1.0
-# k-means++ initialisation: same fits as the default full k-means init on these 1-D
-# scores, about 15x faster (matters with one mixture per class and K ~ 1000).
-GMM_SETTINGS: dict[str, float | int | str] = {
-    "max_iter": 100,
-    "tol": 1e-3,
-    "reg_covar": 5e-4,
-    "init_params": "k-means++",
-    "random_state": 0,
-}
+
+
+# The mixtures' variance floor: scikit-learn's default reg_covar, which the official
+# CLIPCleaner code uses (GaussianMixture(2) with every default). DivideMix's 5e-4 selects
+# a larger, less pure set; see docs/selection.md for the measured trade.
+DEFAULT_REG_COVAR = 1e-6
+
+
+DIVIDEMIX_REG_COVAR = 5e-4
 
 
 @dataclass(frozen=True)
@@ -157,9 +164,6 @@ class SelectionResult:
         }
 
 
-# --------------------------------------------------------------------------- validation
-
-
 def validate_thresholds(theta_gmm: float, theta_cons: float, gmm: str) -> None:
     """Raise ValueError for thresholds outside [0, 1] or an unknown GMM mode."""
     for name, value in (("theta_gmm", theta_gmm), ("theta_cons", theta_cons)):
@@ -197,17 +201,23 @@ def validate_labels(labels: np.ndarray, num_classes: int) -> np.ndarray:
     return labels.astype(np.int64, copy=False)
 
 
+def validate_matrix(name: str, values: np.ndarray, shape: str = "[N, K]") -> np.ndarray:
+    """values as an array; ValueError naming `name` unless numeric, 2-D and non-empty."""
+    values = np.asarray(values)
+    if values.dtype == bool or not (
+        np.issubdtype(values.dtype, np.floating) or np.issubdtype(values.dtype, np.integer)
+    ):
+        raise ValueError(f"{name} must be a numeric array, got dtype {values.dtype}")
+    if values.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D {shape} array, got shape {values.shape}")
+    if values.shape[0] == 0 or values.shape[1] == 0:
+        raise ValueError(f"{name} is empty (shape {values.shape})")
+    return values
+
+
 def validate_probs(name: str, probs: np.ndarray, num_samples: int) -> np.ndarray:
     """Return probs as float64[N, K]; raise ValueError naming `name` for bad input."""
-    probs = np.asarray(probs)
-    if probs.dtype == bool or not (
-        np.issubdtype(probs.dtype, np.floating) or np.issubdtype(probs.dtype, np.integer)
-    ):
-        raise ValueError(f"{name} must be a numeric array, got dtype {probs.dtype}")
-    if probs.ndim != 2:
-        raise ValueError(f"{name} must be a 2-D [N, K] array, got shape {probs.shape}")
-    if probs.shape[0] == 0 or probs.shape[1] == 0:
-        raise ValueError(f"{name} is empty (shape {probs.shape})")
+    probs = validate_matrix(name, probs)
     if probs.shape[0] != num_samples:
         raise ValueError(
             f"shape mismatch: {name} has {probs.shape[0]} rows but labels has {num_samples}"
@@ -265,236 +275,6 @@ def validate_selection_input(
     return labels
 
 
-# --------------------------------------------------------------------------- class groups
-
-
-@dataclass(frozen=True)
-class _ClassGroups:
-    """Samples grouped by class: a stable sort by label and each class's segment in it."""
-
-    order: np.ndarray  # int64[N], sample indices sorted by label (stable)
-    counts: np.ndarray  # int64[K]
-    starts: np.ndarray  # int64[K], start of each class's segment in `order`
-    present: np.ndarray  # int64[P], classes with at least one sample
-
-    @classmethod
-    def build(cls, labels: np.ndarray, num_classes: int) -> _ClassGroups:
-        order = np.argsort(labels, kind="stable")
-        counts = np.bincount(labels, minlength=num_classes).astype(np.int64)
-        starts = np.concatenate(([0], np.cumsum(counts)[:-1])).astype(np.int64)
-        return cls(order=order, counts=counts, starts=starts, present=np.flatnonzero(counts))
-
-    def members(self, k: int) -> np.ndarray:
-        """Sample indices of class k (ascending)."""
-        return self.order[self.starts[k] : self.starts[k] + self.counts[k]]
-
-    def per_class_min_max(self, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Per-class min and max of values[N] (vectorised; NaN for absent classes)."""
-        k = self.counts.shape[0]
-        mins = np.full(k, np.nan)
-        maxs = np.full(k, np.nan)
-        sorted_values = values[self.order]
-        seg_starts = self.starts[self.present]  # present segments are non-empty and contiguous
-        mins[self.present] = np.minimum.reduceat(sorted_values, seg_starts)
-        maxs[self.present] = np.maximum.reduceat(sorted_values, seg_starts)
-        return mins, maxs
-
-
-# --------------------------------------------------------------------------- building blocks
-
-
-def loss_scores(
-    p_label: np.ndarray, labels: np.ndarray, groups: _ClassGroups
-) -> tuple[np.ndarray, np.ndarray]:
-    """Per-class min-max normalised log p(label), and a bool[K] mask of degenerate classes.
-
-    A degenerate class (range <= DEGENERATE_RANGE: one sample, or all scores equal) gets
-    normalised score 1.0 for all its samples.
-    """
-    log_p = np.log(np.clip(p_label, LOG_EPSILON, None))
-    mins, maxs = groups.per_class_min_max(log_p)
-    ranges = maxs - mins
-    degenerate = np.zeros(ranges.shape[0], dtype=bool)
-    degenerate[groups.present] = ranges[groups.present] <= DEGENERATE_RANGE
-    safe_ranges = np.where(degenerate | np.isnan(ranges), 1.0, ranges)
-    normalised = (log_p - mins[labels]) / safe_ranges[labels]
-    normalised = np.where(degenerate[labels], 1.0, np.clip(normalised, 0.0, 1.0))
-    return normalised, degenerate
-
-
-def _gmm_clean_posterior(values: np.ndarray) -> np.ndarray:
-    """Fit a 2-component 1-D mixture; posterior of the larger-mean component per value."""
-    # sklearn is imported here, not at module level: the distributed fit's Ray workers
-    # import this module for its validation and never need sklearn (about 80 MB each)
-    from sklearn.exceptions import ConvergenceWarning
-    from sklearn.mixture import GaussianMixture
-
-    mixture = GaussianMixture(n_components=2, **GMM_SETTINGS)
-    column = values.reshape(-1, 1)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", category=ConvergenceWarning)
-        mixture.fit(column)
-    clean_component = int(np.argmax(mixture.means_.ravel()))
-    return mixture.predict_proba(column)[:, clean_component]
-
-
-def gmm_p_clean(
-    normalised: np.ndarray,
-    labels: np.ndarray,
-    degenerate: np.ndarray,
-    groups: _ClassGroups,
-    mode: GmmMode,
-) -> np.ndarray:
-    """p_clean per sample from per-class or global mixtures (1.0 in degenerate classes)."""
-    p_clean = np.ones(normalised.shape[0], dtype=np.float64)
-    if mode == "per_class":
-        for k in groups.present:
-            if degenerate[k]:
-                continue
-            members = groups.members(int(k))
-            p_clean[members] = _gmm_clean_posterior(normalised[members])
-    else:
-        fit_mask = ~degenerate[labels]
-        if fit_mask.any():
-            p_clean[fit_mask] = _gmm_clean_posterior(normalised[fit_mask])
-    return p_clean
-
-
 def consistency_scores(p_label: np.ndarray, max_p: np.ndarray) -> np.ndarray:
     """c_i = p(label) / max p, clipped to [0, 1] (1.0 when the label ties for the argmax)."""
     return np.clip(p_label / max_p, 0.0, 1.0)
-
-
-def _backfill(
-    labels: np.ndarray,
-    is_clean: np.ndarray,
-    rank_score: np.ndarray,
-    groups: _ClassGroups,
-    num_samples: int,
-    num_classes: int,
-) -> tuple[np.ndarray, int]:
-    """Samples to add to present classes with no clean sample, and the m used."""
-    backfilled = np.zeros(num_samples, dtype=bool)
-    clean_per_class = np.bincount(labels[is_clean], minlength=num_classes)
-    empty = np.flatnonzero((groups.counts > 0) & (clean_per_class == 0))
-    if empty.size == 0:
-        return backfilled, 0
-    floor_term = num_samples // (num_classes * num_classes)
-    nonzero = clean_per_class[clean_per_class > 0]
-    m = max(int(nonzero.min()), floor_term) if nonzero.size else floor_term
-    m = max(m, 1)
-    for k in empty:
-        members = groups.members(int(k))
-        take = min(m, members.shape[0])
-        # best = highest score; stable sort on the negated score keeps index order on ties
-        best = members[np.argsort(-rank_score[members], kind="stable")[:take]]
-        backfilled[best] = True
-    return backfilled, m
-
-
-# --------------------------------------------------------------------------- public API
-
-
-def select_from_scores(
-    labels: np.ndarray,
-    num_classes: int,
-    sources: dict[str, SourceScores],
-    *,
-    theta_gmm: float = 0.5,
-    theta_cons: float = 0.8,
-    gmm: GmmMode = "per_class",
-) -> SelectionResult:
-    """Select clean samples from compact per-source columns (p(label), max p).
-
-    Intersects the GMM and consistency selections of every source, then backfills
-    present classes left empty. Raises ValueError for invalid input.
-    """
-    labels = validate_selection_input(labels, num_classes, sources, theta_gmm, theta_cons, gmm)
-    num_samples = labels.shape[0]
-
-    groups = _ClassGroups.build(labels, num_classes)
-    is_clean = np.ones(num_samples, dtype=bool)
-    selections: dict[str, SourceSelection] = {}
-    for name, scores in sources.items():
-        normalised, degenerate = loss_scores(scores.p_label, labels, groups)
-        p_clean = gmm_p_clean(normalised, labels, degenerate, groups, gmm)
-        consistency = consistency_scores(scores.p_label, scores.max_p)
-        selection = SourceSelection(
-            loss_score=normalised,
-            gmm_p_clean=p_clean,
-            gmm_selected=p_clean >= theta_gmm,
-            consistency=consistency,
-            consistency_selected=consistency >= theta_cons - CONSISTENCY_TOLERANCE,
-        )
-        selections[name] = selection
-        is_clean &= selection.gmm_selected & selection.consistency_selected
-
-    rank_score = np.mean([s.loss_score for s in selections.values()], axis=0)
-    backfilled, backfill_size = _backfill(
-        labels, is_clean, rank_score, groups, num_samples, num_classes
-    )
-    clean_score = np.mean([s.p_label for s in sources.values()], axis=0)
-    return SelectionResult(
-        is_clean=is_clean | backfilled,
-        backfilled=backfilled,
-        clean_score=clean_score,
-        sources=selections,
-        labels=labels,
-        num_classes=int(num_classes),
-        theta_gmm=float(theta_gmm),
-        theta_cons=float(theta_cons),
-        gmm=gmm,
-        backfill_size=backfill_size,
-        settings=dict(GMM_SETTINGS),
-    )
-
-
-def select_clean_result(
-    labels: np.ndarray,
-    zeroshot_probs: np.ndarray,
-    probe_probs: np.ndarray | None = None,
-    *,
-    theta_gmm: float = 0.5,
-    theta_cons: float = 0.8,
-    gmm: GmmMode = "per_class",
-) -> SelectionResult:
-    """Like `select_clean`, but return the full `SelectionResult`."""
-    validate_thresholds(theta_gmm, theta_cons, gmm)
-    labels_array = np.asarray(labels)
-    if labels_array.ndim != 1:
-        raise ValueError(f"labels must be a 1-D array, got shape {labels_array.shape}")
-    zeroshot = validate_probs("zeroshot_probs", zeroshot_probs, labels_array.shape[0])
-    num_classes = zeroshot.shape[1]
-    labels_array = validate_labels(labels_array, num_classes)
-    sources = {"zeroshot": SourceScores.from_probs(labels_array, zeroshot)}
-    if probe_probs is not None:
-        probe = validate_probs("probe_probs", probe_probs, labels_array.shape[0])
-        if probe.shape[1] != num_classes:
-            raise ValueError(
-                f"shape mismatch: probe_probs has {probe.shape[1]} classes but "
-                f"zeroshot_probs has {num_classes}"
-            )
-        sources["probe"] = SourceScores.from_probs(labels_array, probe)
-    return select_from_scores(
-        labels_array, num_classes, sources, theta_gmm=theta_gmm, theta_cons=theta_cons, gmm=gmm
-    )
-
-
-def select_clean(
-    labels: np.ndarray,
-    zeroshot_probs: np.ndarray,
-    probe_probs: np.ndarray | None = None,
-    *,
-    theta_gmm: float = 0.5,
-    theta_cons: float = 0.8,
-    gmm: GmmMode = "per_class",
-) -> np.ndarray:
-    """CLIPCleaner selection on in-memory arrays: a bool[N] mask of clean samples.
-
-    labels int[N]; zeroshot_probs / probe_probs float[N, K]. With probe_probs=None only
-    the zero-shot GMM and consistency selections are intersected. Raises ValueError
-    naming the problem for invalid input.
-    """
-    return select_clean_result(
-        labels, zeroshot_probs, probe_probs, theta_gmm=theta_gmm, theta_cons=theta_cons, gmm=gmm
-    ).is_clean

@@ -28,6 +28,8 @@ from typing import Literal
 
 import numpy as np
 
+from cleaner.selection.rules import validate_matrix
+
 ProbeMode = Literal["insample", "crossfit"]
 PROBE_MODES: tuple[str, ...] = ("insample", "crossfit")
 
@@ -61,16 +63,7 @@ def _validate(
     if isinstance(max_iter, bool) or not isinstance(max_iter, (int, np.integer)) or max_iter < 1:
         raise ValueError(f"max_iter must be a positive integer, got {max_iter!r}")
 
-    x = np.asarray(embeddings)
-    if x.dtype == bool or not (
-        np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)
-    ):
-        raise ValueError(f"embeddings must be numeric, got dtype {x.dtype}")
-    if x.ndim != 2:
-        raise ValueError(f"embeddings must be a 2-D [N, D] array, got shape {x.shape}")
-    if x.shape[0] == 0 or x.shape[1] == 0:
-        raise ValueError(f"embeddings is empty (shape {x.shape})")
-    x = l2_normalise(x)
+    x = l2_normalise(validate_matrix("embeddings", embeddings, "[N, D]"))
     if not np.isfinite(x).all():
         raise ValueError("embeddings contain NaN or inf")
 

@@ -1,27 +1,30 @@
 """The global fit over Ray Data, for runs whose score table does not fit one node.
 
-Same outputs as `cleaner.fit.fit_and_build_manifest` (the in-memory fit), built without
-gathering the score table on the driver:
+Same outputs as `fit_in_memory.fit_and_build_manifest` (the in-memory fit), built
+without gathering the score table on the driver:
 
 1. duplicate keys: a Ray Data groupby on the key column; only keys seen more than once
    (and their shard and position) come back to the driver;
-2. probe: `distributed.fit_probe_streaming` over the usable rows' embeddings;
-3. selection: `distributed.fit_selection`, whose passes read only label, key and
-   p_label / max_p per source (the probe's come from a map over the embeddings);
+2. probe: `probe_streaming.fit_probe_streaming` over the usable rows' embeddings;
+3. selection: `fit_selection` (below: the EM engine over Ray Data blocks), whose
+   passes read only label, key and p_label / max_p per source (the probe's come from a map over the embeddings);
 4. manifest: one Ray task per score file applies the fitted probe and selection and
-   builds that shard's manifest rows with `cleaner.fit.build_manifest` (the in-memory
+   builds that shard's manifest rows with `manifest.build_manifest` (the in-memory
    fit's own code); the driver streams the parts, in shard order, into manifest.parquet,
-   holding one part at a time, and keeps only `fit.SUMMARY_COLUMNS` for the summary.
+   holding one part at a time, and keeps only `summary.SUMMARY_COLUMNS` for the summary.
 
-`choose_mode` picks between the two fits by the estimated in-memory size.
+`fit_plan.choose_mode` picks between the two fits by the estimated in-memory size.
+
+`fit_selection` runs the engine's passes (`cleaner.selection.engine`) as `map_batches`
+over the Dataset, one folded output row per block; `distributed_select` adds the
+selection columns to the Dataset.
 """
 
 from __future__ import annotations
 
-import os
 import time
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -29,94 +32,113 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from cleaner.config import SelectionConfig
-from cleaner.distributed import (
-    FittedSelection,
-    StreamingProbe,
-    choose_fit_mode,
-    estimate_in_memory_bytes,
-    fit_probe_streaming,
-    fit_selection,
-)
-from cleaner.fit import (
-    NOTHING_USABLE,
-    SMALL_COLUMNS,
-    SUMMARY_COLUMNS,
-    ScoreBatch,
-    build_manifest,
-    duplicate_rows_in_memory,
-    source_columns,
-    summary_with_fit,
-)
 from cleaner.reading import uri as uri_lib
 from cleaner.reading.shards import STATUS_OK
 from cleaner.scoring.prompts import PromptBank
+from cleaner.selection.engine import BlockPass, Runner, check_rows, make_spec, run_fit
+from cleaner.selection.fitted import DEFAULT_BATCH_ROWS, Batch, FittedSelection, SelectionSpec
+from cleaner.selection.manifest import ManifestWriter, build_manifest
+from cleaner.selection.probe_streaming import StreamingProbe, fit_probe_streaming
+from cleaner.selection.rules import DEFAULT_REG_COVAR, GmmMode
+from cleaner.selection.score_table import (
+    NOTHING_USABLE,
+    SMALL_COLUMNS,
+    ScoreBatch,
+    duplicate_rows_in_memory,
+    engine_options,
+    source_columns,
+)
+from cleaner.selection.summary import SUMMARY_COLUMNS, summary_with_fit
 
-GIB = 1024**3
-DEFAULT_MEMORY_FRACTION = 0.5  # of the driver's available memory, when no budget is set
-PARTS_IN_FLIGHT_PER_CPU = 2  # manifest tasks queued per cluster CPU
-
-
-@dataclass(frozen=True)
-class FitPlan:
-    """Which fit runs, and why."""
-
-    mode: str  # "in_memory" | "distributed"
-    samples: int
-    embed_dim: int
-    estimated_gb: float
-    budget_gb: float
-    requested: str
-
-    def as_dict(self) -> dict:
-        return {
-            "mode": self.mode,
-            "requested": self.requested,
-            "samples": self.samples,
-            "embed_dim": self.embed_dim,
-            "estimated_in_memory_gb": round(self.estimated_gb, 3),
-            "memory_budget_gb": round(self.budget_gb, 3),
-        }
+if TYPE_CHECKING:
+    import ray.data
 
 
-def available_memory_bytes() -> int:
-    """MemAvailable of this node (Linux), else the physical memory size."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+def dataset_runner(ds: ray.data.Dataset, chunk_rows: int) -> Runner:
+    """Runs a block pass with map_batches (one folded output row per block) and folds
+    the outputs on the driver as they stream in."""
+    chunk_rows = check_rows(chunk_rows)
+
+    def run(fn: BlockPass) -> Batch:
+        mapped = ds.map_batches(
+            fn.over_chunks,
+            fn_kwargs={"chunk_rows": chunk_rows},
+            batch_format="numpy",
+            batch_size=None,
+            zero_copy_batch=True,
+        )
+        acc: Batch | None = None
+        for part in mapped.iter_batches(batch_size=None, batch_format="numpy"):
+            if part:
+                acc = fn.fold(acc, part)
+        return acc or {}
+
+    return run
 
 
-def score_file_shape(score_uris: list[str]) -> tuple[int, int]:
-    """(rows, embedding width) of the score files, from their Parquet footers only."""
-    rows, width = 0, 0
-    for uri in score_uris:
-        fs, path = uri_lib.resolve(uri)
-        with fs.open_input_file(path) as f:
-            parquet = pq.ParquetFile(f)
-            rows += parquet.metadata.num_rows
-            if not width:
-                embedding = parquet.schema_arrow.field("embedding").type
-                width = int(getattr(embedding, "list_size", 0))
-    return rows, width
+def selection_input(ds: ray.data.Dataset, spec: SelectionSpec) -> ray.data.Dataset:
+    """The projection the fit reads: label, p_label / max_p per source, and the key."""
+    return ds.select_columns(spec.columns())
 
 
-def choose_mode(cfg: SelectionConfig, score_uris: list[str], num_classes: int) -> FitPlan:
-    """The fit mode for these score files: cfg.fit_mode, or by size when it is "auto"."""
-    samples, width = score_file_shape(score_uris)
-    budget = (
-        int(cfg.fit_memory_gb * GIB)
-        if cfg.fit_memory_gb is not None
-        else int(available_memory_bytes() * DEFAULT_MEMORY_FRACTION)
+def fit_selection(
+    ds: ray.data.Dataset,
+    num_classes: int,
+    *,
+    source_columns: Mapping[str, tuple[str, str]],
+    label_column: str = "label",
+    key_column: str | None = None,
+    theta_gmm: float = 0.5,
+    theta_cons: float = 0.8,
+    gmm: GmmMode = "per_class",
+    max_iter: int = 100,
+    tol: float = 1e-3,
+    reg_covar: float = DEFAULT_REG_COVAR,
+    batch_rows: int = DEFAULT_BATCH_ROWS,
+    materialize: bool = True,
+) -> FittedSelection:
+    """Fit the selection over a Ray Dataset without gathering its columns.
+
+    source_columns maps a source name to its (p_label column, max_p column). Only those
+    columns, the label and the optional key column are read; with materialize=True they
+    are materialised once (in the object store, not on the driver) for the EM passes.
+    Raises ValueError for invalid input.
+    """
+    # deliberately the same typed keywords as select.fit_selection_in_memory: the two
+    # entry points of the one engine (Dataset blocks / in-memory batch)
+    spec = make_spec(
+        num_classes,
+        source_columns,
+        label_column=label_column,
+        key_column=key_column,
+        theta_gmm=theta_gmm,
+        theta_cons=theta_cons,
+        gmm=gmm,
+        max_iter=max_iter,
+        tol=tol,
+        reg_covar=reg_covar,
     )
-    estimate = estimate_in_memory_bytes(samples, width, num_classes)
-    mode = cfg.fit_mode
-    if mode == "auto":
-        mode = choose_fit_mode(samples, width, max(budget, 1), num_classes=num_classes)
-    return FitPlan(mode, samples, width, estimate / GIB, budget / GIB, cfg.fit_mode)
+    small = selection_input(ds, spec)
+    if materialize:
+        small = small.materialize()
+    return run_fit(spec, dataset_runner(small, batch_rows))
+
+
+def distributed_select(
+    ds: ray.data.Dataset,
+    num_classes: int,
+    *,
+    batch_rows: int = DEFAULT_BATCH_ROWS,
+    **fit_options: Any,
+) -> ray.data.Dataset:
+    """`fit_selection` (fit_options: its keyword arguments), then the dataset with
+    is_clean, backfilled, clean_score and, per source, loss_score_*, gmm_p_clean_*,
+    consistency_* added (lazy map_batches)."""
+    fitted = fit_selection(ds, num_classes, batch_rows=batch_rows, **fit_options)
+    return fitted.transform(ds, batch_rows=batch_rows)
+
+
+PARTS_IN_FLIGHT_PER_CPU = 2  # manifest tasks queued per cluster CPU
 
 
 def read_score_dataset(score_uris: list[str], columns: list[str]):
@@ -274,9 +296,7 @@ def fit_and_write_manifest_distributed(
             num_classes,
             source_columns=source_columns(probe is not None),
             key_column="key",
-            theta_gmm=cfg.theta_gmm,
-            theta_cons=cfg.theta_cons,
-            gmm=cfg.gmm,
+            **engine_options(cfg),
         )
         print(f"[fit] GMM selection fitted over Ray Data blocks ({elapsed()})", flush=True)
     refs = {
@@ -315,50 +335,3 @@ def fit_and_write_manifest_distributed(
                 )
     columns = {name: np.concatenate(parts) for name, parts in kept.items()}
     return summary_with_fit(columns, fitted, class_names)
-
-
-def read_manifest_for_report(manifest_uri: str) -> pa.Table:
-    """The manifest without its list columns (the report does not read them)."""
-    fs, path = uri_lib.resolve(manifest_uri)
-    with fs.open_input_file(path) as f:
-        schema = pq.read_schema(f)
-        columns = [
-            field.name
-            for field in schema
-            if not pa.types.is_fixed_size_list(field.type) and not pa.types.is_list(field.type)
-        ]
-    with fs.open_input_file(path) as f:
-        return pq.read_table(f, columns=columns)
-
-
-class ManifestWriter:
-    """Streams tables into one Parquet file: a temp file renamed on success locally; on S3
-    a multipart upload that only becomes visible when closed."""
-
-    def __init__(self, uri: str) -> None:
-        self.uri = uri
-        self.fs, self.path = uri_lib.resolve(uri)
-        self.target = self.path if uri_lib.is_s3(uri) else f"{self.path}.tmp-{os.getpid()}"
-        self.stream = None
-        self.writer: pq.ParquetWriter | None = None
-
-    def __enter__(self) -> ManifestWriter:
-        if not uri_lib.is_s3(self.uri):
-            uri_lib.makedirs(os.path.dirname(self.path))
-        self.stream = self.fs.open_output_stream(self.target)
-        return self
-
-    def write(self, table: pa.Table) -> None:
-        if self.writer is None:
-            self.writer = pq.ParquetWriter(self.stream, table.schema)
-        self.writer.write_table(table)
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if self.writer is not None:
-            self.writer.close()
-        self.stream.close()
-        if exc_type is None:
-            if not uri_lib.is_s3(self.uri):
-                os.replace(self.target, self.path)
-        elif uri_lib.exists(self.uri if uri_lib.is_s3(self.uri) else self.target):
-            self.fs.delete_file(self.target)  # no partial manifest is left behind
