@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from cleaner.reading import preflight
 from cleaner.config import ConfigError, load_config
 from cleaner.demo.shapes import SHAPE_CLASSES
+from cleaner.reading import preflight
 from cleaner.reading.preflight import PreflightError, check_labels_match_spec
 from jobs.clean import run_clean
 from tests.conftest import REPO_ROOT, S3_ENV, free_port, make_bucket
