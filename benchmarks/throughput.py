@@ -22,6 +22,7 @@ from cleaner.reading import uri as uri_lib
 from cleaner.scoring.models import load_clip
 from cleaner.scoring.pipeline import read_stage, score_shards, score_stage
 from cleaner.scoring.prompts import encode_prompts
+from cleaner.scoring.resources import plan_scorers
 from jobs.common import load_class_spec
 
 
@@ -89,7 +90,8 @@ def main(argv: list[str] | None = None) -> dict:
         consume(read_stage(cfg, shards[:1], spec.names, size))
         decode = timed("decode-only", lambda: consume(read_stage(cfg, shards, spec.names, size)))
         decoded = read_stage(cfg, shards, spec.names, size).materialize()
-        model = timed("model-only", lambda: consume(score_stage(decoded, cfg, bank_ref)))
+        plan = plan_scorers(cfg, len(shards))
+        model = timed("model-only", lambda: consume(score_stage(decoded, cfg, bank_ref, plan)))
 
         pipeline = timed(
             "pipeline",

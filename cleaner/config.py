@@ -65,9 +65,22 @@ class ScoringConfig(StrictModel):
     gpus_per_actor: float | Literal["auto"] = Field(
         default="auto",
         description="GPUs per scorer actor; fractions put several actors on one GPU "
-        "(0.5: two), a throughput knob; 0: CPU actors; auto: 1 if the cluster has GPUs",
+        "(0.5: two), a throughput knob; 0: CPU actors; auto: 1 if the cluster has or can launch GPUs, else 0 "
+        "(cleaner/scoring/resources.py)",
     )
     cpus_per_actor: float = Field(default=1.0, gt=0)
+    gpu_probe_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="how long to wait for an autoscaler to start launching a node for "
+        "resources no node has (auto: then CPUs; set: then an error)",
+    )
+    schedule_timeout_s: float = Field(
+        default=900.0,
+        gt=0,
+        description="how long the first scorer may take to start (nodes booting) before "
+        "the job stops with an error naming what it asked for and what the cluster has",
+    )
     read_batch_size: int = Field(default=256, gt=0, description="samples per block from a shard")
     max_readers: int | None = Field(
         default=None, gt=0, description="shard-reader tasks at once (None: as resources allow)"

@@ -25,6 +25,7 @@ from cleaner.config import CleanJobConfig
 from cleaner.reading import uri as uri_lib
 from cleaner.reading.shards import read_shard
 from cleaner.scoring.prompts import PromptBank
+from cleaner.scoring.resources import ScorerPlan, plan_scorers
 from cleaner.scoring.scorer import ClipScorer
 
 log = logging.getLogger(__name__)
@@ -151,16 +152,6 @@ class ScoringStats:
         return self.samples_scored / self.seconds if self.seconds > 0 else 0.0
 
 
-def actor_resources(cfg: CleanJobConfig) -> dict[str, float]:
-    """num_gpus / num_cpus for each scorer actor ('auto' = one GPU if the cluster has any)."""
-    import ray
-
-    gpus = cfg.scoring.gpus_per_actor
-    if gpus == "auto":
-        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
-    return {"num_gpus": float(gpus), "num_cpus": float(cfg.scoring.cpus_per_actor)}
-
-
 def read_stage(
     cfg: CleanJobConfig,
     shards: list[str],
@@ -222,24 +213,22 @@ def decoded_samples(
     )
 
 
-def score_stage(ds, cfg: CleanJobConfig, bank_ref):
-    """Append the ClipScorer actor pool (bounded min/max, GPUs when present) to a dataset."""
+def score_stage(ds, cfg: CleanJobConfig, bank_ref, plan: ScorerPlan):
+    """Append the ClipScorer actor pool (resources and size from `plan`) to a dataset."""
     from ray.data import ActorPoolStrategy
 
-    resources = actor_resources(cfg)
-    threads = max(1, int(cfg.scoring.cpus_per_actor)) if resources["num_gpus"] == 0 else None
     return ds.map_batches(
         ClipScorer,
         batch_size=cfg.scoring.batch_size,
-        compute=ActorPoolStrategy(min_size=cfg.scoring.min_actors, max_size=cfg.scoring.max_actors),
+        compute=ActorPoolStrategy(min_size=plan.min_actors, max_size=plan.max_actors),
         fn_constructor_kwargs={
             "model_config": cfg.model.model_dump(),
             "prompt_bank": [bank_ref],
             "tau": cfg.scoring.tau,
             "top_k": cfg.scoring.top_k,
-            "num_threads": threads,
+            "num_threads": max(1, int(plan.num_cpus)) if plan.num_gpus == 0 else None,
         },
-        **resources,
+        **plan.remote_args(),
     )
 
 
@@ -269,7 +258,15 @@ def score_shards(
     if not todo:
         return ScoringStats(len(shards), skipped, 0, 0, time.perf_counter() - start)
 
-    ds = score_stage(read_stage(cfg, todo, class_names, image_size, resize), cfg, ray.put(bank))
+    plan = plan_scorers(cfg, len(todo))
+    print(
+        f"[score] scorers: {plan.min_actors}-{plan.max_actors} actors, {plan.num_gpus:g} GPU and "
+        f"{plan.num_cpus:g} CPU each ({plan.reason})",
+        flush=True,
+    )
+    ds = score_stage(
+        read_stage(cfg, todo, class_names, image_size, resize), cfg, ray.put(bank), plan
+    )
     samples = 0
     done = 0
 

@@ -1,0 +1,357 @@
+"""A local autoscaling Ray cluster (Ray's fake multi-node provider) with token auth on.
+
+    python cluster/local/localcluster.py up [--dir .cluster/local] [--config cluster/local/cluster.yaml]
+    python cluster/local/localcluster.py status
+    python cluster/local/localcluster.py down
+
+`up` starts a head whose monitor launches and removes local "nodes" (real raylets, declared
+GPUs) as the YAML's node types allow, and prints the address and where the token is. `down`
+stops this cluster's processes only, found by its own temp dir: never `ray stop`, which kills
+every Ray process on the machine. The tests and benchmarks.cluster_e2e use LocalCluster.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_CONFIG = REPO_ROOT / "cluster" / "local" / "cluster.yaml"
+DEFAULT_DIR = REPO_ROOT / ".cluster" / "local"
+STATE_FILE = "cluster.json"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def node_ip() -> str:
+    """The address Ray itself would pick for this machine (what fake nodes register with)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        try:
+            sock.connect(("10.255.255.255", 1))
+            return sock.getsockname()[0]
+        except OSError:
+            return "127.0.0.1"
+
+
+@dataclass
+class ClusterInfo:
+    """What a started cluster is: how to reach it, and what marks its processes."""
+
+    address: str  # dashboard / job submission address (http://...)
+    gcs_address: str
+    token_path: str
+    temp_dir: str
+    config_path: str
+
+    def env(self) -> dict[str, str]:
+        """Environment variables that point Ray clients (ray CLI, ray.init) at this cluster."""
+        return {
+            "RAY_ADDRESS": self.address,
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN_PATH": self.token_path,
+        }
+
+
+def _processes() -> list[tuple[int, str]]:
+    """(pid, command line) of every process we can read."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        found.append((int(entry.name), cmd))
+    return found
+
+
+def _environ(pid: int) -> dict[str, str]:
+    try:
+        raw = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return {}
+    pairs = (item.split(b"=", 1) for item in raw.split(b"\0") if b"=" in item)
+    return {k.decode(errors="replace"): v.decode(errors="replace") for k, v in pairs}
+
+
+def _children() -> dict[int, list[int]]:
+    """Parent pid -> child pids, from /proc/<pid>/stat."""
+    tree: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        tree.setdefault(ppid, []).append(int(entry.name))
+    return tree
+
+
+def _with_descendants(roots: list[int]) -> list[int]:
+    tree, seen, todo = _children(), set(), list(roots)
+    while todo:
+        pid = todo.pop()
+        if pid not in seen:
+            seen.add(pid)
+            todo.extend(tree.get(pid, []))
+    return sorted(seen)
+
+
+def cluster_pids(temp_dir: str) -> list[int]:
+    """Processes of the cluster whose temp dir is `temp_dir`: the Ray processes of every node
+    (GCS, monitor, dashboard, raylets, log monitors) name their session folder under it, and
+    the rest (agents, dashboard modules, workers) are their descendants."""
+    marker = str(Path(temp_dir).resolve())
+    me = os.getpid()
+    roots = [pid for pid, cmd in _processes() if marker in cmd and pid != me]
+    return [pid for pid in _with_descendants(roots) if pid != me]
+
+
+def node_pids(temp_dir: str, node_id: str) -> list[int]:
+    """Processes of one fake node: the provider starts each node's processes (raylet, log
+    monitor) with RAY_OVERRIDE_NODE_ID_FOR_TESTING=<node id>; agents and workers descend
+    from its raylet."""
+    marker = str(Path(temp_dir).resolve())
+    roots = [
+        pid
+        for pid, cmd in _processes()
+        if marker in cmd and _environ(pid).get("RAY_OVERRIDE_NODE_ID_FOR_TESTING") == node_id
+    ]
+    return _with_descendants(roots)
+
+
+def kill_pids(pids: list[int], grace_s: float = 5.0, sig: int = signal.SIGTERM) -> None:
+    """Signal `pids`, then SIGKILL whatever is still alive after grace_s."""
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+    deadline = time.time() + grace_s
+    alive = list(pids)
+    while alive and time.time() < deadline:
+        time.sleep(0.2)
+        alive = [p for p in alive if Path(f"/proc/{p}").exists() and not _zombie(p)]
+    for pid in alive:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+class LocalCluster:
+    """Start, inspect and stop one local autoscaling cluster living in `directory`."""
+
+    def __init__(
+        self,
+        directory: str | Path = DEFAULT_DIR,
+        config: str | Path = DEFAULT_CONFIG,
+        env: dict[str, str] | None = None,
+        overrides: dict | None = None,
+    ):
+        self.directory = Path(directory).resolve()
+        self.config = Path(config)
+        self.extra_env = dict(env or {})
+        self.overrides = overrides or {}
+
+    @property
+    def state_path(self) -> Path:
+        return self.directory / STATE_FILE
+
+    def info(self) -> ClusterInfo | None:
+        if not self.state_path.exists():
+            return None
+        return ClusterInfo(**json.loads(self.state_path.read_text()))
+
+    def up(self, timeout_s: float = 180.0, attempts: int = 3) -> ClusterInfo:
+        """Start the head (token auth on); the autoscaler starts worker nodes as work asks.
+
+        On a heavily loaded machine Ray's agents can miss the raylet's start-up deadline;
+        the head is then stopped and started again, up to `attempts` times."""
+        if self.info() and cluster_pids(self.info().temp_dir):
+            raise RuntimeError(f"a cluster already runs from {self.directory}: run `down` first")
+        for attempt in range(1, attempts + 1):
+            try:
+                return self._start_head(timeout_s)
+            except RuntimeError as err:
+                if attempt == attempts:
+                    raise
+                print(f"head start {attempt}/{attempts} failed ({str(err)[-300:]}); retrying")
+        raise AssertionError("unreachable")
+
+    def _start_head(self, timeout_s: float) -> ClusterInfo:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        temp_dir = self.directory / "ray"
+        temp_dir.mkdir(exist_ok=True)
+        token_path = self.directory / "auth_token"
+        token_path.write_text(secrets.token_hex(32))
+        token_path.chmod(0o600)
+
+        ip = node_ip()
+        port, dash_port = free_port(), free_port()
+        cfg = yaml.safe_load(self.config.read_text())
+        _merge(cfg, self.overrides)
+        cfg["provider"]["gcs_address"] = f"{ip}:{port}"
+        head = dict(cfg["available_node_types"][cfg["head_node_type"]]["resources"])
+        config_path = self.directory / "autoscaler.yaml"
+        config_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+
+        info = ClusterInfo(
+            address=f"http://127.0.0.1:{dash_port}",
+            gcs_address=f"{ip}:{port}",
+            token_path=str(token_path),
+            temp_dir=str(temp_dir),
+            config_path=str(config_path),
+        )
+        cmd = [
+            str(Path(sys.executable).parent / "ray"),
+            "start",
+            "--head",
+            f"--node-ip-address={ip}",
+            f"--port={port}",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dash_port}",
+            f"--num-cpus={int(head.pop('CPU', 1))}",
+            f"--num-gpus={int(head.pop('GPU', 0))}",
+            f"--temp-dir={temp_dir}",
+            f"--autoscaling-config={config_path}",
+            "--disable-usage-stats",
+            # A loaded machine starts the agents slowly: wait for them longer than Ray's default.
+            '--system-config={"raylet_start_wait_time_s": 300, "agent_register_timeout_ms": 300000}',
+        ]
+        if "object_store_memory" in head:
+            cmd.append(f"--object-store-memory={int(head.pop('object_store_memory'))}")
+        if head:
+            cmd.append(f"--resources={json.dumps(head)}")
+        self.state_path.write_text(json.dumps(asdict(info), indent=2))
+        try:
+            started = subprocess.run(
+                cmd,
+                env=self.head_env(info),
+                capture_output=True,
+                text=True,
+                timeout=timeout_s,
+            )
+        except subprocess.TimeoutExpired:
+            self.down()
+            raise RuntimeError(f"ray start did not finish in {timeout_s:.0f} s") from None
+        if started.returncode != 0:
+            self.down()
+            raise RuntimeError(
+                f"ray start failed:\n{started.stdout[-3000:]}{started.stderr[-3000:]}"
+            )
+        return info
+
+    def head_env(self, info: ClusterInfo) -> dict[str, str]:
+        """The head's environment: inherited by the monitor, which starts the fake nodes."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+        env.update(self.extra_env)
+        env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+        env.update(
+            RAY_FAKE_CLUSTER="1",
+            AUTOSCALER_UPDATE_INTERVAL_S="1",
+            RAY_AUTH_MODE="token",
+            RAY_AUTH_TOKEN_PATH=info.token_path,
+            # Agents start slowly on a loaded machine; the raylet's default wait is too short.
+            RAY_agent_register_timeout_ms="180000",
+            RAY_raylet_start_wait_time_s="180",
+        )
+        return env
+
+    def client_env(self) -> dict[str, str]:
+        """os.environ plus what `ray job submit` / ray.init need to reach this cluster."""
+        info = self.info()
+        if info is None:
+            raise RuntimeError(f"no cluster in {self.directory}")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+        env.update(self.extra_env)
+        env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+        env.update(info.env())
+        return env
+
+    def down(self, grace_s: float = 10.0) -> int:
+        """Stop every process of this cluster (and nothing else); returns how many."""
+        info = self.info()
+        if info is None:
+            return 0
+        pids = cluster_pids(info.temp_dir)
+        kill_pids(pids, grace_s)
+        return len(pids)
+
+    def kill_node(self, node_id: str) -> list[int]:
+        """SIGKILL one worker node: its raylet, object store, agents and workers at once."""
+        info = self.info()
+        if info is None:
+            raise RuntimeError(f"no cluster in {self.directory}")
+        pids = node_pids(info.temp_dir, node_id)
+        if not pids:
+            raise RuntimeError(f"no process of node {node_id} found")
+        kill_pids(pids, grace_s=0, sig=signal.SIGKILL)
+        return pids
+
+
+def _merge(base: dict, extra: dict) -> None:
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value)
+        else:
+            base[key] = value
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("action", choices=["up", "down", "status"])
+    parser.add_argument("--dir", default=str(DEFAULT_DIR), help="state, token and Ray temp dir")
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="fake-provider cluster YAML")
+    args = parser.parse_args(argv)
+    cluster = LocalCluster(args.dir, args.config)
+    if args.action == "up":
+        info = cluster.up()
+        print(f"local autoscaling cluster up (config {args.config})")
+        print(f"  dashboard / jobs: {info.address}")
+        print(f"  GCS:              {info.gcs_address}")
+        print(f"  auth token:       {info.token_path}")
+        print("to submit jobs from this shell:")
+        for key, value in info.env().items():
+            print(f"  export {key}={value}")
+        print(f"stop it with: make cluster-down  (or {Path(__file__).name} down --dir {args.dir})")
+    elif args.action == "down":
+        print(f"stopped {cluster.down()} processes of the cluster in {args.dir}")
+    else:
+        info = cluster.info()
+        pids = cluster_pids(info.temp_dir) if info else []
+        print(
+            json.dumps(
+                {"running": bool(pids), "processes": len(pids), **(asdict(info) if info else {})},
+                indent=2,
+            )
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
