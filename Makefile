@@ -12,7 +12,7 @@ export UV_PROJECT_ENVIRONMENT := $(VENV)
 DEMO_DATA := data/demo
 DEMO_ARGS := --out $(DEMO_DATA) --num-samples 6000 --test-samples 1000 --samples-per-shard 500 --noise symmetric --rate 0.4 --seed 0
 
-.PHONY: install lock browser demo demo-data train-demo test test-fast lint format bench tiny-clip clean-runs
+.PHONY: cluster-up cluster-down cluster-status install lock browser demo demo-data train-demo test test-fast lint format bench tiny-clip clean-runs
 
 install: $(INSTALLED)
 
@@ -77,6 +77,19 @@ bench: demo
 
 tiny-clip: $(INSTALLED)
 	$(PY) -m jobs.train_tiny_clip --num-images 40000 --epochs 16 --seed 0
+
+# A local autoscaling cluster (Ray's fake multi-node provider: a GPU-less head, GPU workers
+# from zero) with token auth, to rehearse `ray job submit` as on the production clusters.
+CLUSTER_DIR ?= .cluster/local
+cluster-up: $(INSTALLED)
+	$(PY) cluster/local/localcluster.py up --dir $(CLUSTER_DIR)
+
+cluster-status: $(INSTALLED)
+	$(PY) cluster/local/localcluster.py status --dir $(CLUSTER_DIR)
+
+# Stops this cluster's processes only (never `ray stop`, which stops every Ray on the machine).
+cluster-down: $(INSTALLED)
+	$(PY) cluster/local/localcluster.py down --dir $(CLUSTER_DIR)
 
 clean-runs:
 	rm -rf runs

@@ -87,6 +87,7 @@ def run_train(cfg: TrainJobConfig) -> dict:
             num_workers=cfg.scaling.num_workers,
             use_gpu=cfg.scaling.use_gpu,
             resources_per_worker=resources,
+            placement_strategy=cfg.scaling.placement_strategy,
         ),
         run_config=RunConfig(
             name=cfg.run.name,

@@ -74,6 +74,11 @@ class ScalingConf(StrictModel):
         description="SyncBatchNorm across GPU workers (BatchNorm statistics over the whole "
         "global batch, as on the paper's single GPU); CPU runs keep BatchNorm",
     )
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_SPREAD"] = Field(
+        default="PACK",
+        description="how the workers' bundles are placed; SPREAD/STRICT_SPREAD put them on "
+        "different nodes (multi-node DDP)",
+    )
 
     @model_validator(mode="after")
     def _one_gpu_per_worker(self) -> ScalingConf:

@@ -162,12 +162,21 @@ def wait_for_probe(
         while True:
             done, _ = ray.wait([ref], timeout=poll_s)
             if done:
-                return ray.get(ref)
+                try:
+                    return ray.get(ref)
+                except ray.exceptions.RayActorError:
+                    # Its node went away (a launch that failed, a node lost): ask again.
+                    probe = _probe_actor(num_gpus, num_cpus)
+                    ref = probe.ready.remote()
+                    continue
             elapsed = time.monotonic() - start
             launching = launching or autoscaler_launching()
-            if give_up_without_launch_s is not None and not launching:
-                if elapsed >= give_up_without_launch_s:
-                    return None
+            if (
+                give_up_without_launch_s is not None
+                and not launching
+                and elapsed >= give_up_without_launch_s
+            ):
+                return None
             if elapsed >= timeout_s:
                 return None
     finally:

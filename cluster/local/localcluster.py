@@ -13,6 +13,7 @@ every Ray process on the machine. The tests and benchmarks.cluster_e2e use Local
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import secrets
@@ -140,20 +141,16 @@ def node_pids(temp_dir: str, node_id: str) -> list[int]:
 def kill_pids(pids: list[int], grace_s: float = 5.0, sig: int = signal.SIGTERM) -> None:
     """Signal `pids`, then SIGKILL whatever is still alive after grace_s."""
     for pid in pids:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, sig)
-        except ProcessLookupError:
-            pass
     deadline = time.time() + grace_s
     alive = list(pids)
     while alive and time.time() < deadline:
         time.sleep(0.2)
         alive = [p for p in alive if Path(f"/proc/{p}").exists() and not _zombie(p)]
     for pid in alive:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 def _zombie(pid: int) -> bool:

@@ -1,0 +1,377 @@
+"""The production flow on a local autoscaling cluster, observed end to end.
+
+    python -m benchmarks.cluster_e2e --out runs/cluster_e2e.json [--samples 600]
+
+One go, torn down even on failure:
+1. a moto S3 endpoint with generated demo shards, and the local autoscaling cluster of
+   cluster/local/cluster.yaml (GPU-less head, GPU workers from zero, token auth);
+2. `ray job submit` of jobs.pipeline (clean, then train) with the DEFAULT scoring settings,
+   data and outputs on S3, training with 2 workers spread over 2 nodes;
+3. a second clean run during which the node of a running scorer is killed whole (raylet,
+   object store, workers), then the manifest is checked: every input sample once;
+4. the wait for the GPU nodes to be removed once idle.
+
+Every figure in the JSON is observed (Ray's state API polled during the runs, the jobs' own
+manifests and summaries), never read from a config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import tempfile
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT / "cluster" / "local"))
+
+from localcluster import LocalCluster, free_port  # noqa: E402
+
+S3_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+SCORER_CLASS = "ClipScorer"  # Ray Data names the pool's actors MapWorker(MapBatches(ClipScorer))
+TRAIN_WORKER_CLASS = "RayTrainWorker"
+
+
+@dataclass
+class Observation:
+    """What the state API showed while the jobs ran."""
+
+    gpu_nodes: set[str] = field(default_factory=set)  # every node seen with GPUs
+    gpu_nodes_alive: int = 0
+    max_scorer_actors: int = 0
+    scorer_nodes: set[str] = field(default_factory=set)
+    scorer_gpu_nodes: set[str] = field(default_factory=set)
+    train_worker_nodes: set[str] = field(default_factory=set)
+    alive_scorers: list[tuple[str, str]] = field(default_factory=list)  # (actor id, node id)
+    errors: int = 0
+
+
+class Observer(threading.Thread):
+    """Polls the cluster's state API (nodes, actors) every `interval_s` seconds."""
+
+    def __init__(self, address: str, interval_s: float = 2.0):
+        super().__init__(daemon=True)
+        self.address, self.interval_s = address, interval_s
+        self.seen = Observation()
+        self.lock = threading.Lock()
+        self.stopping = threading.Event()
+
+    def poll(self) -> None:
+        from ray.util.state import list_actors, list_nodes
+
+        nodes = list_nodes(address=self.address, limit=1000, raise_on_missing_output=False)
+        gpu_nodes = {n.node_id for n in nodes if (n.resources_total or {}).get("GPU", 0) > 0}
+        alive_gpu = {
+            n.node_id
+            for n in nodes
+            if n.state == "ALIVE" and (n.resources_total or {}).get("GPU", 0) > 0
+        }
+        actors = list_actors(
+            address=self.address,
+            filters=[("state", "=", "ALIVE")],
+            limit=1000,
+            raise_on_missing_output=False,
+        )
+        scorers = [a for a in actors if SCORER_CLASS in (a.class_name or "")]
+        trainers = [a for a in actors if TRAIN_WORKER_CLASS in (a.class_name or "")]
+        with self.lock:
+            s = self.seen
+            s.gpu_nodes |= gpu_nodes
+            s.gpu_nodes_alive = len(alive_gpu)
+            s.max_scorer_actors = max(s.max_scorer_actors, len(scorers))
+            s.scorer_nodes |= {a.node_id for a in scorers if a.node_id}
+            s.scorer_gpu_nodes |= {a.node_id for a in scorers if a.node_id in gpu_nodes}
+            s.train_worker_nodes |= {a.node_id for a in trainers if a.node_id}
+            s.alive_scorers = [(a.actor_id, a.node_id) for a in scorers]
+
+    def run(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                self.poll()
+            except Exception:  # the dashboard is busy or restarting: try again next round
+                with self.lock:
+                    self.seen.errors += 1
+            self.stopping.wait(self.interval_s)
+
+    def snapshot(self) -> Observation:
+        with self.lock:
+            s = self.seen
+            return Observation(
+                set(s.gpu_nodes),
+                s.gpu_nodes_alive,
+                s.max_scorer_actors,
+                set(s.scorer_nodes),
+                set(s.scorer_gpu_nodes),
+                set(s.train_worker_nodes),
+                list(s.alive_scorers),
+                s.errors,
+            )
+
+    def reset_scorers(self) -> None:
+        with self.lock:
+            self.seen.max_scorer_actors = 0
+            self.seen.scorer_nodes = set()
+            self.seen.scorer_gpu_nodes = set()
+
+
+@contextlib.contextmanager
+def moto_s3():
+    """A moto S3 server on loopback; yields its endpoint URL."""
+    port = free_port()
+    moto = Path(sys.executable).parent / "moto_server"
+    proc = subprocess.Popen(
+        [str(moto), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        endpoint = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 60
+        import socket
+
+        while time.time() < deadline:
+            with socket.socket() as sock:
+                if sock.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.3)
+        yield endpoint
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
+def upload_demo_shards(client, bucket: str, samples: int, per_shard: int, workdir: Path) -> int:
+    """Generate demo shards, upload them to s3://bucket/train/; returns the samples in them
+    (distinct keys counted from the tars, not from the request)."""
+    from cleaner.demo.dataset import write_demo_shards
+
+    folder = workdir / "train"
+    write_demo_shards(folder, samples, samples_per_shard=per_shard, noise="symmetric",
+                      noise_rate=0.4, seed=11)  # fmt: skip
+    keys = set()
+    for path in sorted(folder.iterdir()):
+        client.upload_file(str(path), bucket, f"train/{path.name}")
+        if path.suffix == ".tar":
+            with tarfile.open(path) as tar:
+                keys |= {f"{path.name}/{m.name.split('.')[0]}" for m in tar if m.isfile()}
+    return len(keys)
+
+
+def manifest_counts(client, bucket: str, prefix: str) -> dict:
+    """Rows and duplicate keys of the manifest a clean job wrote to s3://bucket/prefix/."""
+    import pyarrow.parquet as pq
+
+    body = client.get_object(Bucket=bucket, Key=f"{prefix}/manifest.parquet")["Body"].read()
+    table = pq.read_table(io.BytesIO(body), columns=["key", "shard"])
+    pairs = list(
+        zip(table.column("shard").to_pylist(), table.column("key").to_pylist(), strict=True)
+    )
+    return {"manifest_rows": table.num_rows, "duplicate_keys": len(pairs) - len(set(pairs))}
+
+
+def read_json(client, bucket: str, key: str) -> dict:
+    return json.loads(client.get_object(Bucket=bucket, Key=key)["Body"].read())
+
+
+def ray_cli(env: dict, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(Path(sys.executable).parent / "ray"), *args],
+        env=env,
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def submit(env: dict, address: str, *entrypoint: str, wait: bool = True, job_id: str = "") -> str:
+    """`ray job submit` with the project's runtime env; returns the job's output (wait) or id."""
+    job_id = job_id or f"e2e-{uuid.uuid4().hex[:8]}"
+    args = ["job", "submit", f"--address={address}", "--runtime-env=ray_config.yaml"]
+    args += [f"--submission-id={job_id}"] + ([] if wait else ["--no-wait"])
+    done = ray_cli(env, *args, "--", "python", "-m", *entrypoint)
+    if done.returncode != 0:
+        raise RuntimeError(f"job {job_id} failed:\n{done.stdout[-6000:]}\n{done.stderr[-3000:]}")
+    return done.stdout if wait else job_id
+
+
+def wait_job(address: str, job_id: str, timeout_s: float) -> str:
+    """Wait for a submitted job to end; returns its status, raises with its logs if it failed."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    client = JobSubmissionClient(address)
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        status = client.get_job_status(job_id)
+        if status in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
+            if status != JobStatus.SUCCEEDED:
+                raise RuntimeError(f"job {job_id} {status}:\n{client.get_job_logs(job_id)[-6000:]}")
+            return str(status)
+        time.sleep(2)
+    client.stop_job(job_id)
+    raise TimeoutError(f"job {job_id} still running after {timeout_s:.0f} s")
+
+
+def kill_a_scorer_node(cluster: LocalCluster, observer: Observer, timeout_s: float) -> str:
+    """Once a scorer runs on a GPU worker node, SIGKILL that whole node; returns its id."""
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        seen = observer.snapshot()
+        for _, node_id in seen.alive_scorers:
+            if node_id in seen.gpu_nodes:
+                time.sleep(3)  # let it take some batches: the kill lands mid-scoring
+                cluster.kill_node(node_id)
+                return node_id
+        time.sleep(1)
+    raise TimeoutError(f"no scorer on a GPU node within {timeout_s:.0f} s")
+
+
+def run(args) -> dict:
+    """Everything above; returns the JSON-ready result."""
+    import boto3
+
+    started = time.time()
+    result: dict = {}
+    workdir = Path(tempfile.mkdtemp(prefix="cluster-e2e-"))
+    with moto_s3() as endpoint:
+        s3env = {**S3_ENV, "AWS_ENDPOINT_URL": endpoint}
+        os.environ.update(s3env)
+        client = boto3.client("s3", endpoint_url=endpoint)
+        bucket = "cluster-e2e"
+        client.create_bucket(Bucket=bucket)
+        inputs = upload_demo_shards(client, bucket, args.samples, args.samples_per_shard, workdir)
+        print(f"[e2e] {inputs} samples uploaded to s3://{bucket}/train/", flush=True)
+        cluster = LocalCluster(workdir / "cluster", env=s3env)
+        observer = None
+        try:
+            info = cluster.up()
+            env = cluster.client_env()
+            os.environ.update(info.env())
+            print(f"[e2e] cluster up at {info.address} ({time.time() - started:.0f} s)", flush=True)
+            observer = Observer(info.address)
+            observer.start()
+
+            clean = [
+                f"data.input=s3://{bucket}/train/",
+                "data.classes=demo",
+                f"scoring.batch_size={args.batch_size}",
+            ]
+            if args.train:
+                print("[e2e] submitting jobs.pipeline (clean, then train)", flush=True)
+                submit(
+                    env,
+                    info.address,
+                    "jobs.pipeline",
+                    "--clean-config=configs/local-cluster.yaml",
+                    "--train-config=configs/train-local-cluster.yaml",
+                    *[f"clean.{o}" for o in clean],
+                    f"clean.output=s3://{bucket}/runs/clean",
+                    f"train.run.storage=s3://{bucket}/train-runs",
+                    f"train.optim.epochs={args.epochs}",
+                    "train.data.test_input=null",
+                )
+            else:
+                print("[e2e] submitting jobs.clean", flush=True)
+                submit(
+                    env,
+                    info.address,
+                    "jobs.clean",
+                    "--config=configs/local-cluster.yaml",
+                    *clean,
+                    f"output=s3://{bucket}/runs/clean",
+                )
+            seen = observer.snapshot()
+            summary = read_json(client, bucket, "runs/clean/summary.json")
+            result.update(
+                gpu_nodes_launched=len(seen.gpu_nodes),
+                max_scorer_actors=seen.max_scorer_actors,
+                scorer_nodes=len(seen.scorer_nodes),
+                default_config_used_gpu_nodes=bool(seen.scorer_nodes)
+                and seen.scorer_nodes <= seen.gpu_nodes,
+                input_samples=inputs,
+                **manifest_counts(client, bucket, "runs/clean"),
+                job_samples=summary["counts"]["samples"],
+                images_per_second=summary["scoring"]["images_per_second"],
+            )
+            if args.train:
+                train = read_json(client, bucket, "train-runs/local-cluster/summary.json")
+                result.update(
+                    train_worker_nodes=len(seen.train_worker_nodes),
+                    train_epochs_completed=train["epochs_completed"],
+                )
+            print(f"[e2e] first run: {json.dumps(result)}", flush=True)
+
+            if args.kill:
+                observer.reset_scorers()
+                job = submit(
+                    env,
+                    info.address,
+                    "jobs.clean",
+                    "--config=configs/local-cluster.yaml",
+                    *clean,
+                    f"output=s3://{bucket}/runs/node-kill",
+                    wait=False,
+                )
+                killed = kill_a_scorer_node(cluster, observer, args.job_timeout)
+                print(f"[e2e] killed node {killed} while it scored", flush=True)
+                wait_job(info.address, job, args.job_timeout)
+                result["node_kill"] = {
+                    "killed_node": killed,
+                    "input_samples": inputs,
+                    **manifest_counts(client, bucket, "runs/node-kill"),
+                }
+                print(f"[e2e] node kill: {json.dumps(result['node_kill'])}", flush=True)
+
+            deadline = time.time() + args.idle_timeout
+            while time.time() < deadline and observer.snapshot().gpu_nodes_alive > 0:
+                time.sleep(2)
+            observer.poll()
+            result["gpu_nodes_after_idle"] = observer.snapshot().gpu_nodes_alive
+            result["gpu_nodes_launched"] = len(observer.snapshot().gpu_nodes)
+            result["state_api_poll_errors"] = observer.snapshot().errors
+        finally:
+            if observer is not None:
+                observer.stopping.set()
+            stopped = cluster.down()
+            print(f"[e2e] cluster down ({stopped} processes)", flush=True)
+    result["wall_seconds"] = round(time.time() - started, 1)
+    result["load_average_1m_at_end"] = round(os.getloadavg()[0], 2)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", required=True, help="JSON file for the observed figures")
+    parser.add_argument("--samples", type=int, default=600)
+    parser.add_argument("--samples-per-shard", type=int, default=50)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--no-train", dest="train", action="store_false")
+    parser.add_argument("--no-kill", dest="kill", action="store_false")
+    parser.add_argument("--job-timeout", type=float, default=480)
+    parser.add_argument("--idle-timeout", type=float, default=150)
+    args = parser.parse_args(argv)
+    result = run(args)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
