@@ -32,10 +32,9 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_ROOT / "cluster" / "local"))
+from cluster.local.localcluster import LocalCluster, free_port
 
-from localcluster import LocalCluster, free_port  # noqa: E402
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 S3_ENV = {
     "AWS_ACCESS_KEY_ID": "testing",
@@ -58,6 +57,8 @@ class Observation:
     train_worker_nodes: set[str] = field(default_factory=set)
     alive_scorers: list[tuple[str, str]] = field(default_factory=list)  # (actor id, node id)
     errors: int = 0
+    alive_trainers: list[tuple[str, str]] = field(default_factory=list)
+    head_nodes: set[str] = field(default_factory=set)
 
 
 class Observer(threading.Thread):
@@ -97,6 +98,8 @@ class Observer(threading.Thread):
             s.scorer_gpu_nodes |= {a.node_id for a in scorers if a.node_id in gpu_nodes}
             s.train_worker_nodes |= {a.node_id for a in trainers if a.node_id}
             s.alive_scorers = [(a.actor_id, a.node_id) for a in scorers]
+            s.alive_trainers = [(a.actor_id, a.node_id) for a in trainers]
+            s.head_nodes |= {n.node_id for n in nodes if n.is_head_node}
 
     def run(self) -> None:
         while not self.stopping.is_set():
@@ -119,6 +122,8 @@ class Observer(threading.Thread):
                 set(s.train_worker_nodes),
                 list(s.alive_scorers),
                 s.errors,
+                list(s.alive_trainers),
+                set(s.head_nodes),
             )
 
     def reset_scorers(self) -> None:
@@ -241,6 +246,25 @@ def kill_a_scorer_node(cluster: LocalCluster, observer: Observer, timeout_s: flo
     raise TimeoutError(f"no scorer on a GPU node within {timeout_s:.0f} s")
 
 
+def kill_a_trainer_node(
+    cluster: LocalCluster, observer: Observer, client, bucket: str, prefix: str, timeout_s: float
+) -> tuple[str, set[str]]:
+    """Once the run has a checkpoint and a training worker on a worker node, SIGKILL that
+    node; returns its id and the nodes that held training workers before."""
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        seen = observer.snapshot()
+        listed = client.list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", [])
+        if any("/checkpoint_" in o["Key"] for o in listed):
+            for _, node_id in seen.alive_trainers:
+                if node_id not in seen.head_nodes:
+                    before = set(seen.train_worker_nodes)
+                    cluster.kill_node(node_id)
+                    return node_id, before
+        time.sleep(1)
+    raise TimeoutError(f"no checkpoint and training worker on a worker node in {timeout_s:.0f} s")
+
+
 def run(args) -> dict:
     """Everything above; returns the JSON-ready result."""
     import boto3
@@ -273,7 +297,7 @@ def run(args) -> dict:
             ]
             if args.train:
                 print("[e2e] submitting jobs.pipeline (clean, then train)", flush=True)
-                submit(
+                job = submit(
                     env,
                     info.address,
                     "jobs.pipeline",
@@ -284,7 +308,21 @@ def run(args) -> dict:
                     f"train.run.storage=s3://{bucket}/train-runs",
                     f"train.optim.epochs={args.epochs}",
                     "train.data.test_input=null",
+                    wait=False,
                 )
+                if args.kill_train:
+                    killed, before = kill_a_trainer_node(
+                        cluster, observer, client, bucket, "train-runs/local-cluster/",
+                        args.job_timeout,
+                    )  # fmt: skip
+                    print(f"[e2e] killed node {killed} while it trained", flush=True)
+                wait_job(info.address, job, args.job_timeout)
+                if args.kill_train:
+                    after = observer.snapshot().train_worker_nodes - before
+                    result["train_node_kill"] = {
+                        "killed_node": killed,
+                        "replacement_nodes": len(after),
+                    }
             else:
                 print("[e2e] submitting jobs.clean", flush=True)
                 submit(
@@ -314,6 +352,8 @@ def run(args) -> dict:
                     train_worker_nodes=len(seen.train_worker_nodes),
                     train_epochs_completed=train["epochs_completed"],
                 )
+                if args.kill_train:
+                    result["train_node_kill"]["epochs_completed"] = train["epochs_completed"]
             print(f"[e2e] first run: {json.dumps(result)}", flush=True)
 
             if args.kill:
@@ -363,6 +403,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--no-train", dest="train", action="store_false")
     parser.add_argument("--no-kill", dest="kill", action="store_false")
+    parser.add_argument("--no-kill-train", dest="kill_train", action="store_false")
     parser.add_argument("--job-timeout", type=float, default=480)
     parser.add_argument("--idle-timeout", type=float, default=150)
     args = parser.parse_args(argv)

@@ -15,6 +15,7 @@ import boto3
 import pyarrow.parquet as pq
 import pytest
 
+from cluster.local.localcluster import cluster_pids, kill_pids
 from tests.conftest import (
     REPO_ROOT,
     S3_ENV,
@@ -50,9 +51,11 @@ def token_head(s3_endpoint, tmp_path_factory):
     base["PATH"] = f"{BIN}{os.pathsep}{base.get('PATH', '')}"  # the job's `python` is this venv's
     env = {**base, "RAY_AUTH_TOKEN": token}
     dash_port, gcs_port = free_port(), free_port()
+    temp_dir = tmp_path_factory.mktemp("ray")  # marks this head's processes, and only them
     started = ray_cli(
         "start",
         "--head",
+        f"--temp-dir={temp_dir}",
         f"--port={gcs_port}",
         "--dashboard-host=127.0.0.1",
         f"--dashboard-port={dash_port}",
@@ -64,7 +67,8 @@ def token_head(s3_endpoint, tmp_path_factory):
     try:
         yield f"http://127.0.0.1:{dash_port}", env, base
     finally:
-        ray_cli("stop", "--force", env=env, timeout=120)
+        # Not `ray stop`: it would stop every Ray on the machine, not only this head.
+        kill_pids(cluster_pids(str(temp_dir)))
 
 
 def submit_job(address: str, env: dict, module: str, *overrides: str):

@@ -1,0 +1,1 @@
+"""Cluster configs; cluster.local holds the local autoscaling cluster tool."""

@@ -1,0 +1,1 @@
+"""The local autoscaling cluster (fake multi-node provider): localcluster.py."""

@@ -1,0 +1,44 @@
+"""End to end on the local autoscaling cluster (cluster/local/cluster.yaml): a GPU-less head,
+GPU worker nodes from zero. A smaller run of benchmarks.cluster_e2e: `ray job submit` of the
+clean job with the DEFAULT scoring settings on S3 data, then a second run during which the
+node of a running scorer is killed whole; every figure is observed, none read from a config."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from benchmarks.cluster_e2e import run
+
+pytestmark = pytest.mark.e2e
+
+
+def test_default_config_scales_gpu_nodes_from_zero_and_survives_a_node_kill():
+    result = run(
+        argparse.Namespace(
+            samples=200,
+            samples_per_shard=25,
+            batch_size=32,
+            epochs=1,
+            train=False,
+            kill=True,
+            kill_train=False,
+            job_timeout=480,
+            idle_timeout=150,
+        )
+    )
+    print(result)
+    # The default config (gpus_per_actor: auto) asked for GPUs: the autoscaler launched GPU
+    # nodes, and every scorer ran on one of them.
+    assert result["gpu_nodes_launched"] >= 1
+    assert result["default_config_used_gpu_nodes"] is True
+    # Every input sample once in the manifest.
+    assert result["manifest_rows"] == result["input_samples"] == 200
+    assert result["duplicate_keys"] == 0
+    # A whole GPU node killed mid-scoring: still every sample once.
+    kill = result["node_kill"]
+    assert kill["manifest_rows"] == kill["input_samples"] == 200
+    assert kill["duplicate_keys"] == 0
+    # Idle GPU nodes are removed (idle_timeout_minutes: 0.5).
+    assert result["gpu_nodes_after_idle"] == 0
