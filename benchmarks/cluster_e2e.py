@@ -209,7 +209,11 @@ def submit(env: dict, address: str, *entrypoint: str, wait: bool = True, job_id:
     job_id = job_id or f"e2e-{uuid.uuid4().hex[:8]}"
     args = ["job", "submit", f"--address={address}", "--runtime-env=ray_config.yaml"]
     args += [f"--submission-id={job_id}"] + ([] if wait else ["--no-wait"])
-    done = ray_cli(env, *args, "--", "python", "-m", *entrypoint)
+    for _ in range(30):  # the dashboard learns of the head's agent a little after `ray start`
+        done = ray_cli(env, *args, "--", "python", "-m", *entrypoint)
+        if "No available agent" not in done.stdout + done.stderr:
+            break
+        time.sleep(5)
     if done.returncode != 0:
         raise RuntimeError(f"job {job_id} failed:\n{done.stdout[-6000:]}\n{done.stderr[-3000:]}")
     return done.stdout if wait else job_id

@@ -232,35 +232,41 @@ class LocalCluster:
             f"--port={port}",
             "--dashboard-host=127.0.0.1",
             f"--dashboard-port={dash_port}",
+            # Ray's fixed default (52365) clashes with any other Ray on the machine, and a job
+            # agent that cannot bind leaves `ray job submit` with "No available agent".
+            f"--dashboard-agent-listen-port={free_port()}",
             f"--num-cpus={int(head.pop('CPU', 1))}",
             f"--num-gpus={int(head.pop('GPU', 0))}",
             f"--temp-dir={temp_dir}",
             f"--autoscaling-config={config_path}",
             "--disable-usage-stats",
-            # A loaded machine starts the agents slowly: wait for them longer than Ray's default.
-            '--system-config={"raylet_start_wait_time_s": 300, "agent_register_timeout_ms": 300000}',
         ]
         if "object_store_memory" in head:
             cmd.append(f"--object-store-memory={int(head.pop('object_store_memory'))}")
         if head:
             cmd.append(f"--resources={json.dumps(head)}")
         self.state_path.write_text(json.dumps(asdict(info), indent=2))
-        try:
-            started = subprocess.run(
-                cmd,
-                env=self.head_env(info),
-                capture_output=True,
-                text=True,
-                timeout=timeout_s,
-            )
-        except subprocess.TimeoutExpired:
+        (temp_dir / "session_latest").unlink(missing_ok=True)  # a failed try's session
+        proc = subprocess.Popen(
+            cmd,
+            env=self.head_env(info),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            preexec_fn=_own_cpu_group,
+        )
+        deadline = time.monotonic() + timeout_s
+        while proc.poll() is None:
+            crashed = _raylet_crash(temp_dir)
+            if crashed or time.monotonic() > deadline:
+                proc.kill()
+                self.down()
+                raise RuntimeError(crashed or f"ray start did not finish in {timeout_s:.0f} s")
+            time.sleep(1)
+        output = proc.stdout.read() if proc.stdout else ""
+        if proc.returncode != 0:
             self.down()
-            raise RuntimeError(f"ray start did not finish in {timeout_s:.0f} s") from None
-        if started.returncode != 0:
-            self.down()
-            raise RuntimeError(
-                f"ray start failed:\n{started.stdout[-3000:]}{started.stderr[-3000:]}"
-            )
+            raise RuntimeError(f"ray start failed:\n{output[-3000:]}")
         return info
 
     def head_env(self, info: ClusterInfo) -> dict[str, str]:
@@ -273,9 +279,6 @@ class LocalCluster:
             AUTOSCALER_UPDATE_INTERVAL_S="1",
             RAY_AUTH_MODE="token",
             RAY_AUTH_TOKEN_PATH=info.token_path,
-            # Agents start slowly on a loaded machine; the raylet's default wait is too short.
-            RAY_agent_register_timeout_ms="180000",
-            RAY_raylet_start_wait_time_s="180",
         )
         return env
 
@@ -309,6 +312,30 @@ class LocalCluster:
             raise RuntimeError(f"no process of node {node_id} found")
         kill_pids(pids, grace_s=0, sig=signal.SIGKILL)
         return pids
+
+
+def _own_cpu_group() -> None:
+    """Start the cluster in its own session, hence its own scheduler autogroup, weighted by
+    LOCALCLUSTER_CPU_NICE (e.g. -10) when set. On a machine whose run queue is much longer
+    than its cores, Ray's agents otherwise miss the raylet's fixed start-up deadline (about
+    15 s) and every node start fails; a laptop needs none of this."""
+    os.setsid()
+    nice = os.environ.get("LOCALCLUSTER_CPU_NICE")
+    if nice:
+        with contextlib.suppress(OSError), open("/proc/self/autogroup", "w") as f:
+            f.write(nice)
+
+
+def _raylet_crash(temp_dir: Path) -> str:
+    """The fatal line of a head raylet that died while starting (e.g. its agents were too slow
+    for its start-up deadline on a loaded machine), or ''."""
+    log_file = temp_dir / "session_latest" / "logs" / "raylet.out"
+    try:
+        text = log_file.read_text(errors="replace")
+    except OSError:
+        return ""
+    fatal = [line for line in text.splitlines() if "] (raylet)" in line and " C " in line[:40]]
+    return f"the head raylet died: {fatal[0][-200:]}" if fatal else ""
 
 
 def _merge(base: dict, extra: dict) -> None:
