@@ -64,9 +64,9 @@ class Observation:
 class Observer(threading.Thread):
     """Polls the cluster's state API (nodes, actors) every `interval_s` seconds."""
 
-    def __init__(self, address: str, interval_s: float = 2.0):
+    def __init__(self, address: str, cluster: LocalCluster | None = None, interval_s: float = 2.0):
         super().__init__(daemon=True)
-        self.address, self.interval_s = address, interval_s
+        self.address, self.interval_s, self.cluster = address, interval_s, cluster
         self.seen = Observation()
         self.lock = threading.Lock()
         self.stopping = threading.Event()
@@ -104,6 +104,8 @@ class Observer(threading.Thread):
     def run(self) -> None:
         while not self.stopping.is_set():
             try:
+                if self.cluster is not None:
+                    self.cluster.reprioritise()
                 self.poll()
             except Exception:  # the dashboard is busy or restarting: try again next round
                 with self.lock:
@@ -291,7 +293,7 @@ def run(args) -> dict:
             env = cluster.client_env()
             os.environ.update(info.env())
             print(f"[e2e] cluster up at {info.address} ({time.time() - started:.0f} s)", flush=True)
-            observer = Observer(info.address)
+            observer = Observer(info.address, cluster)
             observer.start()
 
             clean = [

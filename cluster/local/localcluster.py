@@ -302,6 +302,21 @@ class LocalCluster:
         kill_pids(pids, grace_s)
         return len(pids)
 
+    def reprioritise(self) -> int:
+        """Give LOCALCLUSTER_CPU_NICE to the autogroups of this cluster's processes that have
+        another (job drivers run in their own session); returns how many were changed."""
+        nice, info = os.environ.get("LOCALCLUSTER_CPU_NICE"), self.info()
+        if not nice or info is None:
+            return 0
+        changed = 0
+        for pid in cluster_pids(info.temp_dir):
+            with contextlib.suppress(OSError):
+                path = Path(f"/proc/{pid}/autogroup")
+                if not path.read_text().strip().endswith(f"nice {int(nice)}"):
+                    path.write_text(nice)
+                    changed += 1
+        return changed
+
     def kill_node(self, node_id: str) -> list[int]:
         """SIGKILL one worker node: its raylet, object store, agents and workers at once."""
         info = self.info()
