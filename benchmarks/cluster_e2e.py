@@ -59,6 +59,7 @@ class Observation:
     errors: int = 0
     alive_trainers: list[tuple[str, str]] = field(default_factory=list)
     head_nodes: set[str] = field(default_factory=set)
+    placed_scorers: list[tuple[str, str]] = field(default_factory=list)
 
 
 class Observer(threading.Thread):
@@ -81,12 +82,17 @@ class Observer(threading.Thread):
             for n in nodes
             if n.state == "ALIVE" and (n.resources_total or {}).get("GPU", 0) > 0
         }
-        actors = list_actors(
-            address=self.address,
-            filters=[("state", "=", "ALIVE")],
-            limit=1000,
-            raise_on_missing_output=False,
-        )
+        listed = list_actors(address=self.address, limit=10000, raise_on_missing_output=False)
+        # A scorer is placed on its node from the start of its creation; on a busy machine
+        # its __init__ (torch import, model load) can last longer than the scoring itself.
+        placed = [
+            a
+            for a in listed
+            if SCORER_CLASS in (a.class_name or "") and a.state in ("PENDING_CREATION", "ALIVE")
+        ]
+        with self.lock:
+            self.seen.placed_scorers = [(a.actor_id, a.node_id) for a in placed if a.node_id]
+        actors = [a for a in listed if a.state == "ALIVE"]
         scorers = [a for a in actors if SCORER_CLASS in (a.class_name or "")]
         trainers = [a for a in actors if TRAIN_WORKER_CLASS in (a.class_name or "")]
         with self.lock:
@@ -126,6 +132,7 @@ class Observer(threading.Thread):
                 s.errors,
                 list(s.alive_trainers),
                 set(s.head_nodes),
+                list(s.placed_scorers),
             )
 
     def reset_scorers(self) -> None:
@@ -249,9 +256,8 @@ def kill_a_scorer_node(cluster: LocalCluster, observer: Observer, address: str, 
     """Once a scorer runs on a GPU worker node, SIGKILL that whole node; returns its id."""
     while job_running(address, job_id):
         seen = observer.snapshot()
-        for _, node_id in seen.alive_scorers:
+        for _, node_id in seen.alive_scorers or seen.placed_scorers:
             if node_id in seen.gpu_nodes:
-                time.sleep(3)  # let it take some batches: the kill lands mid-scoring
                 cluster.kill_node(node_id)
                 return node_id
         time.sleep(1)
@@ -304,7 +310,7 @@ def run(args) -> dict:
             env = cluster.client_env()
             os.environ.update(info.env())
             print(f"[e2e] cluster up at {info.address} ({time.time() - started:.0f} s)", flush=True)
-            observer = Observer(info.address, cluster)
+            observer = Observer(info.address, cluster, interval_s=1.0)
             observer.start()
 
             clean = [
