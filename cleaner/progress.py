@@ -36,13 +36,17 @@ def progress_interval_s() -> float:
 def configure_ray_data_progress(show_bars: bool | None = None) -> bool:
     """Set this process's Ray Data context: bars on a terminal, none in logs.
 
+    RAY_DATA_DISABLE_PROGRESS_BARS=1 keeps them off on a terminal too.
     Returns whether bars are shown. Datasets carry the context they were created with to
     the actors that execute them (Ray Train's split coordinator included), so calling this
     on the driver before building datasets decides for the whole job.
     """
     from ray.data import DataContext
 
-    bars = interactive() if show_bars is None else show_bars
+    if show_bars is None:
+        forced_off = os.environ.get("RAY_DATA_DISABLE_PROGRESS_BARS", "0") not in ("", "0")
+        show_bars = interactive() and not forced_off
+    bars = show_bars
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = bars
     ctx.enable_operator_progress_bars = bars
@@ -62,13 +66,14 @@ class ProgressLog:
     """Periodic one-line progress: `[name] 3/40 shards, 1,500 samples, 850 samples/s, ETA 0:41`.
 
     `update` prints at most once per interval (the first update prints at once); `finish`
-    always prints the closing line. The ETA comes from the fraction of units done.
+    always prints the closing line. The ETA comes from the fraction of units done (none
+    when total_units is None: then only items and rate are shown).
     """
 
     def __init__(
         self,
         name: str,
-        total_units: int,
+        total_units: int | None,
         unit: str,
         item: str,
         interval_s: float | None = None,
@@ -87,11 +92,9 @@ class ProgressLog:
     def line(self) -> str:
         elapsed = max(self.clock() - self.start, 1e-9)
         rate = self.items / elapsed
-        text = (
-            f"[{self.name}] {self.units}/{self.total_units} {self.unit}, {self.items:,} "
-            f"{self.item}, {rate:,.0f} {self.item}/s"
-        )
-        if 0 < self.units < self.total_units:
+        done = f"{self.units}/{self.total_units} {self.unit}, " if self.total_units else ""
+        text = f"[{self.name}] {done}{self.items:,} {self.item}, {rate:,.0f} {self.item}/s"
+        if self.total_units and 0 < self.units < self.total_units:
             eta = elapsed * (self.total_units - self.units) / self.units
             text += f", ETA {format_duration(eta)}"
         return text
