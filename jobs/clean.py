@@ -132,6 +132,12 @@ def run_clean(cfg: CleanJobConfig) -> dict:
             "shards_skipped": stats.shards_skipped,
             "samples_scored": stats.samples_scored,
             "images_per_second": round(stats.images_per_second, 2),
+            "prompt_encoding": {
+                "device": text.device,
+                "gpu_ids": list(text.gpu_ids),
+                "pid": text.pid,
+                "node_id": text.node_id,
+            },
         },
         **parts,
         "timings": {k: round(v, 3) for k, v in timings.items()},

@@ -97,7 +97,8 @@ def test_score_files_are_written_by_workers_not_the_driver(local_ray, demo_shard
     stale = out / "scores" / PARTS_DIR / next(demo_shards.glob("*.tar")).stem
     stale.mkdir(parents=True)
     (stale / "000000000-000000099-100.parquet").write_bytes(b"not parquet")
-    run_clean(clean_config(str(demo_shards), str(out)))
+    summary = run_clean(clean_config(str(demo_shards), str(out)))
+    assert summary["scoring"]["prompt_encoding"]["pid"] != os.getpid()  # a task, not the driver
     files = sorted((out / "scores").glob("*.parquet"))
     assert len(files) == len(list(demo_shards.glob("*.tar")))
     node_ids = {n["NodeID"] for n in local_ray.nodes()}
