@@ -74,6 +74,7 @@ bench: demo
 	$(PY) -m benchmarks.train_scaling --manifest runs/demo
 	$(PY) -m benchmarks.cleanlab_compare
 	$(PY) -m benchmarks.selection_scale
+	$(PY) -m benchmarks.memory_scale --work runs/memory_scale --json runs/memory_scale/result.json
 
 tiny-clip: $(INSTALLED)
 	$(PY) -m jobs.train_tiny_clip --num-images 40000 --epochs 16 --seed 0

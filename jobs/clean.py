@@ -14,18 +14,20 @@ import logging
 import time
 
 from cleaner.config import CleanJobConfig, ConfigError, load_config
+from cleaner.progress import configure_ray_data_progress
 from cleaner.reading import uri as uri_lib
 from cleaner.reading.preflight import check_clean_job_io, check_labels_match_spec
 from cleaner.reading.shards import fetch_thumbnails
 from cleaner.report import top_noisy_keys, write_report
-from cleaner.scoring.models import load_clip
+from cleaner.scoring.models import check_model_config
 from cleaner.scoring.pipeline import (
     SCORES_DIR,
     score_shards,
     shard_output_names,
     table_to_parquet_bytes,
 )
-from cleaner.scoring.prompts import encode_prompts
+from cleaner.scoring.resources import plan_scorers
+from cleaner.scoring.text_features import encode_text_features
 from cleaner.selection.fit_in_memory import fit_and_build_manifest
 from cleaner.selection.fit_plan import choose_mode
 from cleaner.selection.fit_ray import fit_and_write_manifest_distributed
@@ -63,17 +65,37 @@ def run_clean(cfg: CleanJobConfig) -> dict:
             print(f"[clean] {cfg.output} is up to date with this config: nothing to do", flush=True)
             return previous
     check_labels_match_spec(shards, spec.names, f"class spec {cfg.data.classes!r}")
-    clip = load_clip(cfg.model, device="cpu")
-    bank = encode_prompts(clip.model, clip.tokenizer, spec.prompts(), device="cpu")
-    image_size, resize = clip.image_size, clip.resize
-    del clip
-    timings["setup_s"] = time.perf_counter() - t0
+    check_model_config(cfg.model)  # a bad model name stops here, before Ray starts
+    import ray
 
     connect_ray(cfg.ray)
+    configure_ray_data_progress()
+    # The scorers' resources are planned first (on an autoscaling cluster this may launch GPU
+    # nodes); the text tower then runs where the scorers run (a GPU when they get one).
+    scorer_plan = plan_scorers(cfg, len(shards))
+    text = encode_text_features(
+        cfg.model, spec.prompts(), num_gpus=scorer_plan.num_gpus, num_cpus=scorer_plan.num_cpus
+    )
+    bank, image_size, resize = text.bank, text.image_size, text.resize
+    print(
+        f"[clean] prompts encoded on {text.device} (Ray task, GPUs {list(text.gpu_ids)})",
+        flush=True,
+    )
+    timings["setup_s"] = time.perf_counter() - t0
     t1 = time.perf_counter()
     scores_uri = uri_lib.join(cfg.output, SCORES_DIR)
     fingerprint = cfg.fingerprint(*spec.names, *[p for ps in spec.prompts() for p in ps])
-    stats = score_shards(cfg, shards, bank, spec.names, image_size, scores_uri, fingerprint, resize)
+    stats = score_shards(
+        cfg,
+        shards,
+        ray.put(bank),
+        spec.names,
+        image_size,
+        scores_uri,
+        fingerprint,
+        resize,
+        plan=scorer_plan,
+    )
     timings["scoring_s"] = time.perf_counter() - t1
 
     t2 = time.perf_counter()
@@ -119,6 +141,12 @@ def run_clean(cfg: CleanJobConfig) -> dict:
             "shards_skipped": stats.shards_skipped,
             "samples_scored": stats.samples_scored,
             "images_per_second": round(stats.images_per_second, 2),
+            "prompt_encoding": {
+                "device": text.device,
+                "gpu_ids": list(text.gpu_ids),
+                "pid": text.pid,
+                "node_id": text.node_id,
+            },
         },
         **parts,
         "timings": {k: round(v, 3) for k, v in timings.items()},

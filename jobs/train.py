@@ -16,6 +16,7 @@ import os
 import time
 
 from cleaner.config import ConfigError, load_config
+from cleaner.progress import configure_ray_data_progress
 from cleaner.reading import uri as uri_lib
 from cleaner.reading.preflight import check_train_job_io
 from cleaner.versions import package_versions
@@ -69,6 +70,7 @@ def run_train(cfg: TrainJobConfig) -> dict:
         )
     test_shards = uri_lib.expand_shard_spec(cfg.data.test_input) if cfg.data.test_input else []
     connect_ray(cfg.ray)
+    configure_ray_data_progress()  # before the trainer: it carries this context to its workers
     store = ray.remote(EpochStateStore).options(num_cpus=0).remote()
     storage_path, storage_fs = storage_for_ray(cfg.run.storage)
     resources = {"CPU": cfg.scaling.cpus_per_worker}

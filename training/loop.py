@@ -18,6 +18,7 @@ import time
 import numpy as np
 import torch
 
+from cleaner.progress import ProgressLog
 from training.checkpoint import CHECKPOINT_FILES, load_checkpoint, save_checkpoint
 from training.config import TrainJobConfig
 from training.data import (
@@ -135,6 +136,13 @@ def epoch_batches(
         yield epoch_batch_to_device(batch, epoch, device, mean, std)
 
 
+def with_progress(batches, progress: ProgressLog):
+    """Pass (inputs, targets) batches through, counting them in a periodic progress line."""
+    for inputs, targets in batches:
+        yield inputs, targets
+        progress.update(units=1, items=int(targets.shape[0]))
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
     """One Ray Train worker of a MixFix run (see the module docstring)."""
     import ray
@@ -202,19 +210,29 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if world > 1:
             torch.distributed.barrier()
 
+        batches = epoch_batches(
+            ray.train.get_dataset_shard("train"),
+            epoch,
+            per_worker_batch,
+            device,
+            mean,
+            std,
+            shuffle_buffer=cfg.data.shuffle_buffer,
+            shuffle_seed=cfg.seed * 1000 + epoch * 10 + rank,
+        )
+        if rank == 0:  # one-line progress in the log; every rank runs at the same pace
+            expected = max(1, len(index.labels) // world // per_worker_batch)
+            progress = ProgressLog(
+                f"train epoch {epoch + 1}/{cfg.optim.epochs}, rank 0",
+                total_units=expected,
+                unit="batches",
+                item="samples",
+            )
+            batches = with_progress(batches, progress)
         stats = train_one_epoch(
             model,
             optimizer,
-            epoch_batches(
-                ray.train.get_dataset_shard("train"),
-                epoch,
-                per_worker_batch,
-                device,
-                mean,
-                std,
-                shuffle_buffer=cfg.data.shuffle_buffer,
-                shuffle_seed=cfg.seed * 1000 + epoch * 10 + rank,
-            ),
+            batches,
             beta=cfg.mixfix.beta,
             device=device,
             generator=np.random.default_rng([cfg.seed, epoch, rank]),

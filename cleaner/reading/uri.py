@@ -6,6 +6,7 @@ AWS_DEFAULT_REGION / AWS_REGION, credentials chain); no keys are ever passed in 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import posixpath
 import uuid
@@ -112,6 +113,20 @@ def write_bytes(uri: str, data: bytes) -> None:
     with open(tmp, "wb") as f:
         f.write(data)
     os.replace(tmp, path)
+
+
+def remove(uri: str) -> None:
+    """Delete one file (no error if it is already gone)."""
+    fs, path = resolve(uri)
+    with contextlib.suppress(FileNotFoundError):
+        fs.delete_file(path)
+
+
+def remove_tree(uri: str) -> None:
+    """Delete a folder (or S3 prefix) and everything under it; no error if absent."""
+    fs, path = resolve(uri)
+    if fs.get_file_info(path).type != pafs.FileType.NotFound:
+        fs.delete_dir(path)
 
 
 def write_text(uri: str, text: str) -> None:

@@ -217,6 +217,27 @@ class LoadedClip:
         }
 
 
+def check_model_config(config: ModelConfig) -> None:
+    """The cheap checks of load_clip (name known, weights given), without loading weights."""
+    register_bundled_configs()
+    if config.config_file:
+        open_clip.add_model_config(fetch_to_cache(config.config_file, config.cache_dir))
+    name = config.name
+    if not name.startswith(("hf-hub:", "local-dir:")) and name not in open_clip.list_models():
+        raise ConfigError(
+            f"unknown open_clip model name {name!r}: not a registered config "
+            "(give model.config_file, or one of open_clip.list_models())"
+        )
+    bundled = name.startswith("tiny-clip") and (ASSETS_DIR / f"{name}.pt").exists()
+    schema_weights = name.startswith(("hf-hub:", "local-dir:"))  # weights come with the model
+    if config.pretrained is None and not (bundled or schema_weights or config.random_weights):
+        raise ConfigError(
+            f"no pretrained weights for model {name!r}: give model.pretrained (an open_clip "
+            "tag, a local path or an s3:// checkpoint), or model.random_weights=true for "
+            "speed measurements"
+        )
+
+
 def load_clip(config: ModelConfig, device: str | torch.device | None = None) -> LoadedClip:
     """Create a CLIP with open_clip's factory from a model config; errors name the problem.
 

@@ -2,34 +2,44 @@
 
 shards --(CPU tasks: read tar, parse labels, decode, resize)--> uint8 images
        --(ClipScorer actor pool, GPUs when present)--> scores + embeddings
-       --(driver: gather rows per shard)--> <scores>/<shard>.parquet, written once complete.
+       --(write tasks on the workers)--> part files; once a shard's parts hold all its rows,
+         a Ray task merges them into <scores>/<shard>.parquet (see cleaner.scoring.writing).
+The driver only counts which shard positions were written; it never holds score rows.
 A rerun skips shards whose score file exists (and was made by the same model and classes).
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from cleaner.config import CleanJobConfig
+from cleaner.progress import ProgressLog
 from cleaner.reading import uri as uri_lib
 from cleaner.reading.shards import read_shard
 from cleaner.scoring.prompts import PromptBank
 from cleaner.scoring.resources import ScorerPlan, plan_scorers
 from cleaner.scoring.scorer import ClipScorer
+from cleaner.scoring.writing import (  # the Arrow helpers are re-exported for fit and jobs
+    PARTS_DIR,
+    ShardCompletion,
+    fixed_size_list_array,
+    merge_shard_parts,
+    table_to_parquet_bytes,
+    write_score_parts,
+)
+
+__all__ = ["fixed_size_list_array", "table_to_parquet_bytes"]
 
 log = logging.getLogger(__name__)
 SCORES_DIR = "scores"
+WRITER_CPUS = 0.25  # part writes and shard merges are light I/O: they must not starve readers
 FINGERPRINT_FILE = "_fingerprint.json"
 
 
@@ -45,79 +55,6 @@ def shard_output_names(shards: list[str]) -> dict[str, str]:
             stem = f"{stem}-{hashlib.sha256(shard.encode()).hexdigest()[:8]}"
         names[shard] = f"{stem}.parquet"
     return names
-
-
-def fixed_size_list_array(values: np.ndarray) -> pa.Array:
-    """A [N, W] numpy array as an Arrow fixed-size-list column."""
-    values = np.ascontiguousarray(values)
-    return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), values.shape[1])
-
-
-def scores_to_table(batch: dict[str, np.ndarray]) -> pa.Table:
-    """A score batch (ClipScorer output) as an Arrow table, rows in shard order."""
-    order = np.argsort(np.asarray(batch["shard_pos"]), kind="stable")
-    columns = {}
-    for name in ClipScorer.output_columns:
-        if name == "shard_total":
-            continue
-        values = np.asarray(batch[name])[order]
-        if values.ndim == 2:
-            columns[name] = fixed_size_list_array(values)
-        elif values.dtype == object:
-            columns[name] = pa.array(values.tolist(), type=pa.string())
-        else:
-            columns[name] = pa.array(values)
-    return pa.table(columns)
-
-
-def table_to_parquet_bytes(table: pa.Table) -> bytes:
-    sink = io.BytesIO()
-    pq.write_table(table, sink, compression="zstd")
-    return sink.getvalue()
-
-
-@dataclass
-class ShardScoreWriter:
-    """Gathers scored rows per shard and writes each shard's file once all its rows arrived."""
-
-    scores_uri: str
-    names: dict[str, str]
-    on_written: Callable[[str, int], None] | None = None
-    pending: dict[str, list[dict[str, np.ndarray]]] = field(
-        default_factory=lambda: defaultdict(list)
-    )
-    received: dict[str, int] = field(default_factory=lambda: defaultdict(int))
-    totals: dict[str, int] = field(default_factory=dict)
-    written: list[str] = field(default_factory=list)
-
-    def add(self, batch: dict[str, np.ndarray]) -> None:
-        shards = np.asarray(batch["shard"])
-        for shard in np.unique(shards):
-            rows = np.nonzero(shards == shard)[0]
-            part = {k: np.asarray(v)[rows] for k, v in batch.items()}
-            self.pending[shard].append(part)
-            self.received[shard] += len(rows)
-            totals = part["shard_total"][part["shard_total"] >= 0]
-            if len(totals):
-                self.totals[shard] = int(totals[0])
-            self._maybe_write(shard)
-
-    def _maybe_write(self, shard: str) -> None:
-        total = self.totals.get(shard)
-        if total is None or self.received[shard] < total:
-            return
-        if self.received[shard] > total:
-            raise RuntimeError(f"shard {shard}: {self.received[shard]} rows for {total} samples")
-        parts = self.pending.pop(shard)
-        merged = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-        target = uri_lib.join(self.scores_uri, self.names[shard])
-        uri_lib.write_bytes(target, table_to_parquet_bytes(scores_to_table(merged)))
-        self.written.append(shard)
-        if self.on_written:
-            self.on_written(shard, total)
-
-    def unfinished(self) -> list[str]:
-        return sorted(self.pending)
 
 
 def check_fingerprint(scores_uri: str, fingerprint: str, resume: bool) -> bool:
@@ -232,21 +169,41 @@ def score_stage(ds, cfg: CleanJobConfig, bank_ref, plan: ScorerPlan):
     )
 
 
+def write_stage(ds, scores_uri: str, names: dict[str, str]):
+    """Append the part-writing tasks: score rows go to storage from the workers.
+
+    What flows on to the driver is one small row per part (shard, URI, positions).
+    """
+    columns = [c for c in ClipScorer.output_columns if c != "shard_total"]
+    return ds.map_batches(
+        write_score_parts,
+        batch_size=None,
+        num_cpus=WRITER_CPUS,
+        fn_kwargs={"scores_uri": scores_uri, "names": names, "columns": columns},
+    )
+
+
 def score_shards(
     cfg: CleanJobConfig,
     shards: list[str],
-    bank: PromptBank,
+    bank_ref,
     class_names: list[str],
     image_size: int,
     scores_uri: str,
     fingerprint: str,
     resize: dict | None = None,
+    plan: ScorerPlan | None = None,
 ) -> ScoringStats:
-    """Score every shard not already scored; one parquet file per shard under scores_uri."""
+    """Score every shard not already scored; one parquet file per shard under scores_uri.
+
+    `bank_ref` is the PromptBank or an ObjectRef to it. Score rows are written on the
+    workers (see write_stage and cleaner.scoring.writing); the driver sees only positions.
+    """
     import ray
 
     start = time.perf_counter()
     uri_lib.makedirs(scores_uri)
+    uri_lib.remove_tree(uri_lib.join(scores_uri, PARTS_DIR))  # leftovers of a killed run
     names = shard_output_names(shards)
     reusable = check_fingerprint(scores_uri, fingerprint, cfg.resume)
     todo = [
@@ -258,32 +215,55 @@ def score_shards(
     if not todo:
         return ScoringStats(len(shards), skipped, 0, 0, time.perf_counter() - start)
 
-    plan = plan_scorers(cfg, len(todo))
+    if plan is None:
+        plan = plan_scorers(cfg, len(todo))
+    else:  # planned before the prompts were encoded: no more actors than shards left to score
+        cap = len(todo)
+        plan = replace(
+            plan, max_actors=min(plan.max_actors, cap), min_actors=min(plan.min_actors, cap)
+        )
     print(
         f"[score] scorers: {plan.min_actors}-{plan.max_actors} actors, {plan.num_gpus:g} GPU and "
         f"{plan.num_cpus:g} CPU each ({plan.reason})",
         flush=True,
     )
-    ds = score_stage(
-        read_stage(cfg, todo, class_names, image_size, resize), cfg, ray.put(bank), plan
-    )
-    samples = 0
-    done = 0
+    if isinstance(bank_ref, PromptBank):
+        bank_ref = ray.put(bank_ref)
+    todo_names = {s: names[s] for s in todo}
+    ds = score_stage(read_stage(cfg, todo, class_names, image_size, resize), cfg, bank_ref, plan)
+    ds = write_stage(ds, scores_uri, todo_names)
+    merge = ray.remote(merge_shard_parts).options(num_cpus=WRITER_CPUS, max_retries=3)
+    merging: dict = {}  # ObjectRef of a merge task -> its shard
+    progress = ProgressLog("score", total_units=len(todo), unit="shards", item="samples")
 
-    def report(shard: str, total: int) -> None:
-        nonlocal samples, done
-        samples += total
-        done += 1
-        rate = samples / max(time.perf_counter() - start, 1e-9)
-        print(
-            f"[score] {done}/{len(todo)} shards written ({uri_lib.basename(shard)}: {total} "
-            f"samples; {samples} in all, {rate:.0f} img/s)",
-            flush=True,
-        )
+    def collect(wait_for_all: bool) -> None:
+        while merging:
+            ready, _ = ray.wait(
+                list(merging),
+                num_returns=len(merging) if wait_for_all else 1,
+                timeout=None if wait_for_all else 0,
+            )
+            if not ready:
+                return
+            for ref in ready:
+                merging.pop(ref)
+                progress.update(units=1, items=ray.get(ref))
 
-    writer = ShardScoreWriter(scores_uri, names, on_written=report)
+    completion = ShardCompletion()
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        writer.add(batch)
-    if writer.unfinished():
-        raise RuntimeError(f"shards with missing rows after scoring: {writer.unfinished()}")
-    return ScoringStats(len(shards), skipped, len(todo), samples, time.perf_counter() - start)
+        for shard, part, positions, total in zip(
+            batch["shard"], batch["part"], batch["positions"], batch["shard_total"], strict=True
+        ):
+            complete = completion.add(str(shard), str(part), bytes(positions), int(total))
+            if complete is not None:
+                target = uri_lib.join(scores_uri, names[str(shard)])
+                merging[merge.remote(complete[0], target, complete[1])] = str(shard)
+        collect(wait_for_all=False)
+    if completion.unfinished():
+        raise RuntimeError(f"shards with missing rows after scoring: {completion.unfinished()}")
+    collect(wait_for_all=True)
+    progress.finish()
+    uri_lib.remove_tree(uri_lib.join(scores_uri, PARTS_DIR))
+    return ScoringStats(
+        len(shards), skipped, len(todo), progress.items, time.perf_counter() - start
+    )
