@@ -146,7 +146,7 @@ def format_inspection(result: dict) -> str:
             problems = f"UNREADABLE: {row['error']}; " + problems
         lines.append(
             f"{uri_lib.basename(row['shard'])[:32]:<32} {row['samples']:>8} {row['keys']:>8} "
-            f"{row['usable']:>8} {span:>11} {row['classes']:>7}  {problems.rstrip('; ')}"
+            f"{row['usable']:>8} {span:>11} {row['classes']:>7}  {problems.rstrip('; ')}".rstrip()
         )
     t = result["totals"]
     span = "-" if t["label_min"] is None else f"{t['label_min']}..{t['label_max']}"
