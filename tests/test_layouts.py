@@ -157,3 +157,14 @@ def test_bad_options_are_config_errors(tmp_path):
             for p in list_for(config(tree, tmp_path / "o")).problems
         ]
     )
+
+
+def test_dry_run_lists_and_reports_without_writing(tmp_path, capsys):
+    from jobs.make_shards import main
+
+    tree = LAYOUT_TREES["labellist"](tmp_path / "ll")
+    out = tmp_path / "never"
+    assert main(["--dry-run", f"--input={tree.root}", f"--output={out}", *tree.overrides]) == 0
+    printed = capsys.readouterr().out
+    assert "labellist train: 10 images, 3 classes, 2 unusable list entries" in printed
+    assert "bad label line" in printed and not out.exists()
