@@ -113,19 +113,11 @@ def local_ray(s3_endpoint):
     """
     import ray
 
-    for attempt in range(3):
-        try:
-            ray.init(
-                num_cpus=4,
-                include_dashboard=False,
-                runtime_env={"env_vars": {**S3_ENV, "AWS_ENDPOINT_URL": s3_endpoint}},
-            )
-            break
-        except Exception as err:  # Ray raises a bare Exception when its raylet starts slowly
-            ray.shutdown()
-            if "timed out during startup" not in str(err) or attempt == 2:
-                raise
-            print(f"ray.init: {err} (machine busy); try {attempt + 2} of 3", file=sys.stderr)
+    ray.init(
+        num_cpus=4,
+        include_dashboard=False,
+        runtime_env={"env_vars": {**S3_ENV, "AWS_ENDPOINT_URL": s3_endpoint}},
+    )
     yield ray
     ray.shutdown()
 
