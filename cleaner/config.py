@@ -216,3 +216,34 @@ def load_config(
             f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}" for e in err.errors()
         )
         raise ConfigError(f"invalid config: {problems}") from None
+
+
+class MakeShardsConfig(StrictModel):
+    """The ingestion job: a dataset in its native layout -> WebDataset shards + class spec."""
+
+    layout: Literal["imagefolder", "labellist", "webvision", "clothing1m", "animal10n"] = Field(
+        description="how the dataset is laid out (cleaner/reading/layouts.py)"
+    )
+    input: str = Field(
+        description="dataset root (local, file:// or s3://); image paths are under it"
+    )
+    output: str = Field(description="shard folder (local, file:// or s3://)")
+    split: Literal["train", "val", "test"] = "train"
+    label_list: str | None = Field(
+        default=None, description="labellist: the `<relative path> <label>` file (local or s3://)"
+    )
+    class_names: str | None = Field(
+        default=None, description="file with one class name per line, in label order"
+    )
+    mini: bool = Field(default=False, description="webvision: mini-WebVision (first 50 classes)")
+    sources: list[Literal["google", "flickr"]] | None = Field(
+        default=None, description="webvision train lists (default google+flickr; mini: google)"
+    )
+    shard_size: int = Field(default=1000, gt=0, description="images per shard")
+    resize: int | None = Field(default=None, gt=0, description="shorter side at most this")
+    jpeg_quality: int = Field(default=95, ge=1, le=100, description="when re-encoding")
+    prefix: str | None = Field(default=None, description="shard name prefix (default: the split)")
+    dataset_name: str | None = Field(default=None, description="name in the class spec")
+    resume: bool = Field(default=True, description="skip shards already written with this plan")
+    dry_run: bool = Field(default=False, description="list and report, write no shard")
+    ray: RayConfig = RayConfig()

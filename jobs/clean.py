@@ -202,6 +202,8 @@ def print_summary(summary: dict) -> None:
         f"{counts['failed']} failed; outputs in {summary['output']}",
         flush=True,
     )
+    for reason, count in list(counts.get("failed_by_reason", {}).items())[:10]:
+        print(f"[clean]   failed {count:>9,} x {reason}", flush=True)
     det = summary.get("detection")
     if det:
         auroc = det.get("auroc")

@@ -47,3 +47,12 @@ def test_every_shipped_config_validates():
     load_config(CONFIGS / "train-demo.yaml", model=TrainJobConfig)
     for name in ("demo.yaml", "vit-b-32-s3.yaml"):
         load_config(CONFIGS / name, model=CleanJobConfig)
+
+
+@pytest.mark.parametrize("name", ["animal10n", "clothing1m", "mini-webvision"])
+def test_native_layout_presets_point_at_make_shards_output(name):
+    """data.classes is the classes.yaml jobs.make_shards writes beside the train shards."""
+    cfg = load_config(CONFIGS / "presets" / f"{name}.yaml", model=TrainJobConfig)
+    assert cfg.data.classes == cfg.data.input.rstrip("/") + "/classes.yaml"
+    text = (CONFIGS / "presets" / f"{name}.yaml").read_text()
+    assert "python -m jobs.make_shards --layout" in text and cfg.data.input.rstrip("/") in text

@@ -88,25 +88,25 @@ def test_every_sample_appears_once_with_status_and_reason(tmp_path):
         ("split.jpg", jpeg()),
         ("other.jpg", jpeg()),
         ("other.cls", b"0"),
-        ("split.cls", b"1"),  # same key again, not contiguous
+        ("split.cls", b"1"),  # same key again, apart: gathered into one sample
     ]
     _, rows = read_all(write_tar(tmp_path / "mixed.tar", members))
     by_key = {}
     for i, key in enumerate(rows["key"]):
         by_key.setdefault(key, []).append(i)
-    assert sum(len(v) for v in by_key.values()) == len(rows["key"]) == 10
+    assert sum(len(v) for v in by_key.values()) == len(rows["key"]) == 9
     status = {k: rows["status"][v[-1]] for k, v in by_key.items()}
     reason = {k: rows["reason"][v[-1]] for k, v in by_key.items()}
     assert status["good"] == status["named"] == status["json"] == status["other"] == "ok"
+    assert status["split"] == "ok" and len(by_key["split"]) == 1
     assert rows["label"][by_key["named"][0]] == 2
     assert rows["true_label"][by_key["json"][0]] == 2
     assert "image decode error" in reason["corrupt"]
     assert "no label" in reason["nolabel"]
     assert "out of range" in reason["outofrange"]
     assert "no image member" in reason["noimage"]
-    assert "not contiguous" in reason["split"]
-    assert rows["shard_total"].max() == 10
-    assert list(rows["shard_pos"]) == list(range(10))
+    assert rows["shard_total"].max() == 9
+    assert list(rows["shard_pos"]) == list(range(9))
 
 
 def test_last_batch_carries_total_even_on_batch_boundary(tmp_path):

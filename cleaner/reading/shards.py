@@ -9,8 +9,11 @@ reason, and a shard that cannot be read completely adds a shard-level failure ro
 
 from __future__ import annotations
 
+import bz2
+import gzip
 import io
 import json
+import lzma
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -19,10 +22,12 @@ import numpy as np
 from PIL import Image
 
 from cleaner.reading import uri as uri_lib
+from cleaner.reasons import stable_reason
 
 STATUS_OK = "ok"
 STATUS_FAILED = "failed"
 SHARD_ERROR_PREFIX = "__shard_error__"
+SHARD_SKIPPED_PREFIX = "__shard_skipped__"
 MISSING_LABEL = -1
 
 
@@ -35,12 +40,29 @@ class RawSample:
     problem: str | None = None
 
 
+def normalise_member_name(name: str) -> str:
+    """The member path without the `./` and `/` prefixes that tar tools add (`./a/b.jpg` -> `a/b.jpg`)."""
+    while True:
+        if name.startswith("./"):
+            name = name[2:]
+        elif name.startswith("/"):
+            name = name[1:]
+        else:
+            return name
+
+
 def split_member_name(name: str) -> tuple[str, str]:
     """('dir/abc', 'jpg') for 'dir/abc.jpg'; the key ends at the first dot of the file name."""
-    directory, _, filename = name.rpartition("/")
+    directory, _, filename = normalise_member_name(name).rpartition("/")
     stem, dot, ext = filename.partition(".")
     key = f"{directory}/{stem}" if directory else stem
     return key, (ext.lower() if dot else "")
+
+
+def is_metadata_member(name: str) -> bool:
+    """Hidden or webdataset-metadata files: the *file name* starts with '.' or '__'."""
+    filename = normalise_member_name(name).rpartition("/")[2]
+    return filename.startswith(".") or filename.startswith("__")
 
 
 class _CountingReader:
@@ -55,38 +77,140 @@ class _CountingReader:
         return data
 
 
-def iter_tar_samples(stream) -> Iterator[RawSample]:
+class _Prefixed:
+    """A stream whose first bytes were already read (to sniff compression)."""
+
+    def __init__(self, head: bytes, stream):
+        self.head, self.stream = head, stream
+
+    def read(self, size: int = -1) -> bytes:
+        if not self.head:
+            return self.stream.read(size)
+        if size is None or size < 0:
+            data, self.head = self.head + self.stream.read(), b""
+            return data
+        data, self.head = self.head[:size], self.head[size:]
+        if len(data) < size:
+            data += self.stream.read(size - len(data))
+        return data
+
+
+def decompressed(stream):
+    """The stream itself, or its gzip / bzip2 / xz decompression (sniffed from magic bytes).
+
+    A truncated compressed stream raises EOFError when read to its end.
+    """
+    head = stream.read(6)
+    joined = _Prefixed(head, stream)
+    if head[:2] == b"\x1f\x8b":
+        return gzip.GzipFile(fileobj=joined, mode="rb")
+    if head[:3] == b"BZh":
+        return bz2.BZ2File(joined, mode="rb")
+    if head[:6] == b"\xfd7zXZ\x00":
+        return lzma.LZMAFile(joined, mode="rb")
+    return joined
+
+
+@dataclass
+class SkippedMembers:
+    """Tar members that are in no sample (hidden/metadata files, links, devices): reported."""
+
+    names: list[str] = field(default_factory=list)
+    why: dict[str, int] = field(default_factory=dict)
+
+    def add(self, name: str, why: str) -> None:
+        self.names.append(name)
+        self.why[why] = self.why.get(why, 0) + 1
+
+    def reason(self) -> str:
+        kinds = ", ".join(f"{n} {why}" for why, n in sorted(self.why.items()))
+        shown = ", ".join(repr(n) for n in self.names[:3])
+        more = f" and {len(self.names) - 3} more" if len(self.names) > 3 else ""
+        return f"tar members not read as samples: {kinds} ({shown}{more})"
+
+
+# Members of a key that tar tools wrote apart (GNU tar stores a folder in readdir order,
+# not sorted) are gathered while the samples waiting for their label fit in this budget.
+PENDING_BYTES = 128 << 20
+LABEL_EXTENSIONS = ("cls", "json")
+
+
+def _has_label_and_more(sample: RawSample) -> bool:
+    return len(sample.members) > 1 and any(ext in sample.members for ext in LABEL_EXTENSIONS)
+
+
+def iter_tar_samples(
+    stream, skipped: SkippedMembers | None = None, pending_bytes: int = PENDING_BYTES
+) -> Iterator[RawSample]:
     """Group a tar stream's members into samples; raises tarfile/OS errors on a broken tar.
 
+    Accepts what tar tools write: `./` prefixes and directory entries, pax and GNU long
+    names, gzip/bzip2/xz-compressed tars, and members of a key written apart (as
+    `tar -C dir -cf x.tar .` does): a sample is handed out when the tar moves to another
+    key and it has a label and another member, or at the end of the tar, or when the
+    samples waiting exceed `pending_bytes` (oldest first; a later member of that key
+    then makes a failed sample "not contiguous"). Members that are not samples (hidden
+    or `__` metadata files, links, devices) are counted in `skipped`, never dropped unsaid.
     A tar cut at a member boundary reads like a shorter archive to Python's tarfile; it is
     caught here because its end-of-archive block is missing.
     """
-    current: RawSample | None = None
+    pending: dict[str, RawSample] = {}
+    sizes: dict[str, int] = {}
+    waiting = 0
+    current: str | None = None
     finished: set[str] = set()
-    counted = _CountingReader(stream)
-    with tarfile.open(fileobj=counted, mode="r|") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            key, ext = split_member_name(member.name)
-            if key.startswith("__") or key.startswith("."):
-                continue  # webdataset metadata members
-            data = tar.extractfile(member).read()
-            if current is not None and key != current.key:
-                finished.add(current.key)
-                yield current
-                current = None
-            if current is None:
-                current = RawSample(key)
-                if key in finished:
-                    current.problem = (
-                        f"tar members of key {key!r} are not contiguous (key seen earlier in shard)"
-                    )
-            current.members[ext] = data
-        truncated = counted.bytes_read < tar.offset + tarfile.BLOCKSIZE
-        end_offset = tar.offset
-    if current is not None:
-        yield current
+    counted = _CountingReader(decompressed(stream))
+    skipped = skipped if skipped is not None else SkippedMembers()
+
+    def release(key: str) -> RawSample:
+        nonlocal waiting
+        waiting -= sizes.pop(key)
+        finished.add(key)
+        return pending.pop(key)
+
+    try:
+        with tarfile.open(fileobj=counted, mode="r|") as tar:
+            for member in tar:
+                if member.isdir():
+                    continue
+                if not member.isfile():
+                    skipped.add(member.name, "links or special files")
+                    continue
+                if is_metadata_member(member.name):
+                    skipped.add(member.name, "hidden or metadata files")
+                    continue
+                key, ext = split_member_name(member.name)
+                data = tar.extractfile(member).read()
+                moved_on = current is not None and key != current and current in pending
+                if moved_on and _has_label_and_more(pending[current]):
+                    yield release(current)
+                current = key
+                sample = pending.get(key)
+                if sample is None:
+                    sample = pending[key] = RawSample(key)
+                    sizes[key] = 0
+                    if key in finished:
+                        sample.problem = (
+                            "tar members of this key are not contiguous (key seen earlier in shard)"
+                        )
+                    if ".." in key.split("/"):
+                        sample.problem = "member path has a '..' component (points outside the tar)"
+                if ext in sample.members and sample.problem is None:
+                    sample.problem = f"two members of this key with extension {ext!r}"
+                sample.members[ext] = data
+                sizes[key] += len(data)
+                waiting += len(data)
+                while waiting > pending_bytes and len(pending) > 1:
+                    yield release(next(k for k in pending if k != key))
+            truncated = counted.bytes_read < tar.offset + tarfile.BLOCKSIZE
+            end_offset = tar.offset
+    except (tarfile.TarError, OSError, EOFError):
+        # Samples read before a broken end are handed out, then the caller reports the error.
+        for key in list(pending):
+            yield release(key)
+        raise
+    for key in list(pending):
+        yield release(key)
     if truncated:
         raise tarfile.ReadError(f"truncated tar: no end-of-archive block after {end_offset} bytes")
 
@@ -187,8 +311,8 @@ def decode_image(
 
 def find_image(sample: RawSample, extensions: list[str]) -> bytes | None:
     for ext in extensions:
-        if ext in sample.members:
-            return sample.members[ext]
+        if ext.lower() in sample.members:
+            return sample.members[ext.lower()]
     return None
 
 
@@ -201,6 +325,7 @@ class _BatchBuilder:
         self.position = 0
 
     def add(self, key, label, true_label, image, status, reason) -> None:
+        reason = stable_reason(reason) if reason else ""
         self.rows.append((self.position, key, label, true_label, image, status, reason))
         self.position += 1
 
@@ -240,15 +365,17 @@ def read_shard(
     """Yield column batches of decoded samples of one shard; the last batch carries the total.
 
     Every sample of the shard appears exactly once, failed ones with a reason; a shard
-    that cannot be opened or is truncated adds one failure row keyed SHARD_ERROR_PREFIX.
+    that cannot be opened or is truncated adds one failure row keyed SHARD_ERROR_PREFIX, and
+    members that belong to no sample (hidden files, links) one keyed SHARD_SKIPPED_PREFIX.
     """
     builder = _BatchBuilder(shard, image_size)
     blank = np.zeros((image_size, image_size, 3), dtype=np.uint8)
     total = 0
+    skipped = SkippedMembers()
     try:
         fs, path = uri_lib.resolve(shard)
         with fs.open_input_stream(path, buffer_size=uri_lib.STREAM_BUFFER_BYTES) as stream:
-            for sample in iter_tar_samples(stream):
+            for sample in iter_tar_samples(stream, skipped):
                 total += 1
                 label, true_label, problem = sample_labels(sample, class_names)
                 problem = sample.problem or problem
@@ -274,6 +401,10 @@ def read_shard(
     else:
         # An empty shard still reports itself through one shard-level row.
         shard_problem = "empty shard: no samples" if total == 0 else None
+    if skipped.names:
+        total += 1
+        key = f"{SHARD_SKIPPED_PREFIX}/{uri_lib.basename(shard)}"
+        builder.add(key, MISSING_LABEL, MISSING_LABEL, blank, STATUS_FAILED, skipped.reason())
     if shard_problem is not None:
         total += 1
         key = f"{SHARD_ERROR_PREFIX}/{uri_lib.basename(shard)}"

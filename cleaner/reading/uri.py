@@ -21,6 +21,8 @@ S3_RETRY_ATTEMPTS = 8
 # S3 would be one ranged GET each (~100,000 requests for a 1 GB shard); buffered, one GET
 # fetches 8 MB.
 STREAM_BUFFER_BYTES = 8 << 20
+# What counts as a shard in a folder or prefix (compressed tars are read transparently).
+SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 
 
 def is_s3(uri: str) -> bool:
@@ -133,7 +135,16 @@ def write_text(uri: str, text: str) -> None:
     write_bytes(uri, text.encode("utf-8"))
 
 
-def list_files(uri: str, suffix: str = "") -> list[str]:
+def shard_stem(uri: str) -> str:
+    """A shard's file name without its tar suffix (`a/x.tar.gz` -> `x`)."""
+    name = basename(uri)
+    for suffix in SHARD_SUFFIXES:
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def list_files(uri: str, suffix: str | tuple[str, ...] = "") -> list[str]:
     """All files under a folder or prefix (recursive) ending with `suffix`, sorted, as URIs."""
     fs, path = resolve(uri)
     info = fs.get_file_info(path)
@@ -152,18 +163,19 @@ def list_files(uri: str, suffix: str = "") -> list[str]:
 
 
 def expand_shard_spec(spec: str | Iterable[str]) -> list[str]:
-    """Shard URIs from a folder/prefix (all *.tar below it), a brace pattern, a file, or a list."""
+    """Shard URIs from a folder/prefix (all *.tar, *.tar.gz, *.tgz below it), a brace pattern,
+    a file, or a list."""
     specs = [spec] if isinstance(spec, str) else list(spec)
     shards: list[str] = []
     for item in specs:
         if "{" in item:
             shards.extend(braceexpand(item))
-        elif item.endswith(".tar"):
+        elif item.endswith(SHARD_SUFFIXES):
             shards.append(item)
         else:
-            found = list_files(item, ".tar")
+            found = list_files(item, SHARD_SUFFIXES)
             if not found:
-                raise FileNotFoundError(f"no .tar shards found under {item}")
+                raise FileNotFoundError(f"no .tar shards (nor .tar.gz, .tgz) found under {item}")
             shards.extend(found)
     if not shards:
         raise FileNotFoundError(f"no shards in {spec!r}")

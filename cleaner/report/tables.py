@@ -12,6 +12,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from cleaner.reading import uri as uri_lib
+from cleaner.reasons import group_reasons
 from cleaner.report.common import (
     MAX_CONFUSION_CLASSES,
     MAX_FAILED_ROWS,
@@ -315,11 +316,7 @@ def _section_failures(data: _ReportData, summary: Mapping) -> str:
     failed_idx = np.nonzero(~data.ok)[0]
     by_reason = _get(summary, "counts", "failed_by_reason")
     if not isinstance(by_reason, Mapping):
-        by_reason = {}
-        for text in _take_column(data.manifest, "reason", failed_idx):
-            head = str(text or "").split(":", 1)[0].strip() or "unknown"
-            by_reason[head] = by_reason.get(head, 0) + 1
-        by_reason = dict(sorted(by_reason.items(), key=lambda kv: -kv[1]))
+        by_reason = group_reasons(_take_column(data.manifest, "reason", failed_idx))
     if len(failed_idx) == 0 and not by_reason:
         return _section("failures", _note("No sample failed."))
     content = [

@@ -45,7 +45,7 @@ FINGERPRINT_FILE = "_fingerprint.json"
 
 def shard_output_names(shards: list[str]) -> dict[str, str]:
     """Deterministic, unique score-file names: the shard's stem, plus a hash if stems collide."""
-    stems = [uri_lib.basename(s).removesuffix(".tar") for s in shards]
+    stems = [uri_lib.shard_stem(s) for s in shards]
     counts: dict[str, int] = defaultdict(int)
     for stem in stems:
         counts[stem] += 1

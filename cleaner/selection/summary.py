@@ -10,6 +10,7 @@ import pyarrow as pa
 
 from cleaner.metrics import detection_metrics
 from cleaner.reading.shards import STATUS_FAILED
+from cleaner.reasons import group_reasons
 from cleaner.selection.fitted import FittedSelection
 
 # The manifest columns `summarise` reads (a few bytes per sample).
@@ -113,9 +114,5 @@ def summary_with_fit(
 
 
 def failure_reasons(reasons: np.ndarray) -> dict[str, int]:
-    """Failure counts grouped by the reason's leading phrase (before the first colon)."""
-    counts: dict[str, int] = {}
-    for text in reasons:
-        head = str(text).split(":", 1)[0].strip() or "unknown"
-        counts[head] = counts.get(head, 0) + 1
-    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+    """Failure counts, one entry per distinct (stable) reason, most frequent first."""
+    return group_reasons(reasons)
