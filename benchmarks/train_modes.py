@@ -70,6 +70,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "with the same folder reuses the clean run and resumes finished training runs",
     )
     parser.add_argument("--ray-cpus", type=int, default=4, help="logical CPUs of the local Ray")
+    parser.add_argument(
+        "--engine",
+        choices=("ray", "local"),
+        default="ray",
+        help="ray: the training job (jobs.train, Ray Train); local: the same config and MixFix "
+        "core in this process (training.local), for hosts where a Ray node cannot start",
+    )
+    parser.add_argument(
+        "--ray-address", default=None, help="join this running Ray instead of starting one"
+    )
     parser.add_argument("set", nargs="*", help="extra key=value overrides of the train config")
     args = parser.parse_args(argv)
     modes = [RECOMMENDED_MODE if m == "recommended" else m for m in parse_list(args.modes)]
@@ -158,24 +168,39 @@ def train_once(args, data: Path, manifest: str, work: Path, mode: str, seed: int
         *args.set,
     ]
     cfg = load_config(args.train_config, overrides, TrainJobConfig)
+    config = cfg.model_dump(mode="json") | {"engine": args.engine}
     # A finished run of this exact config is reused (a rerun with the same --work).
     record = work / "finished" / f"{mode}-seed{seed}.json"
-    config = cfg.model_dump(mode="json")
     if record.exists():
         previous = json.loads(record.read_text())
         if previous.get("config") == config:
             print(f"[train_modes] reusing {record}", flush=True)
             return previous
     started = time.perf_counter()
-    summary = run_train(cfg)
+    history = run_train(cfg)["history"] if args.engine == "ray" else train_local(cfg)
     finished = {
-        "history": summary["history"],
+        "history": history,
         "seconds": round(time.perf_counter() - started, 1),
         "config": config,
     }
     record.parent.mkdir(parents=True, exist_ok=True)
     record.write_text(json.dumps(finished) + "\n")
     return finished
+
+
+def train_local(cfg: TrainJobConfig) -> list[dict]:
+    """One run with training.local: the same config and MixFix core, in this process."""
+    from cleaner.reading import uri as uri_lib
+    from jobs.common import load_class_spec
+    from jobs.train import manifest_uri
+    from training.data import load_sample_index
+    from training.local import run_local
+
+    guard_k = cfg.mixfix.clip_k if cfg.mixfix.mode == "mixfix_clip" else 0
+    index = load_sample_index(manifest_uri(cfg.data.manifest), zeroshot_topk=guard_k)
+    tests = uri_lib.expand_shard_spec(cfg.data.test_input) if cfg.data.test_input else []
+    names = load_class_spec(cfg.data.classes).names
+    return run_local(cfg, index, names, tests, log=lambda m: print(f"[local] {m}", flush=True))
 
 
 def _mean(values: list) -> float | None:
@@ -275,7 +300,17 @@ def main(argv: list[str] | None = None) -> dict:
         "patterns": {},
     }
     # Our own instance, without a dashboard (its default port may be taken on a shared host).
-    ray.init(address="local", num_cpus=args.ray_cpus, include_dashboard=False, log_to_driver=True)
+    # A loaded host can take minutes to register the node; a failed start leaks processes,
+    # so wait longer instead of retrying.
+    os.environ.setdefault("RAY_raylet_start_wait_time_s", "300")
+    if args.engine == "local":
+        pass  # the clean job starts its own Ray only when it has work to do
+    elif args.ray_address:
+        ray.init(address=args.ray_address, log_to_driver=True)
+    else:
+        ray.init(
+            address="local", num_cpus=args.ray_cpus, include_dashboard=False, log_to_driver=True
+        )
     temporary = None if args.work else tempfile.TemporaryDirectory()
     root = Path(args.work or temporary.name)
     try:
