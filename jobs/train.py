@@ -56,7 +56,11 @@ def run_train(cfg: TrainJobConfig) -> dict:
     started = time.perf_counter()
     check_train_job_io(cfg)  # S3 unreachable, no bucket, denied, storage not writable
     spec = load_class_spec(cfg.data.classes)
-    index = load_sample_index(manifest_uri(cfg.data.manifest))
+    guard_k = cfg.mixfix.clip_k if cfg.mixfix.mode == "mixfix_clip" else 0
+    try:
+        index = load_sample_index(manifest_uri(cfg.data.manifest), zeroshot_topk=guard_k)
+    except ValueError as error:
+        raise ConfigError(f"mixfix.mode={cfg.mixfix.mode}: {error}") from None
     shards = uri_lib.expand_shard_spec(cfg.data.input)
     missing = sorted(set(index.shards) - set(shards))
     if missing:

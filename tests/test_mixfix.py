@@ -14,6 +14,7 @@ from training.mixfix import (
     MixFixState,
     augment_batch,
     balanced_epoch_indices,
+    clip_topk_allows,
     iterations_per_epoch,
     make_optimizer,
     make_scheduler,
@@ -70,6 +71,67 @@ def test_absorb_and_relabel_branches() -> None:
     # The input state is untouched and the originals are never modified.
     np.testing.assert_array_equal(state.selected, np.zeros(6, dtype=bool))
     np.testing.assert_array_equal(new.original_labels, original)
+
+
+def test_clip_guard_blocks_updates_clip_disagrees_with() -> None:
+    # Every sample would be absorbed (0, 1) or relabelled (2, 3) by the paper's rule.
+    state = _state([0, 1, 2, 3], [False] * 4)
+    prob = np.full(4, 0.99)
+    pred = np.array([0, 1, 0, 1])
+    topk = np.array([[0, 5], [4, 1], [0, 2], [2, 1]])
+    paper = update_selection(state, prob, pred, theta_r=0.8, theta_r2=0.8)
+    assert paper.absorbed == 2 and paper.relabelled == 2
+    # k = 1: CLIP's argmax must be the label the sample gets.
+    # 0: absorbed as 0, CLIP top-1 is 0 -> kept; 1: absorbed as 1, CLIP top-1 is 4 -> blocked;
+    # 2: relabelled to 0, CLIP top-1 is 0 -> kept; 3: relabelled to 1, CLIP top-1 is 2 -> blocked.
+    guarded = update_selection(state, prob, pred, 0.8, 0.8, clip_topk=topk, clip_k=1)
+    np.testing.assert_array_equal(guarded.state.selected, [True, False, True, False])
+    np.testing.assert_array_equal(guarded.state.current_labels, [0, 1, 0, 3])
+    assert (guarded.absorbed, guarded.relabelled) == (1, 1)
+    # k = 2 lets the second choice through as well.
+    wider = update_selection(state, prob, pred, 0.8, 0.8, clip_topk=topk, clip_k=2)
+    np.testing.assert_array_equal(wider.state.selected, [True, True, True, True])
+    np.testing.assert_array_equal(wider.state.current_labels, [0, 1, 0, 1])
+
+
+def test_clip_guard_keeps_initial_clean_and_ignores_unknown_entries() -> None:
+    state = _state([0, 1, 2], [True, False, False])
+    prob = np.full(3, 0.99)
+    pred = np.array([1, 1, 2])  # 0 would be relabelled to 1; 1 and 2 absorbed
+    topk = np.array([[0, 2], [-1, -1], [2, -1]])
+    update = update_selection(state, prob, pred, 0.8, 0.8, clip_topk=topk, clip_k=2)
+    # 0 stays selected (initial clean) with its own label: CLIP does not back the relabel;
+    # 1 has no CLIP classes (-1): never absorbed; 2 agrees with CLIP's top-1.
+    np.testing.assert_array_equal(update.state.selected, [True, False, True])
+    np.testing.assert_array_equal(update.state.current_labels, [0, 1, 2])
+
+
+def test_clip_topk_allows_checks_shapes_and_k() -> None:
+    topk = np.array([[3, 1, 2], [0, 1, 2]])
+    np.testing.assert_array_equal(clip_topk_allows(topk, np.array([1, 1]), 1), [False, False])
+    np.testing.assert_array_equal(clip_topk_allows(topk, np.array([1, 1]), 2), [True, True])
+    np.testing.assert_array_equal(clip_topk_allows(topk, np.array([2, 3]), 9), [True, False])
+    with pytest.raises(ValueError, match="shape"):
+        clip_topk_allows(topk, np.array([1, 1, 1]), 1)
+    with pytest.raises(ValueError, match="k must"):
+        clip_topk_allows(topk, np.array([1, 1]), 0)
+
+
+def test_warmup_defers_every_update() -> None:
+    state = _state([0, 1, 2], [True, False, False])
+    prob = np.full(3, 0.99)
+    pred = np.array([0, 1, 0])
+    for epoch in range(2):
+        update = update_selection(state, prob, pred, 0.8, 0.8, warmup_epochs=2)
+        assert (update.absorbed, update.relabelled, update.added) == (0, 0, 0)
+        np.testing.assert_array_equal(update.state.selected, [True, False, False])
+        assert update.state.epoch == epoch + 1
+        state = update.state
+    after = update_selection(state, prob, pred, 0.8, 0.8, warmup_epochs=2)
+    assert (after.absorbed, after.relabelled) == (2, 1)
+    np.testing.assert_array_equal(after.state.current_labels, [0, 1, 0])
+    with pytest.raises(ValueError, match="warmup"):
+        update_selection(state, prob, pred, 0.8, 0.8, warmup_epochs=-1)
 
 
 def test_thresholds_are_inclusive() -> None:

@@ -9,8 +9,10 @@ import pytest
 
 from cleaner.config import ConfigError
 from jobs.pipeline import split_overrides
+from training.config import MixFixConfig
 from training.data import (
     _uniform_hash,
+    fixed_width_rows,
     load_sample_index,
     repetition_factors,
     with_sample_ids,
@@ -104,3 +106,41 @@ def test_combined_predictions_do_not_depend_on_the_worker_split():
     three = combine_predictions(parts, labels)
     assert np.array_equal(one[0], three[0]) and np.array_equal(one[1], three[1])
     assert one[0][7] == 0.0 and one[1][7] == 0
+
+
+def test_sample_index_reads_clip_topk_only_when_asked(tmp_path):
+    from cleaner.scoring.pipeline import fixed_size_list_array
+
+    topk = np.array([[1, 2, 3], [4, 5, 6], [7, 8, 9]])
+    table = pa.table(
+        {
+            "shard": ["a", "a", "a"],
+            "shard_pos": [0, 1, 2],
+            "label": [1, 4, 7],
+            "is_clean": [True, False, True],
+            "status": ["clean", "noisy", "clean"],
+            "topk_labels_zeroshot": fixed_size_list_array(topk),
+        }
+    )
+    pq.write_table(table, tmp_path / "m.parquet")
+    uri = str(tmp_path / "m.parquet")
+    assert load_sample_index(uri).zeroshot_topk is None
+    index = load_sample_index(uri, zeroshot_topk=2)
+    np.testing.assert_array_equal(index.zeroshot_topk, topk[:, :2])
+    with pytest.raises(ValueError, match="holding 3"):
+        load_sample_index(uri, zeroshot_topk=4)
+    # A sliced column with a null row: offsets respected, the null row unknown (-1).
+    column = pa.FixedSizeListArray.from_arrays(
+        pa.array(np.arange(12)), 3, mask=pa.array([False, False, True, False])
+    ).slice(1)
+    np.testing.assert_array_equal(fixed_width_rows(column, 2), [[3, 4], [-1, -1], [9, 10]])
+    no_topk = write_manifest(tmp_path / "n.parquet", ["a"], [0])
+    with pytest.raises(ValueError, match="topk_labels_zeroshot"):
+        load_sample_index(no_topk, zeroshot_topk=1)
+
+
+def test_mixfix_config_validates_the_guard_options():
+    assert MixFixConfig(mode="mixfix_clip", clip_k=2, warmup_epochs=3).clip_k == 2
+    for bad in ({"clip_k": 0}, {"warmup_epochs": -1}, {"clip_k": "two"}, {"mode": "guarded"}):
+        with pytest.raises(ValueError):
+            MixFixConfig(**bad)

@@ -39,14 +39,25 @@ class NetworkConfig(StrictModel):
     pretrained: str | None = Field(default=None, description="initial weights: path or s3://")
 
 
-class MixFixConfig(StrictModel):
-    """mixfix: the paper's method; clean_only: the CLIP clean set, no absorb/relabel;
-    noisy: every sample with its given label (the baseline without cleaning)."""
+MIXFIX_MODES = ("noisy", "clean_only", "mixfix", "mixfix_clip")
+UPDATING_MODES = ("mixfix", "mixfix_clip")  # modes that absorb/relabel after each epoch
+# The mode the README tells users to run: measured best by benchmarks.train_modes.
+RECOMMENDED_MODE = "mixfix_clip"
 
-    mode: Literal["mixfix", "clean_only", "noisy"] = "mixfix"
+
+class MixFixConfig(StrictModel):
+    """mixfix: the paper's method; mixfix_clip: MixFix whose absorb/relabel must agree with
+    CLIP's zero-shot top-`clip_k` (the manifest's); clean_only: the CLIP clean set, no
+    absorb/relabel; noisy: every sample with its given label (no cleaning)."""
+
+    mode: Literal["mixfix", "mixfix_clip", "clean_only", "noisy"] = "mixfix"
     beta: float = Field(default=1.0, ge=0.0)
     theta_r: float = Field(default=0.8, ge=0.0, le=1.0)
     theta_r2: float = Field(default=0.8, ge=0.0, le=1.0)
+    clip_k: int = Field(default=1, ge=1, description="mixfix_clip: CLIP top-k that must agree")
+    warmup_epochs: int = Field(
+        default=0, ge=0, description="epochs trained on the clean set before the first update"
+    )
 
 
 class OptimConfig(StrictModel):

@@ -33,20 +33,47 @@ class SampleIndex:
     is_clean: np.ndarray  # bool[N], the clean job's selection
     trainable: np.ndarray  # bool[N], status clean or noisy (not failed)
     true_labels: np.ndarray | None  # int64[N] (-1 unknown) when the shards carried them
+    # int32[N, k]: CLIP's zero-shot top-k classes (-1 unknown), loaded only when asked for
+    zeroshot_topk: np.ndarray | None = None
 
     @property
     def num_samples(self) -> int:
         return int(self.labels.shape[0])
 
 
-def load_sample_index(manifest_uri: str) -> SampleIndex:
-    """Read the manifest's small columns; check that ids are offset + position."""
+def fixed_width_rows(column, width: int) -> np.ndarray:
+    """int32[N, width]: the first `width` entries of a fixed-size-list column (-1 for nulls)."""
+    arr = column.combine_chunks() if hasattr(column, "combine_chunks") else column
+    size = arr.type.list_size
+    if width > size:
+        raise ValueError(f"asked for the first {width} entries of a column holding {size}")
+    values = np.asarray(arr.values.to_numpy(zero_copy_only=False))
+    rows = values[arr.offset * size : (arr.offset + len(arr)) * size].reshape(len(arr), size)
+    out = rows[:, :width].astype(np.int32)
+    if arr.null_count:
+        out[np.asarray(arr.is_null().to_numpy(zero_copy_only=False), dtype=bool)] = -1
+    return out
+
+
+def load_sample_index(manifest_uri: str, zeroshot_topk: int = 0) -> SampleIndex:
+    """Read the manifest's small columns; check that ids are offset + position.
+
+    zeroshot_topk > 0 also reads the first that many of CLIP's zero-shot top-k classes per
+    sample (`topk_labels_zeroshot`, for the CLIP guard of MixFix).
+    """
     fs, path = uri_lib.resolve(manifest_uri)
     with fs.open_input_file(path) as f:
         schema_names = pq.read_schema(f).names
     columns = ["shard", "shard_pos", "label", "is_clean", "status"]
     if "true_label" in schema_names:
         columns.append("true_label")
+    if zeroshot_topk > 0:
+        if "topk_labels_zeroshot" not in schema_names:
+            raise ValueError(
+                f"manifest {manifest_uri} has no topk_labels_zeroshot column "
+                "(written by the clean job; the CLIP guard needs it)"
+            )
+        columns.append("topk_labels_zeroshot")
     with fs.open_input_file(path) as f:
         table = pq.read_table(f, columns=columns)
     shard_col = np.asarray(table.column("shard").to_pylist(), dtype=object)
@@ -68,6 +95,9 @@ def load_sample_index(manifest_uri: str) -> SampleIndex:
         is_clean=table.column("is_clean").to_numpy(zero_copy_only=False).astype(bool),
         trainable=status != "failed",
         true_labels=None if true_labels is None else true_labels.astype(np.int64),
+        zeroshot_topk=fixed_width_rows(table.column("topk_labels_zeroshot"), zeroshot_topk)
+        if zeroshot_topk > 0
+        else None,
     )
 
 

@@ -20,7 +20,7 @@ import torch
 
 from cleaner.progress import ProgressLog
 from training.checkpoint import CHECKPOINT_FILES, load_checkpoint, save_checkpoint
-from training.config import TrainJobConfig
+from training.config import UPDATING_MODES, TrainJobConfig
 from training.data import (
     SampleIndex,
     decoded_with_ids,
@@ -254,7 +254,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
         # every rank predicts with rank 0's BatchNorm statistics: 1 or N workers alike
         broadcast_buffers(module, world)
-        if cfg.mixfix.mode == "mixfix":
+        if cfg.mixfix.mode in UPDATING_MODES:
             mine = predict_subset(
                 module,
                 predict_source,
@@ -274,6 +274,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 true_labels=None
                 if index.true_labels is None
                 else np.where(index.true_labels >= 0, index.true_labels, pred),
+                clip_topk=index.zeroshot_topk if cfg.mixfix.mode == "mixfix_clip" else None,
+                clip_k=cfg.mixfix.clip_k,
+                warmup_epochs=cfg.mixfix.warmup_epochs,
             )
             state = update.state
             metrics.update(

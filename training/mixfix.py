@@ -318,6 +318,23 @@ class MixFixUpdate:
         }
 
 
+def clip_topk_allows(topk_labels: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
+    """bool[N]: whether labels[i] is among the first k entries of CLIP's top-k row i.
+
+    topk_labels: int[N, K'] zero-shot classes by decreasing probability (the manifest's
+    `topk_labels_zeroshot`; negative entries mean unknown and never match). Only the first
+    min(k, K') columns count.
+    """
+    topk = np.asarray(topk_labels)
+    labels = np.asarray(labels)
+    if topk.ndim != 2 or topk.shape[0] != labels.shape[0]:
+        raise ValueError(f"topk_labels must have shape ({labels.shape[0]}, K), got {topk.shape}")
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    head = topk[:, :k]
+    return ((head == labels[:, None]) & (head >= 0)).any(axis=1)
+
+
 def update_selection(
     state: MixFixState,
     pred_prob_max: np.ndarray,
@@ -325,6 +342,10 @@ def update_selection(
     theta_r: float,
     theta_r2: float,
     true_labels: np.ndarray | None = None,
+    *,
+    clip_topk: np.ndarray | None = None,
+    clip_k: int = 1,
+    warmup_epochs: int = 0,
 ) -> MixFixUpdate:
     """Next epoch's selection from the predictions on every training sample (METHOD.md 4).
 
@@ -337,6 +358,16 @@ def update_selection(
     disables relabelling except for predictions of probability exactly 1.0 (possible in
     float32 softmax on saturated logits); use theta_r2 > 1 for a strict disable.
     The returned state's epoch is state.epoch + 1; the input state is not modified.
+
+    Two guards, both off by default (then this is exactly the paper's rule), neither uses
+    true labels:
+    - clip_topk (int[N, K'], CLIP's zero-shot top-k classes per sample): a sample is
+      absorbed or relabelled only when the label it would get (y_i, resp. y_m) is among
+      the first clip_k of them. A weak network that learned a systematic flip agrees with
+      the flipped label; CLIP, which never saw the labels, usually does not.
+    - warmup_epochs: while state.epoch < warmup_epochs nothing is absorbed or relabelled
+      (the selection stays the initial clean set), so the first, weakest networks decide
+      nothing.
     """
     n = state.num_samples
     prob = np.asarray(pred_prob_max, dtype=np.float64)
@@ -351,9 +382,17 @@ def update_selection(
     if n and pred.min() < 0:
         raise ValueError("pred_label must be non-negative")
 
+    if warmup_epochs < 0:
+        raise ValueError(f"warmup_epochs must be >= 0, got {warmup_epochs}")
     agrees = pred == state.original_labels
     absorbed = (prob >= theta_r) & agrees
     relabelled = (prob >= theta_r2) & ~agrees
+    if clip_topk is not None:
+        absorbed &= clip_topk_allows(clip_topk, state.original_labels, clip_k)
+        relabelled &= clip_topk_allows(clip_topk, pred, clip_k)
+    if state.epoch < warmup_epochs:
+        absorbed = np.zeros(n, dtype=bool)
+        relabelled = np.zeros(n, dtype=bool)
     selected = state.initial_clean | absorbed | relabelled
     current = np.where(relabelled, pred, state.original_labels)
     new_state = replace(
@@ -603,6 +642,7 @@ __all__ = [
     "MixFixUpdate",
     "augment_batch",
     "balanced_epoch_indices",
+    "clip_topk_allows",
     "iterations_per_epoch",
     "make_optimizer",
     "make_scheduler",
