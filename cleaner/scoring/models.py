@@ -245,15 +245,8 @@ def load_clip(config: ModelConfig, device: str | torch.device | None = None) -> 
     the preprocessing (size, mean, std, resize mode, interpolation) follows the model's
     final preprocess_cfg, which open_clip merges from the tag's config.
     """
-    register_bundled_configs()
-    if config.config_file:
-        open_clip.add_model_config(fetch_to_cache(config.config_file, config.cache_dir))
+    check_model_config(config)  # name known, weights given
     name = config.name
-    if not name.startswith(("hf-hub:", "local-dir:")) and name not in open_clip.list_models():
-        raise ConfigError(
-            f"unknown open_clip model name {name!r}: not a registered config "
-            "(give model.config_file, or one of open_clip.list_models())"
-        )
     pretrained = config.pretrained
     checkpoint = None
     if pretrained and _looks_like_path(pretrained):
@@ -261,13 +254,6 @@ def load_clip(config: ModelConfig, device: str | torch.device | None = None) -> 
     elif pretrained is None and name.startswith("tiny-clip"):
         bundled = ASSETS_DIR / f"{name}.pt"
         pretrained = str(bundled) if bundled.exists() else None
-    schema_weights = name.startswith(("hf-hub:", "local-dir:"))  # weights come with the model
-    if pretrained is None and not config.random_weights and not schema_weights:
-        raise ConfigError(
-            f"no pretrained weights for model {name!r}: give model.pretrained (an open_clip "
-            "tag, a local path or an s3:// checkpoint), or model.random_weights=true for "
-            "speed measurements"
-        )
     quick_gelu, why = resolve_quick_gelu(config.quick_gelu, name, config.pretrained, checkpoint)
     base_cfg = open_clip.get_model_config(name) or {}
     activation: dict = {}
