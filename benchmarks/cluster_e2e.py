@@ -143,6 +143,18 @@ class Observer(threading.Thread):
 
 
 @contextlib.contextmanager
+def environ_restored():
+    """Restore os.environ on exit: the run points this process at its own S3 and cluster,
+    which must not outlive it (a caller's later ray.init would find a dead cluster)."""
+    saved = dict(os.environ)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+@contextlib.contextmanager
 def moto_s3():
     """A moto S3 server on loopback; yields its endpoint URL."""
     port = free_port()
@@ -295,7 +307,7 @@ def run(args) -> dict:
     started = time.time()
     result: dict = {}
     workdir = Path(tempfile.mkdtemp(prefix="cluster-e2e-"))
-    with moto_s3() as endpoint:
+    with moto_s3() as endpoint, environ_restored():
         s3env = {**S3_ENV, "AWS_ENDPOINT_URL": endpoint}
         os.environ.update(s3env)
         client = boto3.client("s3", endpoint_url=endpoint)
