@@ -6,8 +6,8 @@ import numpy as np
 import pyarrow as pa
 
 from cleaner.config import SelectionConfig
-from cleaner.scoring.pipeline import fixed_size_list_array
 from cleaner.scoring.prompts import PromptBank, pad_prompt_features
+from cleaner.scoring.writing import fixed_size_list_array
 from cleaner.selection.fit_in_memory import fit_and_build_manifest
 from cleaner.selection.manifest import chunk_rows, suggest_labels
 

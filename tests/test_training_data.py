@@ -109,7 +109,7 @@ def test_combined_predictions_do_not_depend_on_the_worker_split():
 
 
 def test_sample_index_reads_clip_topk_only_when_asked(tmp_path):
-    from cleaner.scoring.pipeline import fixed_size_list_array
+    from cleaner.scoring.writing import fixed_size_list_array
 
     topk = np.array([[1, 2, 3], [4, 5, 6], [7, 8, 9]])
     table = pa.table(

@@ -15,7 +15,7 @@ from cleaner.config import load_config
 from cleaner.demo.dataset import write_demo_shards
 from cleaner.reading import uri as uri_lib
 from cleaner.reading.shards import read_shard
-from cleaner.scoring.pipeline import fixed_size_list_array
+from cleaner.scoring.writing import fixed_size_list_array
 from jobs.common import load_class_spec
 from training.config import TrainJobConfig
 from training.data import load_sample_index

@@ -23,9 +23,9 @@ from cleaner.config import CleanJobConfig
 from cleaner.progress import ProgressLog
 from cleaner.reading import uri as uri_lib
 from cleaner.reading.shards import read_shard
+from cleaner.scoring.columns import SCORE_OUTPUT_COLUMNS
 from cleaner.scoring.prompts import PromptBank
 from cleaner.scoring.resources import ScorerPlan, plan_scorers
-from cleaner.scoring.scorer import ClipScorer
 from cleaner.scoring.writing import (  # the Arrow helpers are re-exported for fit and jobs
     PARTS_DIR,
     ShardCompletion,
@@ -154,6 +154,10 @@ def score_stage(ds, cfg: CleanJobConfig, bank_ref, plan: ScorerPlan):
     """Append the ClipScorer actor pool (resources and size from `plan`) to a dataset."""
     from ray.data import ActorPoolStrategy
 
+    # imported here: the readers' tasks unpickle this module, and must not pay for
+    # torch and open_clip (the scorer's imports) on every worker
+    from cleaner.scoring.scorer import ClipScorer
+
     return ds.map_batches(
         ClipScorer,
         batch_size=cfg.scoring.batch_size,
@@ -174,7 +178,7 @@ def write_stage(ds, scores_uri: str, names: dict[str, str]):
 
     What flows on to the driver is one small row per part (shard, URI, positions).
     """
-    columns = [c for c in ClipScorer.output_columns if c != "shard_total"]
+    columns = [c for c in SCORE_OUTPUT_COLUMNS if c != "shard_total"]
     return ds.map_batches(
         write_score_parts,
         batch_size=None,

@@ -7,9 +7,12 @@ Text features are encoded once per job into a padded [K, J_max, D] tensor plus a
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # torch is imported where it is used: readers and the fit unpickle
+    import torch  # PromptBank without paying torch's import (seconds per Ray worker)
 
 DEFAULT_TAU = 0.07
 
@@ -43,7 +46,6 @@ def pad_prompt_features(per_class: list[np.ndarray]) -> tuple[np.ndarray, np.nda
     return features, mask
 
 
-@torch.no_grad()
 def encode_prompts(
     model: torch.nn.Module,
     tokenizer,
@@ -52,11 +54,14 @@ def encode_prompts(
     batch_size: int = 256,
 ) -> PromptBank:
     """Encode the K x J_k prompts once with the CLIP text tower; L2-normalise each."""
+    import torch
+
     flat = [p for class_prompts in prompts for p in class_prompts]
     chunks = []
     for start in range(0, len(flat), batch_size):
         tokens = tokenizer(flat[start : start + batch_size]).to(device)
-        feats = model.encode_text(tokens).float()
+        with torch.no_grad():
+            feats = model.encode_text(tokens).float()
         chunks.append(torch.nn.functional.normalize(feats, dim=-1).cpu().numpy())
     all_feats = np.concatenate(chunks, axis=0)
     per_class, offset = [], 0
@@ -78,6 +83,8 @@ def ensemble_log_probs(
     image_features: [B, D] (normalised inside); text_features: [K, J, D] normalised;
     mask: bool [K, J]. Returns float32 [B, K].
     """
+    import torch
+
     img = torch.nn.functional.normalize(image_features.float(), dim=-1)
     k, j, d = text_features.shape
     sims = img @ text_features.float().reshape(k * j, d).T  # [B, K*J]
@@ -91,6 +98,8 @@ def ensemble_probs_numpy(
     image_features: np.ndarray, bank: PromptBank, tau: float = DEFAULT_TAU
 ) -> np.ndarray:
     """Numpy convenience wrapper of ensemble_log_probs returning probabilities [N, K]."""
+    import torch
+
     log_p = ensemble_log_probs(
         torch.from_numpy(np.asarray(image_features, dtype=np.float32)),
         torch.from_numpy(bank.features),

@@ -15,34 +15,16 @@ import torch
 
 from cleaner.config import ModelConfig
 from cleaner.reading.shards import STATUS_OK
+from cleaner.scoring.columns import PASSTHROUGH_COLUMNS, SCORE_OUTPUT_COLUMNS
 from cleaner.scoring.models import LoadedClip, load_clip
 from cleaner.scoring.prompts import PromptBank, ensemble_log_probs
-
-PASSTHROUGH_COLUMNS = (
-    "key",
-    "shard",
-    "shard_pos",
-    "label",
-    "true_label",
-    "status",
-    "reason",
-    "shard_total",
-)
 
 
 class ClipScorer:
     """Scores batches with a frozen CLIP and a prompt-ensemble text matrix."""
 
     input_columns = ("image", "label", "status", *PASSTHROUGH_COLUMNS)
-    output_columns = (
-        *PASSTHROUGH_COLUMNS,
-        "p_label",
-        "max_p",
-        "argmax",
-        "topk_labels",
-        "topk_probs",
-        "embedding",
-    )
+    output_columns = SCORE_OUTPUT_COLUMNS
 
     def __init__(
         self,

@@ -15,13 +15,14 @@ without gathering the score table on the driver:
 
 `fit_plan.choose_mode` picks between the two fits by the estimated in-memory size.
 
-`fit_selection` runs the engine's passes (`cleaner.selection.engine`) as `map_batches`
-over the Dataset, one folded output row per block; `distributed_select` adds the
-selection columns to the Dataset.
+`fit_selection` runs the engine's passes (`cleaner.selection.engine`) on a few actors
+that hold the selection's small columns (`block_actors_runner`); `distributed_select`
+adds the selection columns to the Dataset.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
@@ -54,26 +55,61 @@ if TYPE_CHECKING:
     import ray.data
 
 
-def dataset_runner(ds: ray.data.Dataset, chunk_rows: int) -> Runner:
-    """Runs a block pass with map_batches (one folded output row per block) and folds
-    the outputs on the driver as they stream in."""
+MAX_FIT_ACTORS = 16  # actors that hold the selection's columns during the fit
+
+
+class BlockHolder:
+    """A Ray actor's state: some blocks of the selection's columns, held in memory, and
+    the engine's passes run over them (one call per pass, not one Ray Data job)."""
+
+    def __init__(self, *blocks: pa.Table) -> None:
+        from ray.data.block import BlockAccessor
+
+        self.batches = [
+            BlockAccessor.for_block(block).to_batch_format("numpy")
+            for block in blocks
+            if block.num_rows
+        ]
+
+    def run(self, fn: BlockPass, chunk_rows: int) -> Batch:
+        """The folded output of `fn` over every held block."""
+        acc: Batch | None = None
+        for batch in self.batches:
+            acc = fn.fold(acc, fn.over_chunks(batch, chunk_rows))
+        return acc or {}
+
+
+@contextlib.contextmanager
+def block_actors_runner(
+    ds: ray.data.Dataset, chunk_rows: int, max_actors: int = MAX_FIT_ACTORS
+) -> Iterator[Runner]:
+    """A Runner over the Dataset's blocks, spread over up to `max_actors` actors (one CPU
+    each, at most one per cluster CPU) that load their blocks once; each pass is one call
+    per actor, folded on the driver. The EM's tens of passes then cost milliseconds of
+    scheduling each instead of a Ray Data job each. The actors are killed on exit."""
+    import ray
+
     chunk_rows = check_rows(chunk_rows)
+    refs = ds.to_arrow_refs()
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    count = max(1, min(len(refs), max_actors, cpus))
+    holder = ray.remote(BlockHolder).options(
+        num_cpus=1, scheduling_strategy="SPREAD", max_restarts=2, max_task_retries=2
+    )
+    actors = [holder.remote(*refs[i::count]) for i in range(count)]
 
     def run(fn: BlockPass) -> Batch:
-        mapped = ds.map_batches(
-            fn.over_chunks,
-            fn_kwargs={"chunk_rows": chunk_rows},
-            batch_format="numpy",
-            batch_size=None,
-            zero_copy_batch=True,
-        )
         acc: Batch | None = None
-        for part in mapped.iter_batches(batch_size=None, batch_format="numpy"):
+        for part in ray.get([actor.run.remote(fn, chunk_rows) for actor in actors]):
             if part:
                 acc = fn.fold(acc, part)
         return acc or {}
 
-    return run
+    try:
+        yield run
+    finally:
+        for actor in actors:
+            ray.kill(actor)
 
 
 def selection_input(ds: ray.data.Dataset, spec: SelectionSpec) -> ray.data.Dataset:
@@ -95,13 +131,12 @@ def fit_selection(
     tol: float = 1e-3,
     reg_covar: float = DEFAULT_REG_COVAR,
     batch_rows: int = DEFAULT_BATCH_ROWS,
-    materialize: bool = True,
 ) -> FittedSelection:
     """Fit the selection over a Ray Dataset without gathering its columns.
 
     source_columns maps a source name to its (p_label column, max_p column). Only those
-    columns, the label and the optional key column are read; with materialize=True they
-    are materialised once (in the object store, not on the driver) for the EM passes.
+    columns, the label and the optional key column are read, materialised once and held
+    by a few actors for the EM passes (`block_actors_runner`), never on the driver.
     Raises ValueError for invalid input.
     """
     # deliberately the same typed keywords as select.fit_selection_in_memory: the two
@@ -118,10 +153,9 @@ def fit_selection(
         tol=tol,
         reg_covar=reg_covar,
     )
-    small = selection_input(ds, spec)
-    if materialize:
-        small = small.materialize()
-    return run_fit(spec, dataset_runner(small, batch_rows))
+    small = selection_input(ds, spec).materialize()
+    with block_actors_runner(small, batch_rows) as runner:
+        return run_fit(spec, runner)
 
 
 def distributed_select(

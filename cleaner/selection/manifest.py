@@ -14,8 +14,8 @@ import pyarrow.parquet as pq
 from cleaner.config import SelectionConfig
 from cleaner.reading import uri as uri_lib
 from cleaner.reading.shards import STATUS_FAILED
-from cleaner.scoring.pipeline import fixed_size_list_array
 from cleaner.scoring.prompts import PromptBank
+from cleaner.scoring.writing import fixed_size_list_array
 from cleaner.selection.fitted import FittedSelection
 from cleaner.selection.score_table import ScoreBatch, source_columns
 

@@ -16,10 +16,10 @@ import pyarrow.parquet as pq
 from cleaner.config import SelectionConfig
 from cleaner.reading import uri as uri_lib
 from cleaner.reading.shards import STATUS_FAILED, STATUS_OK
-from cleaner.scoring.scorer import ClipScorer
+from cleaner.scoring.columns import SCORE_OUTPUT_COLUMNS
 
 # The score files' columns (see ClipScorer / pipeline.scores_to_table) minus the embedding.
-SMALL_COLUMNS = [c for c in ClipScorer.output_columns if c not in ("shard_total", "embedding")]
+SMALL_COLUMNS = [c for c in SCORE_OUTPUT_COLUMNS if c not in ("shard_total", "embedding")]
 
 
 NOTHING_USABLE = "[fit] no usable sample: every sample failed; the manifest gives each reason"
