@@ -32,7 +32,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cluster.local.localcluster import LocalCluster, free_port
+from cluster.local.localcluster import LocalCluster, free_port, local_runtime_env
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -226,9 +226,10 @@ def ray_cli(env: dict, *args: str, timeout: float = 900) -> subprocess.Completed
 
 
 def submit(env: dict, address: str, *entrypoint: str, wait: bool = True, job_id: str = "") -> str:
-    """`ray job submit` with the project's runtime env; returns the job's output (wait) or id."""
+    """`ray job submit` with the project's runtime env (the repo in place: `local_runtime_env`);
+    returns the job's output (wait) or id."""
     job_id = job_id or f"e2e-{uuid.uuid4().hex[:8]}"
-    args = ["job", "submit", f"--address={address}", "--runtime-env=ray_config.yaml"]
+    args = ["job", "submit", f"--address={address}", f"--runtime-env-json={local_runtime_env()}"]
     args += [f"--submission-id={job_id}"] + ([] if wait else ["--no-wait"])
     for _ in range(30):  # the dashboard learns of the head's agent a little after `ray start`
         done = ray_cli(env, *args, "--", "python", "-m", *entrypoint)

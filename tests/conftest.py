@@ -104,22 +104,49 @@ def upload_folder(client, folder: Path, bucket: str, prefix: str) -> list[str]:
     return keys
 
 
+SHARED_RAY_NAMESPACE = "tests-shared-local-ray"
+
+
 @pytest.fixture(scope="module")
 def local_ray(s3_endpoint):
     """A local Ray instance whose workers see the S3 test environment.
 
     4 logical CPUs on the 2-core machine, so that 2 training workers leave room for the
-    data tasks that feed them.
+    data tasks that feed them. Shared by consecutive modules (not shut down at module
+    end): each start costs about 15 s here, and its warm workers save more. A module that
+    needs another Ray calls `own_ray`, which shuts this one down first.
     """
     import ray
 
-    ray.init(
-        num_cpus=4,
-        include_dashboard=False,
-        runtime_env={"env_vars": {**S3_ENV, "AWS_ENDPOINT_URL": s3_endpoint}},
-    )
+    if ray.is_initialized() and ray.get_runtime_context().namespace != SHARED_RAY_NAMESPACE:
+        ray.shutdown()
+    if not ray.is_initialized():
+        ray.init(
+            num_cpus=4,
+            include_dashboard=False,
+            namespace=SHARED_RAY_NAMESPACE,
+            runtime_env={"env_vars": {**S3_ENV, "AWS_ENDPOINT_URL": s3_endpoint}},
+        )
     yield ray
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _shutdown_ray_at_the_end():
+    yield
+    import ray
+
     ray.shutdown()
+
+
+def own_ray(**init_options):
+    """ray.init for a module that needs its own Ray (other resources, no S3 environment):
+    the shared `local_ray` is shut down first. The caller shuts its Ray down."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(include_dashboard=False, **init_options)
+    return ray
 
 
 def clean_config(input_uri: str, output_uri: str, *extra: str, batch_size: int = 128):
@@ -169,3 +196,14 @@ def pytest_collection_modifyitems(config, items) -> None:
             item.add_marker(pytest.mark.integration)
         if item.module.__name__.endswith("test_report_browser"):
             item.add_marker(pytest.mark.browser)
+
+
+def pytest_runtest_logreport(report):
+    """With TEST_TIMINGS=<file>, append each test phase's duration as it ends (the suite's
+    slow parts, readable while it still runs)."""
+    path = os.environ.get("TEST_TIMINGS")
+    if path and report.when in ("setup", "call", "teardown") and report.duration >= 1.0:
+        with open(path, "a") as f:
+            f.write(
+                f"{report.duration:8.1f}s {report.when:8s} {report.outcome:7s} {report.nodeid}\n"
+            )

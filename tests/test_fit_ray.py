@@ -30,16 +30,11 @@ NUM_CLASSES = 12  # 0-7 realistic, 8 absent, 9 one sample, 10 all equal, 11 neve
 
 
 @pytest.fixture(scope="module")
-def ray_local():
-    import ray
+def ray_local(local_ray):
+    """The suite's shared local Ray (tests/conftest.py)."""
+    import ray.data  # noqa: F401  (ray_local.data below)
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    context = ray.data.DataContext.get_current()
-    saved = context.enable_progress_bars
-    context.enable_progress_bars = False
-    yield ray
-    context.enable_progress_bars = saved
-    ray.shutdown()
+    return local_ray
 
 
 def _realistic(

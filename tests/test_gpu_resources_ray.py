@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import pytest
 
+from tests.conftest import own_ray
+
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
 def ray_with_gpus():
     """Ray with 2 logical GPUs (none physical): Ray grants ids and sets CUDA_VISIBLE_DEVICES."""
-    import ray
-
-    ray.init(num_cpus=2, num_gpus=2, include_dashboard=False)
+    ray = own_ray(num_cpus=2, num_gpus=2)
     yield ray
     ray.shutdown()
 

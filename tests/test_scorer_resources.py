@@ -9,16 +9,14 @@ import time
 import pytest
 
 from cleaner.scoring.resources import SchedulingError, plan_scorers
-from tests.conftest import clean_config
+from tests.conftest import clean_config, own_ray
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
 def two_cpu_ray():
-    import ray
-
-    ray.init(num_cpus=2, num_gpus=0, include_dashboard=False)
+    ray = own_ray(num_cpus=2, num_gpus=0)
     yield ray
     ray.shutdown()
 

@@ -157,17 +157,7 @@ def test_tiny_and_tied_classes_are_numerically_safe_with_the_tiny_floor() -> Non
 
 
 @pytest.fixture(scope="module")
-def job_ray():
-    """A local Ray for the clean job (no S3 endpoint: these runs read local shards)."""
-    import ray
-
-    ray.init(num_cpus=4, include_dashboard=False)
-    yield ray
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def job_runs(job_ray, demo_shards, tmp_path_factory):
+def job_runs(local_ray, demo_shards, tmp_path_factory):
     """Per noise pattern (symmetric 40%: the conftest's demo shards; hard 40%): one scored
     run with the in-sample probe, in memory. Other fits reuse its scores."""
     from cleaner.demo.dataset import write_demo_shards

@@ -12,6 +12,7 @@ from cleaner.config import ConfigError, ModelConfig
 from cleaner.scoring.models import load_clip
 from cleaner.scoring.prompts import encode_prompts
 from cleaner.scoring.text_features import encode_text_features
+from tests.conftest import own_ray
 
 pytestmark = pytest.mark.integration
 
@@ -19,9 +20,7 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def ray_with_a_gpu():
     """A local Ray that declares one (logical) GPU: Ray assigns it like a real one."""
-    import ray
-
-    ray.init(num_cpus=2, num_gpus=1, include_dashboard=False)
+    ray = own_ray(num_cpus=2, num_gpus=1)
     yield ray
     ray.shutdown()
 

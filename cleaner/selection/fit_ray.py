@@ -184,10 +184,18 @@ def read_score_dataset(score_uris: list[str], columns: list[str]):
     return ray.data.read_parquet(paths, filesystem=fs).select_columns(columns)
 
 
+MAX_KEY_PARTITIONS = 200  # hash partitions of the duplicate-key groupby, at most
+
+
 def find_duplicate_rows(ds, shard_order: dict[str, int]) -> dict[str, list[tuple[int, str]]]:
     """Per shard: (shard_pos, first shard) of each repeat of a key seen earlier in shard
     order (the in-memory fit's rule). Only repeated keys reach the driver."""
-    counts = ds.select_columns(["key"]).groupby("key").count()
+    import ray
+
+    # one partition per cluster CPU (Ray's default is 200, each a shuffle task or
+    # aggregator: seconds of worker start-up apiece for what is a small column)
+    partitions = max(1, min(MAX_KEY_PARTITIONS, int(ray.cluster_resources().get("CPU", 1))))
+    counts = ds.select_columns(["key"]).groupby("key", num_partitions=partitions).count()
     repeated = counts.map_batches(_rows_where_count_above_one, batch_format="pyarrow")
     keys = {row["key"] for row in repeated.take_all()}
     if not keys:

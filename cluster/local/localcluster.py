@@ -68,6 +68,21 @@ class ClusterInfo:
         }
 
 
+def local_runtime_env(repo: Path = REPO_ROOT) -> str:
+    """`ray job submit --runtime-env-json` for this cluster: ray_config.yaml, but with the
+    repo itself as the working dir (`local://`, used in place on every node).
+
+    The fake nodes share one session directory; with the uploaded working dir of
+    ray_config.yaml, a node that starts or stops unpacks or drops the package under the
+    other nodes' running workers, whose imports then fail ("No such file or directory" from
+    os.getcwd()). Real clusters' nodes each have their own disk: use ray_config.yaml there.
+    """
+    runtime_env = yaml.safe_load((repo / "ray_config.yaml").read_text())
+    runtime_env.pop("excludes", None)
+    runtime_env["working_dir"] = f"local://{repo.resolve()}"
+    return json.dumps(runtime_env)
+
+
 def _processes() -> list[tuple[int, str]]:
     """(pid, command line) of every process we can read."""
     found = []
@@ -377,6 +392,9 @@ def main(argv: list[str] | None = None) -> int:
         print("to submit jobs from this shell:")
         for key, value in info.env().items():
             print(f"  export {key}={value}")
+        print(
+            f"  ray job submit --runtime-env-json '{local_runtime_env()}' -- python -m jobs.clean ..."
+        )
         print(f"stop it with: make cluster-down  (or {Path(__file__).name} down --dir {args.dir})")
     elif args.action == "down":
         print(f"stopped {cluster.down()} processes of the cluster in {args.dir}")
