@@ -95,13 +95,22 @@ class Observer(threading.Thread):
         actors = [a for a in listed if a.state == "ALIVE"]
         scorers = [a for a in actors if SCORER_CLASS in (a.class_name or "")]
         trainers = [a for a in actors if TRAIN_WORKER_CLASS in (a.class_name or "")]
+        # the GCS keeps finished actors with their node: a scorer that lived between two
+        # polls (or while the dashboard was too busy to answer) is still counted
+        ran = {
+            a.node_id
+            for a in listed
+            if SCORER_CLASS in (a.class_name or "")
+            and a.node_id
+            and a.state != "DEPENDENCIES_UNREADY"
+        }
         with self.lock:
             s = self.seen
             s.gpu_nodes |= gpu_nodes
             s.gpu_nodes_alive = len(alive_gpu)
             s.max_scorer_actors = max(s.max_scorer_actors, len(scorers))
-            s.scorer_nodes |= {a.node_id for a in scorers if a.node_id}
-            s.scorer_gpu_nodes |= {a.node_id for a in scorers if a.node_id in gpu_nodes}
+            s.scorer_nodes |= ran
+            s.scorer_gpu_nodes |= {node for node in ran if node in s.gpu_nodes}
             s.train_worker_nodes |= {a.node_id for a in trainers if a.node_id}
             s.alive_scorers = [(a.actor_id, a.node_id) for a in scorers]
             s.alive_trainers = [(a.actor_id, a.node_id) for a in trainers]
@@ -117,6 +126,17 @@ class Observer(threading.Thread):
                 with self.lock:
                     self.seen.errors += 1
             self.stopping.wait(self.interval_s)
+
+    def poll_now(self, attempts: int = 10) -> None:
+        """One poll from the caller's thread, retried while the dashboard is busy."""
+        for attempt in range(attempts):
+            try:
+                self.poll()
+                return
+            except Exception:  # busy dashboard: the next attempt usually answers
+                with self.lock:
+                    self.seen.errors += 1
+                time.sleep(2 * (attempt + 1))
 
     def snapshot(self) -> Observation:
         with self.lock:
@@ -136,6 +156,7 @@ class Observer(threading.Thread):
             )
 
     def reset_scorers(self) -> None:
+        """Forget the scorer figures of the first run (read before a second run)."""
         with self.lock:
             self.seen.max_scorer_actors = 0
             self.seen.scorer_nodes = set()
@@ -369,6 +390,7 @@ def run(args) -> dict:
                     *clean,
                     f"output=s3://{bucket}/runs/clean",
                 )
+            observer.poll_now()
             seen = observer.snapshot()
             summary = read_json(client, bucket, "runs/clean/summary.json")
             result.update(

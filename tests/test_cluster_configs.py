@@ -557,3 +557,21 @@ def test_dockerfile_copies_what_the_jobs_need():
     for path in ("pyproject.toml", "README.md", "cleaner", "jobs", "training", "configs"):
         assert re.search(rf"^COPY .*\b{re.escape(path)}\b", text, re.M), path
         assert (REPO_ROOT / path).exists(), path
+
+
+def test_the_local_cluster_runs_the_repo_in_place_with_ray_configs_env(tmp_path):
+    """The fake nodes share one session dir: jobs there use the repo as a `local://`
+    working dir (never unpacked or dropped by a node's agent), with ray_config.yaml's env."""
+    from cluster.local.localcluster import local_runtime_env
+
+    (tmp_path / "ray_config.yaml").write_text(
+        "working_dir: .\nexcludes: ['.git/']\nenv_vars:\n  PYTHONUNBUFFERED: '1'\n"
+    )
+    runtime_env = json.loads(local_runtime_env(tmp_path))
+    assert runtime_env == {
+        "working_dir": f"local://{tmp_path.resolve()}",
+        "env_vars": {"PYTHONUNBUFFERED": "1"},
+    }
+    # the repo's own file keeps the env the production clusters get
+    shipped = yaml.safe_load((REPO_ROOT / "ray_config.yaml").read_text())
+    assert json.loads(local_runtime_env())["env_vars"] == shipped["env_vars"]
