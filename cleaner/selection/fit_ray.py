@@ -15,14 +15,13 @@ without gathering the score table on the driver:
 
 `fit_plan.choose_mode` picks between the two fits by the estimated in-memory size.
 
-`fit_selection` runs the engine's passes (`cleaner.selection.engine`) on a few actors
-that hold the selection's small columns (`block_actors_runner`); `distributed_select`
-adds the selection columns to the Dataset.
+`fit_selection` runs the engine's passes (`cleaner.selection.engine`) as Ray tasks over
+the materialised blocks of the selection's small columns (`block_tasks_runner`);
+`distributed_select` adds the selection columns to the Dataset.
 """
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
@@ -39,7 +38,7 @@ from cleaner.scoring.prompts import PromptBank
 from cleaner.selection.engine import BlockPass, Runner, check_rows, make_spec, run_fit
 from cleaner.selection.fitted import DEFAULT_BATCH_ROWS, Batch, FittedSelection, SelectionSpec
 from cleaner.selection.manifest import ManifestWriter, build_manifest
-from cleaner.selection.probe_streaming import StreamingProbe, fit_probe_streaming
+from cleaner.selection.probe_streaming import StreamingProbe, fit_probe_streaming, stable_hash
 from cleaner.selection.rules import DEFAULT_REG_COVAR, GmmMode
 from cleaner.selection.score_table import (
     NOTHING_USABLE,
@@ -55,61 +54,46 @@ if TYPE_CHECKING:
     import ray.data
 
 
-MAX_FIT_ACTORS = 16  # actors that hold the selection's columns during the fit
+MAX_FIT_TASKS = 64  # tasks per EM pass, at most (each folds a group of blocks)
 
 
-class BlockHolder:
-    """A Ray actor's state: some blocks of the selection's columns, held in memory, and
-    the engine's passes run over them (one call per pass, not one Ray Data job)."""
+def _fold_blocks(fn: BlockPass, chunk_rows: int, *blocks: pa.Table) -> Batch:
+    """One task of a pass: the folded output of `fn` over a group of blocks."""
+    from ray.data.block import BlockAccessor
 
-    def __init__(self, *blocks: pa.Table) -> None:
-        from ray.data.block import BlockAccessor
-
-        self.batches = [
-            BlockAccessor.for_block(block).to_batch_format("numpy")
-            for block in blocks
-            if block.num_rows
-        ]
-
-    def run(self, fn: BlockPass, chunk_rows: int) -> Batch:
-        """The folded output of `fn` over every held block."""
-        acc: Batch | None = None
-        for batch in self.batches:
+    acc: Batch | None = None
+    for block in blocks:
+        if block.num_rows:
+            batch = BlockAccessor.for_block(block).to_batch_format("numpy")
             acc = fn.fold(acc, fn.over_chunks(batch, chunk_rows))
-        return acc or {}
+    return acc or {}
 
 
-@contextlib.contextmanager
-def block_actors_runner(
-    ds: ray.data.Dataset, chunk_rows: int, max_actors: int = MAX_FIT_ACTORS
-) -> Iterator[Runner]:
-    """A Runner over the Dataset's blocks, spread over up to `max_actors` actors (one CPU
-    each, at most one per cluster CPU) that load their blocks once; each pass is one call
-    per actor, folded on the driver. The EM's tens of passes then cost milliseconds of
-    scheduling each instead of a Ray Data job each. The actors are killed on exit."""
+def block_tasks_runner(
+    ds: ray.data.Dataset, chunk_rows: int, max_tasks: int = MAX_FIT_TASKS
+) -> Runner:
+    """A Runner over a materialised Dataset's blocks: each pass is one Ray task per group
+    of blocks (at most one group per cluster CPU), reading its blocks from the object
+    store, folded on the driver. The EM's tens of passes then cost a few task launches
+    each on warm workers, instead of a Ray Data job each (or an actor start per fit)."""
     import ray
 
     chunk_rows = check_rows(chunk_rows)
     refs = ds.to_arrow_refs()
     cpus = int(ray.cluster_resources().get("CPU", 1))
-    count = max(1, min(len(refs), max_actors, cpus))
-    holder = ray.remote(BlockHolder).options(
-        num_cpus=1, scheduling_strategy="SPREAD", max_restarts=2, max_task_retries=2
-    )
-    actors = [holder.remote(*refs[i::count]) for i in range(count)]
+    count = max(1, min(len(refs), max_tasks, cpus))
+    groups = [refs[i::count] for i in range(count)]
+    task = ray.remote(_fold_blocks).options(num_cpus=1)
 
     def run(fn: BlockPass) -> Batch:
+        fn_ref = ray.put(fn)
         acc: Batch | None = None
-        for part in ray.get([actor.run.remote(fn, chunk_rows) for actor in actors]):
+        for part in ray.get([task.remote(fn_ref, chunk_rows, *group) for group in groups]):
             if part:
                 acc = fn.fold(acc, part)
         return acc or {}
 
-    try:
-        yield run
-    finally:
-        for actor in actors:
-            ray.kill(actor)
+    return run
 
 
 def selection_input(ds: ray.data.Dataset, spec: SelectionSpec) -> ray.data.Dataset:
@@ -135,8 +119,8 @@ def fit_selection(
     """Fit the selection over a Ray Dataset without gathering its columns.
 
     source_columns maps a source name to its (p_label column, max_p column). Only those
-    columns, the label and the optional key column are read, materialised once and held
-    by a few actors for the EM passes (`block_actors_runner`), never on the driver.
+    columns, the label and the optional key column are read and materialised once (in
+    the object store, never on the driver) for the EM passes (`block_tasks_runner`).
     Raises ValueError for invalid input.
     """
     # deliberately the same typed keywords as select.fit_selection_in_memory: the two
@@ -154,8 +138,7 @@ def fit_selection(
         reg_covar=reg_covar,
     )
     small = selection_input(ds, spec).materialize()
-    with block_actors_runner(small, batch_rows) as runner:
-        return run_fit(spec, runner)
+    return run_fit(spec, block_tasks_runner(small, batch_rows))
 
 
 def distributed_select(
@@ -184,43 +167,67 @@ def read_score_dataset(score_uris: list[str], columns: list[str]):
     return ray.data.read_parquet(paths, filesystem=fs).select_columns(columns)
 
 
-MAX_KEY_PARTITIONS = 200  # hash partitions of the duplicate-key groupby, at most
+MAX_KEY_PARTITIONS = 256  # hash partitions of the duplicate-key search, at most
 
 
-def find_duplicate_rows(ds, shard_order: dict[str, int]) -> dict[str, list[tuple[int, str]]]:
+def _key_partitions(score_uri: str, shard_index: int, partitions: int):
+    """Map side: one score file's (key, shard_pos, shard_index) rows, split by key hash."""
+    fs, path = uri_lib.resolve(score_uri)
+    with fs.open_input_file(path) as f:
+        table = pq.read_table(f, columns=["key", "shard_pos"])
+    table = table.append_column(
+        "shard_index", pa.array(np.full(table.num_rows, shard_index, dtype=np.int64))
+    )
+    keys = np.asarray(table.column("key").to_pylist(), dtype=object).astype(str)
+    part = (stable_hash(keys) % np.uint64(partitions)).astype(np.int64)
+    parts = [table.filter(pa.array(part == p)) for p in range(partitions)]
+    return parts if partitions > 1 else parts[0]
+
+
+def _repeated_in_partition(*parts: pa.Table) -> pa.Table:
+    """Reduce side: the rows of one hash partition whose key appears more than once."""
+    table = pa.concat_tables(parts)
+    if table.num_rows == 0:
+        return table
+    counts = pc.value_counts(table.column("key"))
+    repeated = counts.field("values").filter(pc.greater(counts.field("counts"), 1))
+    return table.filter(pc.is_in(table.column("key"), value_set=repeated))
+
+
+def find_duplicate_rows(
+    score_uris: list[str], shards: list[str]
+) -> dict[str, list[tuple[int, str]]]:
     """Per shard: (shard_pos, first shard) of each repeat of a key seen earlier in shard
-    order (the in-memory fit's rule). Only repeated keys reach the driver."""
+    order (the in-memory fit's rule); score_uris[i] holds the scores of shards[i].
+
+    A hash-partitioned search in plain Ray tasks: one task per score file splits its keys
+    by hash into P partitions (P = cluster CPUs, at most MAX_KEY_PARTITIONS), one task per
+    partition keeps the keys seen more than once. Only those rows reach the driver. (Ray
+    Data's groupby did the same with shuffle actors: 90 s of start-up for 400 rows here.)
+    """
     import ray
 
-    # one partition per cluster CPU (Ray's default is 200, each a shuffle task or
-    # aggregator: seconds of worker start-up apiece for what is a small column)
-    partitions = max(1, min(MAX_KEY_PARTITIONS, int(ray.cluster_resources().get("CPU", 1))))
-    counts = ds.select_columns(["key"]).groupby("key", num_partitions=partitions).count()
-    repeated = counts.map_batches(_rows_where_count_above_one, batch_format="pyarrow")
-    keys = {row["key"] for row in repeated.take_all()}
-    if not keys:
+    if not score_uris:
         return {}
-    rows = (
-        ds.select_columns(["key", "shard", "shard_pos"])
-        .map_batches(_rows_with_keys, fn_kwargs={"keys": keys}, batch_format="pyarrow")
-        .take_all()
-    )
-    rows.sort(key=lambda r: (shard_order[r["shard"]], int(r["shard_pos"])))
-    keys_in_order = np.array([r["key"] for r in rows], dtype=object)
-    shards_in_order = np.array([r["shard"] for r in rows], dtype=object)
+    partitions = max(1, min(MAX_KEY_PARTITIONS, int(ray.cluster_resources().get("CPU", 1))))
+    split = ray.remote(_key_partitions).options(num_returns=partitions, num_cpus=1)
+    mapped = [split.remote(uri, i, partitions) for i, uri in enumerate(score_uris)]
+    if partitions == 1:
+        mapped = [[ref] for ref in mapped]
+    reduce = ray.remote(_repeated_in_partition).options(num_cpus=1)
+    found = ray.get([reduce.remote(*[refs[p] for refs in mapped]) for p in range(partitions)])
+    rows = pa.concat_tables(found) if found else None
+    if rows is None or rows.num_rows == 0:
+        return {}
+    order = np.lexsort((rows.column("shard_pos").to_numpy(), rows.column("shard_index").to_numpy()))
+    keys_in_order = np.asarray(rows.column("key").to_pylist(), dtype=object)[order]
+    shard_index = rows.column("shard_index").to_numpy()[order]
+    positions = rows.column("shard_pos").to_numpy()[order]
+    shards_in_order = np.array([shards[i] for i in shard_index], dtype=object)
     repeats: dict[str, list[tuple[int, str]]] = {}
     for index, first_shard in duplicate_rows_in_memory(keys_in_order, shards_in_order):
-        row = rows[index]
-        repeats.setdefault(row["shard"], []).append((int(row["shard_pos"]), first_shard))
+        repeats.setdefault(shards_in_order[index], []).append((int(positions[index]), first_shard))
     return repeats
-
-
-def _rows_where_count_above_one(batch: pa.Table) -> pa.Table:
-    return batch.filter(pc.greater(batch.column("count()"), 1)).select(["key"])
-
-
-def _rows_with_keys(batch: pa.Table, keys: set[str]) -> pa.Table:
-    return batch.filter(pc.is_in(batch.column("key"), pa.array(sorted(keys), pa.string())))
 
 
 class UsableRows:
@@ -305,7 +312,7 @@ def fit_and_write_manifest_distributed(
         return f"{time.perf_counter() - start:.1f} s"
 
     ds = read_score_dataset(score_uris, [*SMALL_COLUMNS, "embedding"])
-    repeats = find_duplicate_rows(ds, {shard: i for i, shard in enumerate(shards)})
+    repeats = find_duplicate_rows(score_uris, shards)
     print(
         f"[fit] repeated keys: {sum(len(v) for v in repeats.values())} rows ({elapsed()})",
         flush=True,

@@ -301,9 +301,15 @@ def fit_probe_streaming(
     n_train = train_counts.sum(axis=1)
 
     feature_columns = [embedding_column, label_column] + ([fold_key] if fold_key else [])
-    features = ds.select_columns(feature_columns).map_batches(
-        _ProbeFeatures(embedding_column, label_column, fold_key, num_probes, seed),
-        batch_format="pyarrow",
+    # materialised once (object store, not the driver): each epoch then reads blocks
+    # instead of running the feature map again as a new Ray Data job
+    features = (
+        ds.select_columns(feature_columns)
+        .map_batches(
+            _ProbeFeatures(embedding_column, label_column, fold_key, num_probes, seed),
+            batch_format="pyarrow",
+        )
+        .materialize()
     )
     dim = int(features.take_batch(1, batch_format="numpy")["x"].shape[1])
 
