@@ -3,11 +3,12 @@
 Same outputs as `fit_in_memory.fit_and_build_manifest` (the in-memory fit), built
 without gathering the score table on the driver:
 
-1. duplicate keys: a Ray Data groupby on the key column; only keys seen more than once
-   (and their shard and position) come back to the driver;
+1. duplicate keys: a hash-partitioned search in Ray tasks (`find_duplicate_rows`); only
+   keys seen more than once (and their shard and position) come back to the driver;
 2. probe: `probe_streaming.fit_probe_streaming` over the usable rows' embeddings;
 3. selection: `fit_selection` (below: the EM engine over Ray Data blocks), whose
-   passes read only label, key and p_label / max_p per source (the probe's come from a map over the embeddings);
+   passes read only label, key and p_label / max_p per source (the probe's come from a
+   map over the embeddings);
 4. manifest: one Ray task per score file applies the fitted probe and selection and
    builds that shard's manifest rows with `manifest.build_manifest` (the in-memory
    fit's own code); the driver streams the parts, in shard order, into manifest.parquet,
