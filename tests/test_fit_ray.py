@@ -334,3 +334,29 @@ def test_streaming_probe_agrees_with_sklearn(ray_local, mode: str) -> None:
         },
     )
     assert (in_memory.is_clean == streamed.is_clean).mean() >= 0.95
+
+
+def test_repeated_keys_found_by_hash_partitions_follow_shard_order(ray_local, tmp_path) -> None:
+    """Every later occurrence of a key (within a file or across files) is a repeat of its
+    first occurrence in shard order; keys seen once are not reported."""
+    import pyarrow.parquet as pq
+
+    from cleaner.selection.fit_ray import find_duplicate_rows
+
+    layout = {"a": ["k1", "k2", "k3"], "b": ["k2", "k4", "k2"], "c": ["k1", "k5"], "d": []}
+    files = []
+    for name, keys in layout.items():
+        path = tmp_path / f"{name}.parquet"
+        table = pa.table(
+            {
+                "key": pa.array(keys, pa.string()),
+                "shard_pos": pa.array(range(len(keys)), pa.int64()),
+            }
+        )
+        pq.write_table(table, path)
+        files.append(str(path))
+    repeats = find_duplicate_rows(files, list(layout))
+    assert {shard: sorted(items) for shard, items in repeats.items()} == {
+        "b": [(0, "a"), (2, "a")],
+        "c": [(0, "a")],
+    }
