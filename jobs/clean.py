@@ -206,12 +206,12 @@ def print_summary(summary: dict) -> None:
         print(f"[clean]   failed {count:>9,} x {reason}", flush=True)
     det = summary.get("detection")
     if det:
-        auroc = det.get("auroc")
-        print(
-            f"[clean] detection vs true labels: precision {det['precision']:.4f} recall "
-            f"{det['recall']:.4f} f1 {det['f1']:.4f} auroc {auroc if auroc is None else round(auroc, 4)}",
-            flush=True,
+        # a metric is None where it is undefined (no wrong label, or none flagged)
+        figures = " ".join(
+            f"{name} {'n/a' if det.get(name) is None else format(det[name], '.4f')}"
+            for name in ("precision", "recall", "f1", "auroc")
         )
+        print(f"[clean] detection vs true labels: {figures}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
