@@ -36,8 +36,10 @@ def official_selection(
     theta_gmm: float = 0.5,
     theta_cons: float = 0.8,
     reg_covar: float = 1e-6,
+    random_state: int = 0,
 ) -> np.ndarray:
-    """The official per-class selection on (p_label, max_p) per source."""
+    """The official per-class selection on (p_label, max_p) per source (its k-means++
+    initialisation drawn with random_state)."""
     keep = np.ones(labels.shape[0], dtype=bool)
     for p_label, max_p in sources:
         log_p = np.log(np.clip(p_label, 1e-12, None))
@@ -46,7 +48,7 @@ def official_selection(
             rows = labels == k
             x = log_p[rows]
             x = ((x - x.min()) / (x.max() - x.min()))[:, None]
-            gmm = GaussianMixture(2, reg_covar=reg_covar, random_state=0)
+            gmm = GaussianMixture(2, reg_covar=reg_covar, random_state=random_state)
             # one thread: k-means' OpenMP pool is ~10x slower on a busy 2-core machine
             with warnings.catch_warnings(), threadpool_limits(1):
                 warnings.simplefilter("ignore", ConvergenceWarning)
@@ -174,7 +176,18 @@ def job_runs(local_ray, demo_shards, tmp_path_factory):
     return runs
 
 
-def _manifest_parity(manifest_path, with_probe: bool) -> tuple[float, int]:
+OFFICIAL_SEEDS = 5  # random_states of the official fit that measure its own spread
+
+
+def _manifest_parity(manifest_path, with_probe: bool) -> tuple[float, float, int]:
+    """(Jaccard of the manifest's selection with the official one at random_state 0, the
+    bound it must reach, the official selection's size).
+
+    The bound is MIN_JACCARD, or lower where the official selection itself moves more
+    than that with its random_state: on the job tests' 400 samples (about 40 per class),
+    hard noise with the probe source, random_states 0-4 agree with 0 at Jaccard 0.94-0.96
+    only. Ours must then be as close to the official as the official is to itself.
+    """
     table = pq.read_table(manifest_path)
     ok = np.asarray(table.column("status").to_pylist(), dtype=object) != "failed"
     labels = table.column("label").to_numpy()[ok]
@@ -185,9 +198,12 @@ def _manifest_parity(manifest_path, with_probe: bool) -> tuple[float, int]:
         )
         for s in (("zeroshot", "probe") if with_probe else ("zeroshot",))
     ]
-    reference = official_selection(labels, sources)
+    references = [
+        official_selection(labels, sources, random_state=seed) for seed in range(OFFICIAL_SEEDS)
+    ]
+    spread = min(jaccard(references[0], other) for other in references[1:])
     ours = table.column("is_clean").to_numpy()[ok]
-    return jaccard(ours, reference), int(reference.sum())
+    return jaccard(ours, references[0]), min(MIN_JACCARD, spread), int(references[0].sum())
 
 
 @pytest.mark.integration
@@ -213,8 +229,9 @@ def test_the_job_manifest_matches_the_official_selection(job_runs, noise, extra,
         assert summary["scoring"]["shards_scored"] == 0
     else:
         out = scored
-    similarity, reference_size = _manifest_parity(
+    similarity, bound, reference_size = _manifest_parity(
         out / "manifest.parquet", with_probe="selection.probe=none" not in extra
     )
     assert reference_size > 50
-    assert similarity >= MIN_JACCARD
+    assert bound >= 0.9  # the official selection is not noise (checked, not assumed)
+    assert similarity >= bound, (similarity, bound)
