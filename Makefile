@@ -8,6 +8,10 @@ UV_VERSION := 0.13.9
 TOOLS := .tools
 UV := $(TOOLS)/bin/uv
 export UV_PROJECT_ENVIRONMENT := $(VENV)
+# Installs compile every module to bytecode once: each Ray worker process then imports torch,
+# Ray and open_clip from .pyc instead of compiling their sources anew (about twice as fast
+# to start here, where PYTHONDONTWRITEBYTECODE=1 stops Python from caching them itself).
+export UV_COMPILE_BYTECODE := 1
 
 DEMO_DATA := data/demo
 DEMO_ARGS := --out $(DEMO_DATA) --num-samples 6000 --test-samples 1000 --samples-per-shard 500 --noise symmetric --rate 0.4 --seed 0
@@ -61,7 +65,7 @@ train-demo: $(INSTALLED)
 test: $(INSTALLED) browser
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(PY) -m pytest -q --durations=15
+	env -u PYTHONDONTWRITEBYTECODE $(PY) -m pytest -q --durations=15
 
 # The edit loop: the unit tests only (no Ray, no S3 endpoint, no browser).
 test-fast: $(INSTALLED)

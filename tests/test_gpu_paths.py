@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from cleaner.config import ScoringConfig
-from cleaner.scoring.models import _granted_gpu_ids, autocast_dtype, select_device
+from cleaner.scoring.devices import _granted_gpu_ids, autocast_dtype, select_device
 from tests.conftest import free_port
 from training.checkpoint import load_checkpoint, read_states, save_checkpoint
 from training.config import ScalingConf

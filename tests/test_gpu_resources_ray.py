@@ -23,7 +23,7 @@ class DeviceProbe:
     def device(self) -> tuple[str, list]:
         import torch
 
-        from cleaner.scoring.models import _granted_gpu_ids, select_device
+        from cleaner.scoring.devices import _granted_gpu_ids, select_device
 
         real = torch.cuda.is_available
         torch.cuda.is_available = lambda: True  # CUDA visible, as on a GPU node

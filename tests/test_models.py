@@ -10,9 +10,9 @@ from open_clip.transformer import QuickGELU
 from safetensors.torch import save_file
 
 from cleaner.config import ConfigError, ModelConfig
+from cleaner.scoring.devices import autocast_dtype
 from cleaner.scoring.models import (
     ASSETS_DIR,
-    autocast_dtype,
     fetch_to_cache,
     load_clip,
     stored_quick_gelu,

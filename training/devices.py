@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from cleaner.scoring.models import autocast_dtype
+from cleaner.scoring.devices import autocast_dtype
 
 
 def amp_dtype_for(
