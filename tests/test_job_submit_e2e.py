@@ -1,5 +1,6 @@
-"""End to end: a Ray head with token authentication, `ray job submit` of the clean job
-reading its shards from S3 (moto on loopback) and writing its outputs back to S3."""
+"""End to end: a Ray head with token authentication, and one `ray job submit` of the
+clean-then-train pipeline: the clean job reads its shards from S3 (moto on loopback) and
+writes its outputs back to S3, then MixFix trains on them and checkpoints to S3."""
 
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ import sys
 import uuid
 from pathlib import Path
 
-import boto3
 import pyarrow.parquet as pq
 import pytest
 
@@ -72,8 +72,8 @@ def token_head(s3_endpoint, tmp_path_factory):
 
 
 def submit_job(address: str, env: dict, module: str, *overrides: str):
-    """`ray job submit` of `python -m <module> ...` with the project's runtime env, on the
-    cluster's own CPUs (ray.num_cpus=null); asserts it succeeded."""
+    """`ray job submit` of `python -m <module> ...` with the project's runtime env; asserts
+    it succeeded."""
     submitted = ray_cli(
         "job",
         "submit",
@@ -84,29 +84,43 @@ def submit_job(address: str, env: dict, module: str, *overrides: str):
         "-m",
         module,
         *overrides,
-        "ray.num_cpus=null",
         env=env,
-        timeout=600,
+        timeout=900,
     )
     assert submitted.returncode == 0, submitted.stdout[-4000:] + submitted.stderr[-4000:]
     return submitted
 
 
-def test_submitted_clean_job_reads_and_writes_s3(token_head, demo_shards):
+@pytest.fixture(scope="module")
+def submitted_pipeline(token_head, demo_shards):
+    """The demo shards uploaded to S3, and one submitted pipeline job over them: the clean
+    job (S3 in, S3 out), then one epoch of MixFix with its checkpoints on S3. Both run on
+    the cluster's own CPUs (ray.num_cpus=null). Returns (S3 client, job output, uploaded shard keys)."""
     address, env, _ = token_head
     client = make_bucket("e2e-data")
     uploaded = upload_folder(client, demo_shards, "e2e-data", "train")
-    shards = [k for k in uploaded if k.endswith(".tar")]
     submitted = submit_job(
         address,
         env,
-        "jobs.clean",
-        "--config=configs/demo.yaml",
-        "data.input=s3://e2e-data/train/",
-        "output=s3://e2e-data/runs/e2e",
+        "jobs.pipeline",
+        "--clean-config=configs/demo.yaml",
+        "--train-config=configs/train-demo.yaml",
+        "clean.data.input=s3://e2e-data/train/",
+        "clean.output=s3://e2e-data/runs/e2e",
+        "clean.ray.num_cpus=null",
+        "train.data.test_input=null",
+        "train.run.storage=s3://e2e-data/train-runs",
+        "train.run.name=e2e",
+        "train.optim.epochs=1",
+        "train.optim.batch_size=32",
+        "train.ray.num_cpus=null",
     )
-    assert "succeeded" in submitted.stdout
+    return client, submitted.stdout, [k for k in uploaded if k.endswith(".tar")]
 
+
+def test_submitted_clean_job_reads_and_writes_s3(submitted_pipeline, demo_shards):
+    client, stdout, shards = submitted_pipeline
+    assert "succeeded" in stdout
     manifest = pq.read_table(
         io.BytesIO(
             client.get_object(Bucket="e2e-data", Key="runs/e2e/manifest.parquet")["Body"].read()
@@ -122,6 +136,22 @@ def test_submitted_clean_job_reads_and_writes_s3(token_head, demo_shards):
     listed = client.list_objects_v2(Bucket="e2e-data", Prefix="runs/e2e/scores/")["Contents"]
     assert len([o for o in listed if o["Key"].endswith(".parquet")]) == len(shards)
     assert "testing" not in json.dumps(summary)  # no credential leaks into the summary
+
+
+def test_submitted_train_job_checkpoints_to_s3(submitted_pipeline):
+    """The pipeline's training half: MixFix for one epoch on the manifest the clean job
+    wrote to S3, its checkpoints and metrics on S3."""
+    client, _, _ = submitted_pipeline
+    keys = [
+        o["Key"]
+        for o in client.list_objects_v2(Bucket="e2e-data", Prefix="train-runs/e2e/")["Contents"]
+    ]
+    assert any("/checkpoint_" in k and k.endswith("model.pt") for k in keys)
+    metrics = json.loads(
+        client.get_object(Bucket="e2e-data", Key="train-runs/e2e/metrics.json")["Body"].read()
+    )
+    assert [e["epoch"] for e in metrics["epochs"]] == [1]
+    assert metrics["epochs"][0]["selected"] > 0
 
 
 def test_submission_without_the_token_is_refused(token_head):
@@ -141,31 +171,3 @@ def test_submission_without_the_token_is_refused(token_head):
     assert "should not run" not in refused.stdout
     text = (refused.stdout + refused.stderr).lower()
     assert "token" in text or "unauthenticated" in text or "401" in text
-
-
-def test_submitted_train_job_checkpoints_to_s3(token_head, demo_shards):
-    """After the clean job above: MixFix for one epoch, manifest and checkpoints on S3."""
-    address, env, _ = token_head
-    client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"])  # bucket of the clean test
-    submit_job(
-        address,
-        env,
-        "jobs.train",
-        "--config=configs/train-demo.yaml",
-        "data.input=s3://e2e-data/train/",
-        "data.manifest=s3://e2e-data/runs/e2e/",
-        "data.test_input=null",
-        "run.storage=s3://e2e-data/train-runs",
-        "run.name=e2e",
-        "optim.epochs=1",
-        "optim.batch_size=32",
-    )
-    keys = [
-        o["Key"]
-        for o in client.list_objects_v2(Bucket="e2e-data", Prefix="train-runs/e2e/")["Contents"]
-    ]
-    assert any("/checkpoint_" in k and k.endswith("model.pt") for k in keys)
-    metrics = json.loads(
-        client.get_object(Bucket="e2e-data", Key="train-runs/e2e/metrics.json")["Body"].read()
-    )
-    assert [e["epoch"] for e in metrics["epochs"]] == [1]

@@ -206,16 +206,14 @@ def _manifest_parity(manifest_path, with_probe: bool) -> tuple[float, float, int
     return jaccard(ours, references[0]), min(MIN_JACCARD, spread), int(references[0].sum())
 
 
+# The distributed fit is not re-checked here: test_fit_modes asserts that its manifest
+# equals the in-memory one column by column, so it inherits the in-memory parity below.
 @pytest.mark.integration
 @pytest.mark.parametrize("noise", ["symmetric", "hard"])
 @pytest.mark.parametrize(
     "extra",
-    [
-        (),
-        ("selection.probe=none",),
-        ("selection.probe=none", "selection.fit_mode=distributed"),
-    ],
-    ids=["probe-in-memory", "zeroshot-in-memory", "zeroshot-ray"],
+    [(), ("selection.probe=none",)],
+    ids=["probe-in-memory", "zeroshot-in-memory"],
 )
 def test_the_job_manifest_matches_the_official_selection(job_runs, noise, extra, tmp_path):
     from jobs.clean import run_clean
