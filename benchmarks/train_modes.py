@@ -189,17 +189,12 @@ def train_once(args, data: Path, manifest: str, work: Path, mode: str, seed: int
 
 
 def train_local(cfg: TrainJobConfig) -> list[dict]:
-    """One run with training.local: the same config and MixFix core, in this process."""
-    from cleaner.reading import uri as uri_lib
-    from jobs.common import load_class_spec
-    from jobs.train import manifest_uri
-    from training.data import load_sample_index
+    """One run with training.local: the same config, checks and MixFix core, in this process."""
+    from jobs.train import training_inputs
     from training.local import run_local
 
-    guard_k = cfg.mixfix.clip_k if cfg.mixfix.mode == "mixfix_clip" else 0
-    index = load_sample_index(manifest_uri(cfg.data.manifest), zeroshot_topk=guard_k)
-    tests = uri_lib.expand_shard_spec(cfg.data.test_input) if cfg.data.test_input else []
-    names = load_class_spec(cfg.data.classes).names
+    inputs = training_inputs(cfg)
+    index, names, tests = inputs.index, inputs.spec.names, inputs.test_shards
     return run_local(cfg, index, names, tests, log=lambda m: print(f"[local] {m}", flush=True))
 
 

@@ -14,7 +14,9 @@ from __future__ import annotations
 import json
 import os
 import time
+from dataclasses import dataclass
 
+from cleaner.classes import ClassSpec
 from cleaner.config import ConfigError, load_config
 from cleaner.progress import configure_ray_data_progress
 from cleaner.reading import uri as uri_lib
@@ -29,7 +31,7 @@ from jobs.common import (
     write_yaml,
 )
 from training.config import TrainJobConfig
-from training.data import EpochStateStore, load_sample_index, training_stream
+from training.data import EpochStateStore, SampleIndex, load_sample_index, training_stream
 from training.loop import train_loop_per_worker
 from training.report import write_training_report
 
@@ -47,13 +49,19 @@ def storage_for_ray(storage: str):
     return path, None
 
 
-def run_train(cfg: TrainJobConfig) -> dict:
-    """Run (or resume) a MixFix training run; returns the summary it writes."""
-    import ray
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+@dataclass(frozen=True)
+class TrainingInputs:
+    """What a training run reads, checked before any Ray work starts."""
 
-    started = time.perf_counter()
+    spec: ClassSpec
+    index: SampleIndex
+    test_shards: list[str]
+
+
+def training_inputs(cfg: TrainJobConfig) -> TrainingInputs:
+    """The class spec, the manifest's sample index and the test shards of a run, checked:
+    storage reachable and writable, the manifest's shards among data.input, its labels
+    within the class spec. Errors are ConfigErrors that name the problem."""
     check_train_job_io(cfg)  # S3 unreachable, no bucket, denied, storage not writable
     spec = load_class_spec(cfg.data.classes)
     guard_k = cfg.mixfix.clip_k if cfg.mixfix.mode == "mixfix_clip" else 0
@@ -73,6 +81,18 @@ def run_train(cfg: TrainJobConfig) -> dict:
             f"manifest labels reach {labels_seen.max()} but the class spec has {spec.num_classes}"
         )
     test_shards = uri_lib.expand_shard_spec(cfg.data.test_input) if cfg.data.test_input else []
+    return TrainingInputs(spec, index, test_shards)
+
+
+def run_train(cfg: TrainJobConfig) -> dict:
+    """Run (or resume) a MixFix training run; returns the summary it writes."""
+    import ray
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    started = time.perf_counter()
+    inputs = training_inputs(cfg)
+    spec, index, test_shards = inputs.spec, inputs.index, inputs.test_shards
     connect_ray(cfg.ray)
     configure_ray_data_progress()  # before the trainer: it carries this context to its workers
     store = ray.remote(EpochStateStore).options(num_cpus=0).remote()

@@ -109,6 +109,7 @@ def submitted_pipeline(token_head, demo_shards):
         "clean.output=s3://e2e-data/runs/e2e",
         "clean.ray.num_cpus=null",
         "train.data.test_input=null",
+        "train.data.cache_decoded=false",  # one epoch: decoding while streaming is cheaper
         "train.run.storage=s3://e2e-data/train-runs",
         "train.run.name=e2e",
         "train.optim.epochs=1",

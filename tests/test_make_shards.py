@@ -1,5 +1,6 @@
-"""jobs.make_shards on a local Ray: each native layout -> shards the clean job consumes,
-locally and on an S3 endpoint (moto), resumable; the train job reads the S3 result."""
+"""jobs.make_shards on a local Ray: each native layout -> shards the clean job consumes and
+the train job's reader reads, locally and on an S3 endpoint (moto), resumable; the whole
+train job trains on the S3 result."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import io
 import json
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
@@ -51,6 +53,36 @@ def test_each_layout_to_shards_the_clean_job_consumes(local_ray, tmp_path, layou
     assert set(manifest.column("status").to_pylist()) <= {"clean", "noisy"}
     truths = [t for t in manifest.column("true_label").to_pylist() if t >= 0]
     assert len(truths) == len(tree.true_labels)
+    assert_the_train_job_reads(out, tmp_path / "run", tmp_path / "train-runs")
+
+
+def assert_the_train_job_reads(shards: Path, clean_run: Path, storage: Path) -> None:
+    """The train job's inputs from these shards and their clean run: its checks pass, and
+    its reader yields every usable sample once, under the manifest's sample id and label.
+    (The whole train job runs on shards made from S3 below; what differs between layouts
+    is only what these shards and the manifest hold.)"""
+    from jobs.train import training_inputs
+    from training.config import TrainJobConfig
+    from training.data import decoded_with_ids
+
+    cfg = load_config(
+        "configs/train-demo.yaml",
+        [
+            f"data.input={shards}",
+            f"data.manifest={clean_run}",
+            f"data.classes={shards / 'classes.yaml'}",
+            "data.test_input=null",
+            f"run.storage={storage}",
+        ],
+        TrainJobConfig,
+    )
+    inputs = training_inputs(cfg)
+    index = inputs.index
+    rows = decoded_with_ids(index.shards, index.offsets, cfg, inputs.spec.names).take_all()
+    ids = np.sort(np.asarray([row["sample_id"] for row in rows], dtype=np.int64))
+    assert np.array_equal(ids, np.flatnonzero(index.trainable))
+    assert all(int(row["label"]) == index.labels[row["sample_id"]] for row in rows)
+    assert all(row["image"].shape == (cfg.data.image_size, cfg.data.image_size, 3) for row in rows)
 
 
 def test_smaller_shards_on_rerun_replace_the_old_ones(local_ray, tmp_path):

@@ -15,6 +15,7 @@ import time
 
 import pytest
 
+from benchmarks.train_modes import train_local
 from cleaner.config import load_config
 from jobs.clean import run_clean
 from jobs.train import run_train
@@ -118,7 +119,7 @@ def test_mixfix_survives_a_killed_worker_resumes_on_rerun_and_beats_noisy_traini
     1. EPOCHS - 2 epochs, with a worker killed once two checkpoints exist: Ray Train
        restarts the workers, which resume from the last checkpoint (run.max_failures);
     2. a rerun of the same run name to EPOCHS resumes after epoch EPOCHS - 2;
-    3. training on the noisy labels for EPOCHS ends below MixFix.
+    3. training on the noisy labels for EPOCHS (in this process) ends below MixFix.
     """
     run_dir = cleaned / "runs" / "mixfix"
     first, killed = run_killing_one_worker(
@@ -129,14 +130,17 @@ def test_mixfix_survives_a_killed_worker_resumes_on_rerun_and_beats_noisy_traini
     restarts = [h["resumed_from_epoch"] for h in first["history"] if "resumed_from_epoch" in h]
     assert restarts and 1 <= restarts[0] < EPOCHS - 2, restarts  # resumed mid-run, not from 0
     mixfix = run_train(train_config(cleaned, "mixfix"))
-    noisy = run_train(train_config(cleaned, "noisy", "mixfix.mode=noisy"))
+    # The baseline trains in this process (training.local: the same config, data and MixFix
+    # core, without a third Ray Train start-up). The engines agree to half a point on noisy
+    # labels (README: 0.587 local, 0.590 Ray Train, hard 40%); MixFix's gap here is ~9 points.
+    noisy = train_local(train_config(cleaned, "noisy", "mixfix.mode=noisy"))[-1]
 
     history = json.loads((run_dir / "metrics.json").read_text())["epochs"]
     assert [h["epoch"] for h in history] == list(range(1, EPOCHS + 1))
     assert history[EPOCHS - 2].get("resumed_from_epoch") == EPOCHS - 2
     assert all(h["train_samples"] > 0 for h in history)
     assert mixfix["final"]["selected_precision"] > 0.8
-    mixfix_acc, noisy_acc = mixfix["final"]["test_accuracy"], noisy["final"]["test_accuracy"]
+    mixfix_acc, noisy_acc = mixfix["final"]["test_accuracy"], noisy["test_accuracy"]
     print(
         f"\nkilled worker {killed}: resumed from epoch {restarts}; test accuracy: "
         f"mixfix {mixfix_acc:.3f} vs noisy labels {noisy_acc:.3f}"
