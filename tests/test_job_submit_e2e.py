@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -71,22 +72,36 @@ def token_head(s3_endpoint, tmp_path_factory):
         kill_pids(cluster_pids(str(temp_dir)))
 
 
-def submit_job(address: str, env: dict, module: str, *overrides: str):
+AGENT_NOT_READY = "No available agent to submit job"
+
+
+def submit_job(address: str, env: dict, module: str, *overrides: str, agent_wait_s: float = 180):
     """`ray job submit` of `python -m <module> ...` with the project's runtime env; asserts
-    it succeeded."""
-    submitted = ray_cli(
-        "job",
-        "submit",
-        f"--address={address}",
-        "--runtime-env=ray_config.yaml",
-        "--",
-        "python",
-        "-m",
-        module,
-        *overrides,
-        env=env,
-        timeout=900,
-    )
+    it succeeded.
+
+    A head that has just started may not have its job agent up yet (seen on a loaded
+    2-core host): the submission is refused before any job exists, so it is retried until
+    the agent answers or agent_wait_s has passed.
+    """
+    deadline = time.monotonic() + agent_wait_s
+    while True:
+        submitted = ray_cli(
+            "job",
+            "submit",
+            f"--address={address}",
+            "--runtime-env=ray_config.yaml",
+            "--",
+            "python",
+            "-m",
+            module,
+            *overrides,
+            env=env,
+            timeout=900,
+        )
+        refused = AGENT_NOT_READY in submitted.stdout + submitted.stderr
+        if submitted.returncode == 0 or not refused or time.monotonic() > deadline:
+            break
+        time.sleep(3)
     assert submitted.returncode == 0, submitted.stdout[-4000:] + submitted.stderr[-4000:]
     return submitted
 
