@@ -60,6 +60,9 @@ def token_head(s3_endpoint, tmp_path_factory):
         f"--port={gcs_port}",
         "--dashboard-host=127.0.0.1",
         f"--dashboard-port={dash_port}",
+        # Ray's fixed agent port (52365) clashes with any other Ray on the machine (the
+        # tests' local Ray, a benchmark): its job agent then never comes up.
+        f"--dashboard-agent-listen-port={free_port()}",
         "--num-cpus=4",  # logical: 2 trainers + data tasks on 2 cores
         "--disable-usage-stats",
         env=env,
@@ -79,9 +82,9 @@ def submit_job(address: str, env: dict, module: str, *overrides: str, agent_wait
     """`ray job submit` of `python -m <module> ...` with the project's runtime env; asserts
     it succeeded.
 
-    A head that has just started may not have its job agent up yet (seen on a loaded
-    2-core host): the submission is refused before any job exists, so it is retried until
-    the agent answers or agent_wait_s has passed.
+    The dashboard learns of a just-started head's job agent a little after `ray start`
+    (benchmarks.cluster_e2e.submit waits the same way): the submission is refused before
+    any job exists, so it is retried until the agent answers or agent_wait_s has passed.
     """
     deadline = time.monotonic() + agent_wait_s
     while True:
