@@ -7,8 +7,10 @@ One go, torn down even on failure:
    cluster/local/cluster.yaml (GPU-less head, GPU workers from zero, token auth);
 2. `ray job submit` of jobs.pipeline (clean, then train) with the DEFAULT scoring settings,
    data and outputs on S3, training with 2 workers spread over 2 nodes;
-3. a second clean run during which the node of a running scorer is killed whole (raylet,
-   object store, workers), then the manifest is checked: every input sample once;
+3. once the idle GPU nodes are removed, a second clean run, on GPU nodes launched from zero
+   again, during which the node of a running scorer is killed whole (raylet, object store,
+   workers), then the manifest is checked: every input sample once (with --no-train, the
+   one clean run is the node-kill run);
 4. the wait for the GPU nodes to be removed once idle.
 
 Every figure in the JSON is observed (Ray's state API polled during the runs, the jobs' own
@@ -295,7 +297,21 @@ def kill_a_scorer_node(cluster: LocalCluster, observer: Observer, address: str, 
                 cluster.kill_node(node_id)
                 return node_id
         time.sleep(1)
-    raise RuntimeError(f"job {job_id} ended before a scorer ran on a GPU node")
+    raise RuntimeError(
+        f"job {job_id} ended ({job_end(address, job_id)}) before a scorer was seen on a GPU "
+        f"node; seen: {observer.snapshot()}"
+    )
+
+
+def job_end(address: str, job_id: str) -> str:
+    """The status of an ended job, and the tail of its logs if it did not succeed."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    client = JobSubmissionClient(address)
+    status = client.get_job_status(job_id)
+    if status == JobStatus.SUCCEEDED:
+        return str(status)
+    return f"{status}:\n{client.get_job_logs(job_id)[-4000:]}"
 
 
 def kill_a_trainer_node(
@@ -320,6 +336,29 @@ def kill_a_trainer_node(
                     return node_id, before
         time.sleep(1)
     raise RuntimeError(f"job {job_id} ended before a checkpoint and a worker-node trainer")
+
+
+def wait_gpu_nodes_removed(observer: Observer, timeout_s: float) -> int:
+    """Wait up to timeout_s for the autoscaler to remove every GPU node; returns how many
+    are still alive."""
+    deadline = time.time() + timeout_s
+    while time.time() < deadline and observer.snapshot().gpu_nodes_alive > 0:
+        time.sleep(2)
+    observer.poll_now()
+    return observer.snapshot().gpu_nodes_alive
+
+
+def submit_clean(env: dict, address: str, overrides: list[str], output: str, **kw) -> str:
+    """`ray job submit` of jobs.clean with the local cluster's config."""
+    return submit(
+        env,
+        address,
+        "jobs.clean",
+        "--config=configs/local-cluster.yaml",
+        *overrides,
+        f"output={output}",
+        **kw,
+    )
 
 
 def run(args) -> dict:
@@ -352,6 +391,7 @@ def run(args) -> dict:
                 "data.classes=demo",
                 f"scoring.batch_size={args.batch_size}",
             ]
+            scorer_killed = ""
             if args.train:
                 print("[e2e] submitting jobs.pipeline (clean, then train)", flush=True)
                 job = submit(
@@ -381,15 +421,17 @@ def run(args) -> dict:
                         "replacement_nodes": len(after),
                     }
             else:
+                # Without training, the one clean run is also the node-kill run: its scorers
+                # start on GPU nodes launched from zero, which leaves a wide window to kill one
+                # (warm nodes can score a small input between two polls of the state API).
                 print("[e2e] submitting jobs.clean", flush=True)
-                submit(
-                    env,
-                    info.address,
-                    "jobs.clean",
-                    "--config=configs/local-cluster.yaml",
-                    *clean,
-                    f"output=s3://{bucket}/runs/clean",
+                job = submit_clean(
+                    env, info.address, clean, f"s3://{bucket}/runs/clean", wait=False
                 )
+                if args.kill:
+                    scorer_killed = kill_a_scorer_node(cluster, observer, info.address, job)
+                    print(f"[e2e] killed node {scorer_killed} while it scored", flush=True)
+                wait_job(info.address, job, args.job_timeout)
             observer.poll_now()
             seen = observer.snapshot()
             summary = read_json(client, bucket, "runs/clean/summary.json")
@@ -404,6 +446,12 @@ def run(args) -> dict:
                 job_samples=summary["counts"]["samples"],
                 images_per_second=summary["scoring"]["images_per_second"],
             )
+            if scorer_killed:
+                result["node_kill"] = {
+                    "killed_node": scorer_killed,
+                    "input_samples": inputs,
+                    **manifest_counts(client, bucket, "runs/clean"),
+                }
             if args.train:
                 train = read_json(client, bucket, "train-runs/local-cluster/summary.json")
                 result.update(
@@ -414,16 +462,14 @@ def run(args) -> dict:
                     result["train_node_kill"]["epochs_completed"] = train["epochs_completed"]
             print(f"[e2e] first run: {json.dumps(result)}", flush=True)
 
-            if args.kill:
+            if args.kill and args.train:
+                # The scorer kill in a second run, on GPU nodes launched from zero again (see
+                # above): wait for the autoscaler to remove the first run's idle nodes.
+                left = wait_gpu_nodes_removed(observer, args.idle_timeout)
+                result["gpu_nodes_after_first_idle"] = left
                 observer.reset_scorers()
-                job = submit(
-                    env,
-                    info.address,
-                    "jobs.clean",
-                    "--config=configs/local-cluster.yaml",
-                    *clean,
-                    f"output=s3://{bucket}/runs/node-kill",
-                    wait=False,
+                job = submit_clean(
+                    env, info.address, clean, f"s3://{bucket}/runs/node-kill", wait=False
                 )
                 killed = kill_a_scorer_node(cluster, observer, info.address, job)
                 print(f"[e2e] killed node {killed} while it scored", flush=True)
@@ -435,11 +481,7 @@ def run(args) -> dict:
                 }
                 print(f"[e2e] node kill: {json.dumps(result['node_kill'])}", flush=True)
 
-            deadline = time.time() + args.idle_timeout
-            while time.time() < deadline and observer.snapshot().gpu_nodes_alive > 0:
-                time.sleep(2)
-            observer.poll()
-            result["gpu_nodes_after_idle"] = observer.snapshot().gpu_nodes_alive
+            result["gpu_nodes_after_idle"] = wait_gpu_nodes_removed(observer, args.idle_timeout)
             result["gpu_nodes_launched"] = len(observer.snapshot().gpu_nodes)
             result["state_api_poll_errors"] = observer.snapshot().errors
         finally:
