@@ -141,6 +141,9 @@ def run_clean(cfg: CleanJobConfig) -> dict:
             "shards_skipped": stats.shards_skipped,
             "samples_scored": stats.samples_scored,
             "images_per_second": round(stats.images_per_second, 2),
+            "startup_seconds": round(stats.first_shard_seconds, 2),
+            "steady_images_per_second": round(stats.steady_images_per_second, 2),
+            "scorers": scorer_plan.as_dict(),
             "prompt_encoding": {
                 "device": text.device,
                 "gpu_ids": list(text.gpu_ids),

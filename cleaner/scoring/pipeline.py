@@ -83,10 +83,21 @@ class ScoringStats:
     shards_scored: int
     samples_scored: int
     seconds: float
+    first_shard_seconds: float = 0.0  # until the first shard's rows were complete
+    first_shard_samples: int = 0
 
     @property
     def images_per_second(self) -> float:
+        """Over the whole scoring stage, start-up (nodes, actors, model loads) included."""
         return self.samples_scored / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def steady_images_per_second(self) -> float:
+        """After the first shard was complete: the pool's streaming rate, start-up excluded
+        (0 when fewer than two shards were scored)."""
+        seconds = self.seconds - self.first_shard_seconds
+        samples = self.samples_scored - self.first_shard_samples
+        return samples / seconds if seconds > 0 and samples > 0 else 0.0
 
 
 def read_stage(
@@ -252,7 +263,10 @@ def score_shards(
             for ref in ready:
                 merging.pop(ref)
                 progress.update(units=1, items=ray.get(ref))
+                if not first_shard:
+                    first_shard.update(seconds=time.perf_counter() - start, samples=progress.items)
 
+    first_shard: dict = {}  # when the first shard was complete, and its samples
     completion = ShardCompletion()
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         for shard, part, positions, total in zip(
@@ -269,5 +283,11 @@ def score_shards(
     progress.finish()
     uri_lib.remove_tree(uri_lib.join(scores_uri, PARTS_DIR))
     return ScoringStats(
-        len(shards), skipped, len(todo), progress.items, time.perf_counter() - start
+        len(shards),
+        skipped,
+        len(todo),
+        progress.items,
+        time.perf_counter() - start,
+        first_shard.get("seconds", 0.0),
+        first_shard.get("samples", 0),
     )
