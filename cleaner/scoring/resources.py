@@ -16,11 +16,14 @@ Whatever was resolved, a probe with exactly one scorer's resources must start wi
 `scoring.schedule_timeout_s`, or the job stops with an error that names what it asked for
 and what the cluster has: it never waits silently for resources that cannot come.
 
-The pool: when the scorers' GPUs come from nodes the autoscaler launches, the pool is
-fixed at max_actors from the start (min = max). Its pending actors are the demand that
-makes the autoscaler launch one node per actor; an autoscaling pool would stay at one
-actor there (Ray issue #59144: Ray Data budgets new actors by the GPUs that exist now).
-CPU scorers leave at least one CPU to the shard readers, so they cannot starve them.
+The pool: GPU scorers are a fixed pool (min = max) from the start, so that every actor is
+asked for at once. On an autoscaling cluster the pending actors are the demand that makes the
+autoscaler launch one node per actor; an autoscaling pool would stay at one GPU actor there
+(Ray issue #59144: Ray Data budgets new actors by the GPUs that exist now). Ray Data starts
+the pool's actors asynchronously, so the job runs on those that start while the others wait
+for nodes. On a local Ray the job started itself, the pool is capped at the GPUs it has.
+CPU scorers autoscale within [min_actors, max_actors] and leave at least one CPU to the
+shard readers, so they cannot starve them.
 """
 
 from __future__ import annotations
@@ -194,15 +197,13 @@ def plan_scorers(cfg: CleanJobConfig, shards_to_score: int) -> ScorerPlan:
     sc = cfg.scoring
     cpus = float(sc.cpus_per_actor)
     gpus_now = ray.cluster_resources().get("GPU", 0)
-    launched_gpus = False  # do the scorers' GPUs come from nodes the autoscaler launches?
     if sc.gpus_per_actor != "auto":
         gpus = float(sc.gpus_per_actor)
         reason = f"gpus_per_actor={gpus:g} (set)"
-        launched_gpus = gpus > 0 and gpus_now < gpus * sc.max_actors
     elif gpus_now > 0:
         gpus, reason = 1.0, f"auto: the cluster has {gpus_now:g} GPU(s)"
     elif any(g["resources"].get("GPU", 0) > 0 for g in launchable_node_groups()):
-        gpus, reason, launched_gpus = 1.0, "auto: a node group with GPUs can be launched", True
+        gpus, reason = 1.0, "auto: a node group with GPUs can be launched"
     elif joined_existing_cluster(cfg):
         print(
             f"[score] no GPU in the cluster now: asking its autoscaler for one "
@@ -213,7 +214,7 @@ def plan_scorers(cfg: CleanJobConfig, shards_to_score: int) -> ScorerPlan:
             1.0, cpus, sc.schedule_timeout_s, give_up_without_launch_s=sc.gpu_probe_s
         )
         if node is not None:
-            gpus, reason, launched_gpus = 1.0, "auto: the autoscaler launched a GPU node", True
+            gpus, reason = 1.0, "auto: the autoscaler launched a GPU node"
         else:
             gpus, reason = (
                 0.0,
@@ -222,25 +223,48 @@ def plan_scorers(cfg: CleanJobConfig, shards_to_score: int) -> ScorerPlan:
     else:
         gpus, reason = 0.0, "auto: no GPU on this machine (local Ray)"
 
-    max_actors = max(1, min(sc.max_actors, shards_to_score))
-    min_actors = min(sc.min_actors, max_actors)
-    if gpus == 0:
-        # CPU scorers: leave a CPU to the readers, or neither makes progress on a small node.
-        total = ray.cluster_resources().get("CPU", 0)
-        fit = int((total - READER_CPUS) // cpus) if total > cpus else 1
-        max_actors = max(1, min(max_actors, fit))
-        min_actors = min(min_actors, max_actors)
-        if total < cpus + READER_CPUS:
-            log.warning(
-                "the cluster has %g CPU(s): one CPU scorer (%g CPUs) leaves none to the readers",
-                total,
-                cpus,
-            )
-    elif launched_gpus:
-        min_actors = max_actors  # the pool's pending actors make the autoscaler launch nodes
+    min_actors, max_actors = size_pool(
+        gpus,
+        cpus,
+        min_actors=sc.min_actors,
+        max_actors=sc.max_actors,
+        shards_to_score=shards_to_score,
+        cluster_cpus=ray.cluster_resources().get("CPU", 0),
+        cluster_gpus=ray.cluster_resources().get("GPU", 0),
+        can_launch_nodes=joined_existing_cluster(cfg),
+    )
     plan = ScorerPlan(gpus, cpus, min_actors, max_actors, reason)
     check_schedulable(plan, sc.schedule_timeout_s, sc.gpu_probe_s)
     return plan
+
+
+def size_pool(
+    num_gpus: float,
+    num_cpus: float,
+    *,
+    min_actors: int,
+    max_actors: int,
+    shards_to_score: int,
+    cluster_cpus: float,
+    cluster_gpus: float,
+    can_launch_nodes: bool,
+) -> tuple[int, int]:
+    """(min, max) scorer actors; see the module docstring. Never more actors than shards."""
+    max_actors = max(1, min(max_actors, shards_to_score))
+    if num_gpus > 0:
+        if not can_launch_nodes:  # a Ray this job started: only the GPUs it has
+            max_actors = max(1, min(max_actors, int(cluster_gpus // num_gpus)))
+        return max_actors, max_actors
+    if num_cpus + READER_CPUS > cluster_cpus:
+        log.warning(
+            "the cluster has %g CPU(s): one CPU scorer (%g CPUs) leaves none to the readers",
+            cluster_cpus,
+            num_cpus,
+        )
+    # CPU scorers: leave a CPU to the readers, or neither makes progress on a small node.
+    fit = int((cluster_cpus - READER_CPUS) // num_cpus) if cluster_cpus > num_cpus else 1
+    max_actors = max(1, min(max_actors, fit))
+    return min(min_actors, max_actors), max_actors
 
 
 def fits_some_node(num_gpus: float, num_cpus: float) -> bool:
