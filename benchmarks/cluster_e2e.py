@@ -24,6 +24,7 @@ import contextlib
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -73,6 +74,8 @@ class Observer(threading.Thread):
         self.seen = Observation()
         self.lock = threading.Lock()
         self.stopping = threading.Event()
+        self.seen_actors: set[str] = set()
+        self.earlier_actors: set[str] = set()
 
     def poll(self) -> None:
         from ray.util.state import list_actors, list_nodes
@@ -85,6 +88,9 @@ class Observer(threading.Thread):
             if n.state == "ALIVE" and (n.resources_total or {}).get("GPU", 0) > 0
         }
         listed = list_actors(address=self.address, limit=10000, raise_on_missing_output=False)
+        with self.lock:  # the actors of runs before the last reset_scorers() are not counted
+            listed = [a for a in listed if a.actor_id not in self.earlier_actors]
+            self.seen_actors |= {a.actor_id for a in listed}
         # A scorer is placed on its node from the start of its creation; on a busy machine
         # its __init__ (torch import, model load) can last longer than the scoring itself.
         placed = [
@@ -158,8 +164,11 @@ class Observer(threading.Thread):
             )
 
     def reset_scorers(self) -> None:
-        """Forget the scorer figures of the first run (read before a second run)."""
+        """Forget the scorer figures of the runs so far (read before the next run): the GCS
+        keeps their ended actors, which are no longer counted."""
+        self.poll_now()
         with self.lock:
+            self.earlier_actors |= self.seen_actors
             self.seen.max_scorer_actors = 0
             self.seen.scorer_nodes = set()
             self.seen.scorer_gpu_nodes = set()
@@ -175,6 +184,19 @@ def environ_restored():
     finally:
         os.environ.clear()
         os.environ.update(saved)
+
+
+@contextlib.contextmanager
+def work_folder(prefix: str):
+    """A temporary folder (shards, the cluster's Ray logs): removed after a run that
+    succeeded, kept after one that failed, for its logs."""
+    folder = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        yield folder
+    except BaseException:
+        print(f"[e2e] the run failed: its cluster logs are kept in {folder}", flush=True)
+        raise
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -367,8 +389,7 @@ def run(args) -> dict:
 
     started = time.time()
     result: dict = {}
-    workdir = Path(tempfile.mkdtemp(prefix="cluster-e2e-"))
-    with moto_s3() as endpoint, environ_restored():
+    with work_folder("cluster-e2e-") as workdir, moto_s3() as endpoint, environ_restored():
         s3env = {**S3_ENV, "AWS_ENDPOINT_URL": endpoint}
         os.environ.update(s3env)
         client = boto3.client("s3", endpoint_url=endpoint)

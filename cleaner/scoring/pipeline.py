@@ -178,7 +178,9 @@ def score_stage(ds, cfg: CleanJobConfig, bank_ref, plan: ScorerPlan):
             "prompt_bank": [bank_ref],
             "tau": cfg.scoring.tau,
             "top_k": cfg.scoring.top_k,
-            "num_threads": max(1, int(plan.num_cpus)) if plan.num_gpus == 0 else None,
+            # as many torch threads as CPUs reserved: a scorer on a shared node (or a
+            # simulated GPU node) must not take every core of the machine
+            "num_threads": max(1, int(plan.num_cpus)),
         },
         **plan.remote_args(),
     )
