@@ -254,6 +254,52 @@ def manifest_counts(client, bucket: str, prefix: str) -> dict:
     return {"manifest_rows": table.num_rows, "duplicate_keys": len(pairs) - len(set(pairs))}
 
 
+@dataclass
+class Rehearsal:
+    """A running local cluster with demo shards on moto S3, and its state-API observer."""
+
+    client: object  # boto3 S3 client on the moto endpoint
+    bucket: str
+    input_samples: int
+    cluster: LocalCluster
+    info: object  # localcluster.ClusterInfo
+    env: dict  # environment for the `ray` CLI (address, token)
+    observer: Observer
+
+
+@contextlib.contextmanager
+def rehearsal(bucket: str, samples: int, per_shard: int, tag: str):
+    """Moto S3 with `samples` demo images under s3://bucket/train/, the local autoscaling
+    cluster with an observer polling it every second; all torn down on exit, even on
+    failure (the cluster's logs are kept only after a failure)."""
+    import boto3
+
+    started = time.time()
+    with work_folder(f"{tag}-") as workdir, moto_s3() as endpoint, environ_restored():
+        s3env = {**S3_ENV, "AWS_ENDPOINT_URL": endpoint}
+        os.environ.update(s3env)
+        client = boto3.client("s3", endpoint_url=endpoint)
+        client.create_bucket(Bucket=bucket)
+        inputs = upload_demo_shards(client, bucket, samples, per_shard, workdir)
+        print(f"[{tag}] {inputs} samples uploaded to s3://{bucket}/train/", flush=True)
+        cluster = LocalCluster(workdir / "cluster", env=s3env)
+        observer = None
+        try:
+            info = cluster.up()
+            env = cluster.client_env()
+            os.environ.update(info.env())
+            print(
+                f"[{tag}] cluster up at {info.address} ({time.time() - started:.0f} s)", flush=True
+            )
+            observer = Observer(info.address, cluster, interval_s=1.0)
+            observer.start()
+            yield Rehearsal(client, bucket, inputs, cluster, info, env, observer)
+        finally:
+            if observer is not None:
+                observer.stopping.set()
+            print(f"[{tag}] cluster down ({cluster.down()} processes)", flush=True)
+
+
 def read_json(client, bucket: str, key: str) -> dict:
     return json.loads(client.get_object(Bucket=bucket, Key=key)["Body"].read())
 
@@ -385,131 +431,107 @@ def submit_clean(env: dict, address: str, overrides: list[str], output: str, **k
 
 def run(args) -> dict:
     """Everything above; returns the JSON-ready result."""
-    import boto3
-
     started = time.time()
     result: dict = {}
-    with work_folder("cluster-e2e-") as workdir, moto_s3() as endpoint, environ_restored():
-        s3env = {**S3_ENV, "AWS_ENDPOINT_URL": endpoint}
-        os.environ.update(s3env)
-        client = boto3.client("s3", endpoint_url=endpoint)
-        bucket = "cluster-e2e"
-        client.create_bucket(Bucket=bucket)
-        inputs = upload_demo_shards(client, bucket, args.samples, args.samples_per_shard, workdir)
-        print(f"[e2e] {inputs} samples uploaded to s3://{bucket}/train/", flush=True)
-        cluster = LocalCluster(workdir / "cluster", env=s3env)
-        observer = None
-        try:
-            info = cluster.up()
-            env = cluster.client_env()
-            os.environ.update(info.env())
-            print(f"[e2e] cluster up at {info.address} ({time.time() - started:.0f} s)", flush=True)
-            observer = Observer(info.address, cluster, interval_s=1.0)
-            observer.start()
-
-            clean = [
-                f"data.input=s3://{bucket}/train/",
-                "data.classes=demo",
-                f"scoring.batch_size={args.batch_size}",
-            ]
-            scorer_killed = ""
-            if args.train:
-                print("[e2e] submitting jobs.pipeline (clean, then train)", flush=True)
-                job = submit(
-                    env,
-                    info.address,
-                    "jobs.pipeline",
-                    "--clean-config=configs/local-cluster.yaml",
-                    "--train-config=configs/train-local-cluster.yaml",
-                    *[f"clean.{o}" for o in clean],
-                    f"clean.output=s3://{bucket}/runs/clean",
-                    f"train.run.storage=s3://{bucket}/train-runs",
-                    f"train.optim.epochs={args.epochs}",
-                    "train.data.test_input=null",
-                    wait=False,
-                )
-                if args.kill_train:
-                    killed, before = kill_a_trainer_node(
-                        cluster, observer, client, bucket, "train-runs/local-cluster/",
-                        info.address, job,
-                    )  # fmt: skip
-                    print(f"[e2e] killed node {killed} while it trained", flush=True)
-                wait_job(info.address, job, args.job_timeout)
-                if args.kill_train:
-                    after = observer.snapshot().train_worker_nodes - before
-                    result["train_node_kill"] = {
-                        "killed_node": killed,
-                        "replacement_nodes": len(after),
-                    }
-            else:
-                # Without training, the one clean run is also the node-kill run: its scorers
-                # start on GPU nodes launched from zero, which leaves a wide window to kill one
-                # (warm nodes can score a small input between two polls of the state API).
-                print("[e2e] submitting jobs.clean", flush=True)
-                job = submit_clean(
-                    env, info.address, clean, f"s3://{bucket}/runs/clean", wait=False
-                )
-                if args.kill:
-                    scorer_killed = kill_a_scorer_node(cluster, observer, info.address, job)
-                    print(f"[e2e] killed node {scorer_killed} while it scored", flush=True)
-                wait_job(info.address, job, args.job_timeout)
-            observer.poll_now()
-            seen = observer.snapshot()
-            summary = read_json(client, bucket, "runs/clean/summary.json")
-            result.update(
-                gpu_nodes_launched=len(seen.gpu_nodes),
-                max_scorer_actors=seen.max_scorer_actors,
-                scorer_nodes=len(seen.scorer_nodes),
-                default_config_used_gpu_nodes=bool(seen.scorer_nodes)
-                and seen.scorer_nodes <= seen.gpu_nodes,
-                input_samples=inputs,
-                **manifest_counts(client, bucket, "runs/clean"),
-                job_samples=summary["counts"]["samples"],
-                images_per_second=summary["scoring"]["images_per_second"],
+    with rehearsal("cluster-e2e", args.samples, args.samples_per_shard, "e2e") as rh:
+        client, bucket, inputs = rh.client, rh.bucket, rh.input_samples
+        cluster, info, env, observer = rh.cluster, rh.info, rh.env, rh.observer
+        clean = [
+            f"data.input=s3://{bucket}/train/",
+            "data.classes=demo",
+            f"scoring.batch_size={args.batch_size}",
+        ]
+        scorer_killed = ""
+        if args.train:
+            print("[e2e] submitting jobs.pipeline (clean, then train)", flush=True)
+            job = submit(
+                env,
+                info.address,
+                "jobs.pipeline",
+                "--clean-config=configs/local-cluster.yaml",
+                "--train-config=configs/train-local-cluster.yaml",
+                *[f"clean.{o}" for o in clean],
+                f"clean.output=s3://{bucket}/runs/clean",
+                f"train.run.storage=s3://{bucket}/train-runs",
+                f"train.optim.epochs={args.epochs}",
+                "train.data.test_input=null",
+                wait=False,
             )
-            if scorer_killed:
-                result["node_kill"] = {
-                    "killed_node": scorer_killed,
-                    "input_samples": inputs,
-                    **manifest_counts(client, bucket, "runs/clean"),
-                }
-            if args.train:
-                train = read_json(client, bucket, "train-runs/local-cluster/summary.json")
-                result.update(
-                    train_worker_nodes=len(seen.train_worker_nodes),
-                    train_epochs_completed=train["epochs_completed"],
-                )
-                if args.kill_train:
-                    result["train_node_kill"]["epochs_completed"] = train["epochs_completed"]
-            print(f"[e2e] first run: {json.dumps(result)}", flush=True)
-
-            if args.kill and args.train:
-                # The scorer kill in a second run, on GPU nodes launched from zero again (see
-                # above): wait for the autoscaler to remove the first run's idle nodes.
-                left = wait_gpu_nodes_removed(observer, args.idle_timeout)
-                result["gpu_nodes_after_first_idle"] = left
-                observer.reset_scorers()
-                job = submit_clean(
-                    env, info.address, clean, f"s3://{bucket}/runs/node-kill", wait=False
-                )
-                killed = kill_a_scorer_node(cluster, observer, info.address, job)
-                print(f"[e2e] killed node {killed} while it scored", flush=True)
-                wait_job(info.address, job, args.job_timeout)
-                result["node_kill"] = {
+            if args.kill_train:
+                killed, before = kill_a_trainer_node(
+                    cluster, observer, client, bucket, "train-runs/local-cluster/",
+                    info.address, job,
+                )  # fmt: skip
+                print(f"[e2e] killed node {killed} while it trained", flush=True)
+            wait_job(info.address, job, args.job_timeout)
+            if args.kill_train:
+                after = observer.snapshot().train_worker_nodes - before
+                result["train_node_kill"] = {
                     "killed_node": killed,
-                    "input_samples": inputs,
-                    **manifest_counts(client, bucket, "runs/node-kill"),
+                    "replacement_nodes": len(after),
                 }
-                print(f"[e2e] node kill: {json.dumps(result['node_kill'])}", flush=True)
+        else:
+            # Without training, the one clean run is also the node-kill run: its scorers
+            # start on GPU nodes launched from zero, which leaves a wide window to kill one
+            # (warm nodes can score a small input between two polls of the state API).
+            print("[e2e] submitting jobs.clean", flush=True)
+            job = submit_clean(env, info.address, clean, f"s3://{bucket}/runs/clean", wait=False)
+            if args.kill:
+                scorer_killed = kill_a_scorer_node(cluster, observer, info.address, job)
+                print(f"[e2e] killed node {scorer_killed} while it scored", flush=True)
+            wait_job(info.address, job, args.job_timeout)
+        observer.poll_now()
+        seen = observer.snapshot()
+        summary = read_json(client, bucket, "runs/clean/summary.json")
+        result.update(
+            gpu_nodes_launched=len(seen.gpu_nodes),
+            max_scorer_actors=seen.max_scorer_actors,
+            scorer_nodes=len(seen.scorer_nodes),
+            default_config_used_gpu_nodes=bool(seen.scorer_nodes)
+            and seen.scorer_nodes <= seen.gpu_nodes,
+            input_samples=inputs,
+            **manifest_counts(client, bucket, "runs/clean"),
+            job_samples=summary["counts"]["samples"],
+            images_per_second=summary["scoring"]["images_per_second"],
+        )
+        if scorer_killed:
+            result["node_kill"] = {
+                "killed_node": scorer_killed,
+                "input_samples": inputs,
+                **manifest_counts(client, bucket, "runs/clean"),
+            }
+        if args.train:
+            train = read_json(client, bucket, "train-runs/local-cluster/summary.json")
+            result.update(
+                train_worker_nodes=len(seen.train_worker_nodes),
+                train_epochs_completed=train["epochs_completed"],
+            )
+            if args.kill_train:
+                result["train_node_kill"]["epochs_completed"] = train["epochs_completed"]
+        print(f"[e2e] first run: {json.dumps(result)}", flush=True)
 
-            result["gpu_nodes_after_idle"] = wait_gpu_nodes_removed(observer, args.idle_timeout)
-            result["gpu_nodes_launched"] = len(observer.snapshot().gpu_nodes)
-            result["state_api_poll_errors"] = observer.snapshot().errors
-        finally:
-            if observer is not None:
-                observer.stopping.set()
-            stopped = cluster.down()
-            print(f"[e2e] cluster down ({stopped} processes)", flush=True)
+        if args.kill and args.train:
+            # The scorer kill in a second run, on GPU nodes launched from zero again (see
+            # above): wait for the autoscaler to remove the first run's idle nodes.
+            left = wait_gpu_nodes_removed(observer, args.idle_timeout)
+            result["gpu_nodes_after_first_idle"] = left
+            observer.reset_scorers()
+            job = submit_clean(
+                env, info.address, clean, f"s3://{bucket}/runs/node-kill", wait=False
+            )
+            killed = kill_a_scorer_node(cluster, observer, info.address, job)
+            print(f"[e2e] killed node {killed} while it scored", flush=True)
+            wait_job(info.address, job, args.job_timeout)
+            result["node_kill"] = {
+                "killed_node": killed,
+                "input_samples": inputs,
+                **manifest_counts(client, bucket, "runs/node-kill"),
+            }
+            print(f"[e2e] node kill: {json.dumps(result['node_kill'])}", flush=True)
+
+        result["gpu_nodes_after_idle"] = wait_gpu_nodes_removed(observer, args.idle_timeout)
+        result["gpu_nodes_launched"] = len(observer.snapshot().gpu_nodes)
+        result["state_api_poll_errors"] = observer.snapshot().errors
     result["wall_seconds"] = round(time.time() - started, 1)
     result["load_average_1m_at_end"] = round(os.getloadavg()[0], 2)
     return result

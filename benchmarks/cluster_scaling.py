@@ -26,40 +26,27 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.cluster_e2e import (
-    S3_ENV,
-    Observer,
-    environ_restored,
-    moto_s3,
-    read_json,
-    submit_clean,
-    upload_demo_shards,
-    work_folder,
-)
-from cluster.local.localcluster import LocalCluster
+from benchmarks.cluster_e2e import Rehearsal, read_json, rehearsal, submit_clean
 
 
-def one_run(
-    env, address, observer: Observer, client, bucket: str, actors: int, name: str,
-    model_overrides: list[str],
-) -> dict:  # fmt: skip
+def one_run(rh: Rehearsal, actors: int, name: str, model_overrides: list[str]) -> dict:
     """Submit one clean run with `actors` scorers; returns its observed figures."""
-    observer.reset_scorers()
+    rh.observer.reset_scorers()
     started = time.time()
     submit_clean(
-        env,
-        address,
+        rh.env,
+        rh.info.address,
         [
-            f"data.input=s3://{bucket}/train/",
+            f"data.input=s3://{rh.bucket}/train/",
             "data.classes=demo",
             f"scoring.max_actors={actors}",
             *model_overrides,
         ],
-        f"s3://{bucket}/runs/{name}",
+        f"s3://{rh.bucket}/runs/{name}",
     )
-    observer.poll_now()
-    seen = observer.snapshot()
-    scoring = read_json(client, bucket, f"runs/{name}/summary.json")["scoring"]
+    rh.observer.poll_now()
+    seen = rh.observer.snapshot()
+    scoring = read_json(rh.client, rh.bucket, f"runs/{name}/summary.json")["scoring"]
     return {
         "max_actors": actors,
         "steady_images_per_second": scoring["steady_images_per_second"],
@@ -97,45 +84,22 @@ def summarise(runs: list[dict]) -> dict:
 
 def run(args) -> dict:
     """Everything above; returns the JSON-ready result."""
-    import boto3
-
     started = time.time()
     runs: list[dict] = []
     load_before = round(os.getloadavg()[0], 2)
     model = [f"model.name={args.model}", f"scoring.batch_size={args.batch_size}"]
     if args.model != "tiny-clip-shapes":
         model.append("model.random_weights=true")  # speed only: no weights to download
-    with work_folder("cluster-scaling-") as workdir, moto_s3() as endpoint, environ_restored():
-        s3env = {**S3_ENV, "AWS_ENDPOINT_URL": endpoint}
-        os.environ.update(s3env)
-        client = boto3.client("s3", endpoint_url=endpoint)
-        bucket = "cluster-scaling"
-        client.create_bucket(Bucket=bucket)
-        inputs = upload_demo_shards(client, bucket, args.samples, args.samples_per_shard, workdir)
-        print(f"[scaling] {inputs} samples uploaded to s3://{bucket}/train/", flush=True)
-        cluster = LocalCluster(workdir / "cluster", env=s3env)
-        observer = None
-        try:
-            info = cluster.up()
-            env = cluster.client_env()
-            os.environ.update(info.env())
-            observer = Observer(info.address, cluster, interval_s=1.0)
-            observer.start()
-            for repeat in range(args.repeats):
-                for actors in (1, 2):
-                    name = f"actors{actors}-run{repeat}"
-                    result = one_run(
-                        env, info.address, observer, client, bucket, actors, name, model
-                    )  # fmt: skip
-                    runs.append(result)
-                    print(f"[scaling] {name}: {json.dumps(result)}", flush=True)
-        finally:
-            if observer is not None:
-                observer.stopping.set()
-            print(f"[scaling] cluster down ({cluster.down()} processes)", flush=True)
+    with rehearsal("cluster-scaling", args.samples, args.samples_per_shard, "scaling") as rh:
+        for repeat in range(args.repeats):
+            for actors in (1, 2):
+                name = f"actors{actors}-run{repeat}"
+                result = one_run(rh, actors, name, model)
+                runs.append(result)
+                print(f"[scaling] {name}: {json.dumps(result)}", flush=True)
     return {
         "command": " ".join(["python -m benchmarks.cluster_scaling", *sys.argv[1:]]),
-        "input_samples": inputs,
+        "input_samples": rh.input_samples,
         "samples_per_shard": args.samples_per_shard,
         "model": args.model,
         "batch_size": args.batch_size,
