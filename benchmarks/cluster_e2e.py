@@ -187,14 +187,14 @@ def environ_restored():
 
 
 @contextlib.contextmanager
-def work_folder(prefix: str):
+def work_folder(tag: str):
     """A temporary folder (shards, the cluster's Ray logs): removed after a run that
     succeeded, kept after one that failed, for its logs."""
-    folder = Path(tempfile.mkdtemp(prefix=prefix))
+    folder = Path(tempfile.mkdtemp(prefix=f"{tag}-"))
     try:
         yield folder
     except BaseException:
-        print(f"[e2e] the run failed: its cluster logs are kept in {folder}", flush=True)
+        print(f"[{tag}] the run failed: its cluster logs are kept in {folder}", flush=True)
         raise
     shutil.rmtree(folder, ignore_errors=True)
 
@@ -275,7 +275,7 @@ def rehearsal(bucket: str, samples: int, per_shard: int, tag: str):
     import boto3
 
     started = time.time()
-    with work_folder(f"{tag}-") as workdir, moto_s3() as endpoint, environ_restored():
+    with work_folder(tag) as workdir, moto_s3() as endpoint, environ_restored():
         s3env = {**S3_ENV, "AWS_ENDPOINT_URL": endpoint}
         os.environ.update(s3env)
         client = boto3.client("s3", endpoint_url=endpoint)
@@ -429,6 +429,20 @@ def submit_clean(env: dict, address: str, overrides: list[str], output: str, **k
     )
 
 
+def clean_run_killing_a_scorer_node(rh: Rehearsal, overrides: list[str], prefix: str, args):
+    """Submit jobs.clean to s3://bucket/prefix, SIGKILL the GPU node of a running scorer,
+    wait for the job; returns the node_kill figures (killed node, inputs, manifest counts)."""
+    job = submit_clean(rh.env, rh.info.address, overrides, f"s3://{rh.bucket}/{prefix}", wait=False)
+    killed = kill_a_scorer_node(rh.cluster, rh.observer, rh.info.address, job)
+    print(f"[e2e] killed node {killed} while it scored", flush=True)
+    wait_job(rh.info.address, job, args.job_timeout)
+    return {
+        "killed_node": killed,
+        "input_samples": rh.input_samples,
+        **manifest_counts(rh.client, rh.bucket, prefix),
+    }
+
+
 def run(args) -> dict:
     """Everything above; returns the JSON-ready result."""
     started = time.time()
@@ -441,7 +455,6 @@ def run(args) -> dict:
             "data.classes=demo",
             f"scoring.batch_size={args.batch_size}",
         ]
-        scorer_killed = ""
         if args.train:
             print("[e2e] submitting jobs.pipeline (clean, then train)", flush=True)
             job = submit(
@@ -475,11 +488,10 @@ def run(args) -> dict:
             # start on GPU nodes launched from zero, which leaves a wide window to kill one
             # (warm nodes can score a small input between two polls of the state API).
             print("[e2e] submitting jobs.clean", flush=True)
-            job = submit_clean(env, info.address, clean, f"s3://{bucket}/runs/clean", wait=False)
             if args.kill:
-                scorer_killed = kill_a_scorer_node(cluster, observer, info.address, job)
-                print(f"[e2e] killed node {scorer_killed} while it scored", flush=True)
-            wait_job(info.address, job, args.job_timeout)
+                result["node_kill"] = clean_run_killing_a_scorer_node(rh, clean, "runs/clean", args)
+            else:
+                submit_clean(env, info.address, clean, f"s3://{bucket}/runs/clean")
         observer.poll_now()
         seen = observer.snapshot()
         summary = read_json(client, bucket, "runs/clean/summary.json")
@@ -494,12 +506,6 @@ def run(args) -> dict:
             job_samples=summary["counts"]["samples"],
             images_per_second=summary["scoring"]["images_per_second"],
         )
-        if scorer_killed:
-            result["node_kill"] = {
-                "killed_node": scorer_killed,
-                "input_samples": inputs,
-                **manifest_counts(client, bucket, "runs/clean"),
-            }
         if args.train:
             train = read_json(client, bucket, "train-runs/local-cluster/summary.json")
             result.update(
@@ -516,17 +522,7 @@ def run(args) -> dict:
             left = wait_gpu_nodes_removed(observer, args.idle_timeout)
             result["gpu_nodes_after_first_idle"] = left
             observer.reset_scorers()
-            job = submit_clean(
-                env, info.address, clean, f"s3://{bucket}/runs/node-kill", wait=False
-            )
-            killed = kill_a_scorer_node(cluster, observer, info.address, job)
-            print(f"[e2e] killed node {killed} while it scored", flush=True)
-            wait_job(info.address, job, args.job_timeout)
-            result["node_kill"] = {
-                "killed_node": killed,
-                "input_samples": inputs,
-                **manifest_counts(client, bucket, "runs/node-kill"),
-            }
+            result["node_kill"] = clean_run_killing_a_scorer_node(rh, clean, "runs/node-kill", args)
             print(f"[e2e] node kill: {json.dumps(result['node_kill'])}", flush=True)
 
         result["gpu_nodes_after_idle"] = wait_gpu_nodes_removed(observer, args.idle_timeout)

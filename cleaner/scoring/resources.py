@@ -223,14 +223,15 @@ def plan_scorers(cfg: CleanJobConfig, shards_to_score: int) -> ScorerPlan:
     else:
         gpus, reason = 0.0, "auto: no GPU on this machine (local Ray)"
 
+    resources = ray.cluster_resources()  # after the probe: with any node it launched
     min_actors, max_actors = size_pool(
         gpus,
         cpus,
         min_actors=sc.min_actors,
         max_actors=sc.max_actors,
         shards_to_score=shards_to_score,
-        cluster_cpus=ray.cluster_resources().get("CPU", 0),
-        cluster_gpus=ray.cluster_resources().get("GPU", 0),
+        cluster_cpus=resources.get("CPU", 0),
+        cluster_gpus=resources.get("GPU", 0),
         can_launch_nodes=joined_existing_cluster(cfg),
     )
     plan = ScorerPlan(gpus, cpus, min_actors, max_actors, reason)
