@@ -8,8 +8,12 @@ so that every run can report clean-selection precision, recall, F1 and AUROC.
   classes (it may land on the true class, so about r * (K - 1) / K of the labels change).
 - asymmetric r: with probability r a label y that has a mapping entry becomes mapping[y]
   (CIFAR-10: truck->automobile, bird->airplane, deer->horse, cat<->dog).
-- hard r (instance-dependent): with probability r a label flips to the most similar class,
-  given per class ([K]) or per sample ([N]).
+- hard r: with probability r a label flips to the most similar class, given per class ([K]:
+  class-conditional) or per sample ([N]: instance-dependent).
+- instance r (instance-dependent, Xia et al., NeurIPS 2020, the generator behind the CIFAR-10
+  "instance-dependent" benchmarks): each sample gets its own flip rate around r, and flips
+  towards a class chosen by a random projection of its own features, so two samples of the
+  same class can flip at different rates and to different classes.
 """
 
 from __future__ import annotations
@@ -21,8 +25,10 @@ from typing import Literal
 
 import numpy as np
 
-NoiseKind = Literal["none", "symmetric", "asymmetric", "hard"]
-NOISE_KINDS: tuple[str, ...] = ("none", "symmetric", "asymmetric", "hard")
+NoiseKind = Literal["none", "symmetric", "asymmetric", "hard", "instance"]
+NOISE_KINDS: tuple[str, ...] = ("none", "symmetric", "asymmetric", "hard", "instance")
+INSTANCE_RATE_SPREAD = 0.1
+"""Standard deviation of the per-sample flip rates of instance-dependent noise (Xia et al.)."""
 
 CIFAR10_CLASSES: tuple[str, ...] = (
     "airplane",
@@ -191,6 +197,66 @@ def hard_noise(
     return np.where(hit, flipped, labels)
 
 
+def _truncated_normal(
+    mean: float, spread: float, count: int, rng: np.random.Generator
+) -> np.ndarray:
+    """`count` draws from N(mean, spread^2) truncated to [0, 1], by rejection."""
+    values = rng.normal(mean, spread, count)
+    outside = (values < 0.0) | (values > 1.0)
+    while outside.any():
+        values[outside] = rng.normal(mean, spread, int(outside.sum()))
+        outside = (values < 0.0) | (values > 1.0)
+    return values
+
+
+def instance_dependent_noise(
+    true_labels: np.ndarray | Sequence[int],
+    rate: float,
+    features: np.ndarray,
+    num_classes: int,
+    rng: np.random.Generator,
+    *,
+    rate_spread: float = INSTANCE_RATE_SPREAD,
+) -> np.ndarray:
+    """Instance-dependent noise as Xia et al. (NeurIPS 2020, Algorithm 2) generate it.
+
+    Each sample i gets a flip rate q_i drawn from N(rate, rate_spread^2) truncated to [0, 1],
+    so the mean flip rate is about `rate`. Each class y gets a random projection W_y
+    ([D, K], standard normal). Sample i keeps its label with probability 1 - q_i and
+    otherwise moves to class k != y with probability softmax(features_i @ W_y)_k: the
+    target depends on the sample's own features (``[N, D]``, e.g. its standardised pixels),
+    not only on its class. With unscaled features of a few hundred dimensions the softmax is
+    nearly one-hot: each sample has "its" wrong class. Rate 0 changes nothing.
+    """
+    num_classes = _check_num_classes(num_classes)
+    labels = _check_labels(true_labels, num_classes)
+    rate = _check_rate(rate)
+    values = np.asarray(features, dtype=np.float64)
+    if values.ndim != 2 or values.shape[0] != labels.size:
+        raise ValueError(
+            f"features must have shape [N, D] with N = {labels.size} labels, got {values.shape}"
+        )
+    if not np.isfinite(values).all():
+        raise ValueError("features must be finite")
+    if rate == 0.0 or num_classes == 1 or labels.size == 0:
+        return labels.copy()
+    flip_rates = _truncated_normal(rate, rate_spread, labels.size, rng)
+    projections = rng.standard_normal((num_classes, values.shape[1], num_classes))
+    logits = np.empty((labels.size, num_classes))
+    for label in range(num_classes):
+        rows = labels == label
+        logits[rows] = values[rows] @ projections[label]
+    rows = np.arange(labels.size)
+    logits[rows, labels] = -np.inf
+    logits -= logits.max(axis=1, keepdims=True)
+    weights = np.exp(logits)
+    probs = flip_rates[:, None] * weights / weights.sum(axis=1, keepdims=True)
+    probs[rows, labels] = 1.0 - flip_rates
+    cumulative = np.cumsum(probs, axis=1)
+    draws = rng.random(labels.size)[:, None] * cumulative[:, -1:]
+    return np.minimum((draws >= cumulative).sum(axis=1), num_classes - 1).astype(np.int64)
+
+
 def inject_noise(
     true_labels: np.ndarray | Sequence[int],
     kind: NoiseKind,
@@ -200,12 +266,14 @@ def inject_noise(
     *,
     pairs: Mapping[int, int] | Sequence[int] | np.ndarray | None = None,
     most_similar: np.ndarray | Sequence[int] | None = None,
+    features: np.ndarray | None = None,
 ) -> np.ndarray:
     """Noisy labels of the given `kind`; a new int64 array, the input is left untouched.
 
     ``"none"`` copies the labels; ``"symmetric"`` needs nothing more; ``"asymmetric"`` needs
     `pairs` (see asymmetric_noise); ``"hard"`` needs `most_similar`, read as per class when
-    it has `num_classes` entries and as per sample otherwise. ValueError on a bad kind, a
+    it has `num_classes` entries and as per sample otherwise; ``"instance"`` needs
+    `features` ([N, D], see instance_dependent_noise). ValueError on a bad kind, a
     rate outside [0, 1], labels outside [0, num_classes) or targets outside the classes.
     """
     num_classes = _check_num_classes(num_classes)
@@ -230,6 +298,10 @@ def inject_noise(
             raise ValueError(f"hard noise: `most_similar` holds classes outside [0, {num_classes})")
         per_sample = targets.size != num_classes
         return hard_noise(labels, rate, targets, rng, per_sample=per_sample)
+    if kind == "instance":
+        if features is None:
+            raise ValueError("instance-dependent noise needs `features` (one row per sample)")
+        return instance_dependent_noise(labels, rate, features, num_classes, rng)
     raise ValueError(f"unknown noise kind {kind!r}; expected one of {NOISE_KINDS}")
 
 

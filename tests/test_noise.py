@@ -11,6 +11,7 @@ from cleaner.noise import (
     changed_fraction,
     hard_noise,
     inject_noise,
+    instance_dependent_noise,
     symmetric_noise,
 )
 
@@ -20,6 +21,7 @@ RATE = 0.4
 # Binomial standard deviation of a change fraction near 0.4 on 20000 samples is ~0.0035.
 TOLERANCE = 0.02
 MOST_SIMILAR = np.array([1, 0, 3, 2, 8, 6, 5, 0, 2, 7])  # the demo spec's similar_to
+FEATURES = np.random.default_rng(321).standard_normal((NUM_SAMPLES, 48))
 
 
 @pytest.fixture
@@ -96,6 +98,7 @@ def test_hard_per_class_when_samples_equal_classes():
         ("symmetric", {}, RATE * (K - 1) / K),
         ("asymmetric", {"pairs": CIFAR10_ASYMMETRIC}, RATE * 5 / K),
         ("hard", {"most_similar": MOST_SIMILAR}, RATE),
+        ("instance", {"features": FEATURES}, RATE),
         ("none", {}, 0.0),
     ],
 )
@@ -112,6 +115,7 @@ def test_dispatcher_change_rates(true_labels, kind, options, expected):
         ("symmetric", {}),
         ("asymmetric", {"pairs": CIFAR10_ASYMMETRIC}),
         ("hard", {"most_similar": MOST_SIMILAR}),
+        ("instance", {"features": FEATURES}),
         ("none", {}),
     ],
 )
@@ -154,6 +158,17 @@ def test_inputs_are_not_mutated_and_lists_work():
             "most_similar",
         ),
         (lambda rng: inject_noise([0, 1], "symmetric", 0.5, 0, rng), "num_classes"),
+        (lambda rng: inject_noise([0, 1], "instance", 0.5, 2, rng), "features"),
+        (
+            lambda rng: inject_noise([0, 1], "instance", 0.5, 2, rng, features=np.zeros((3, 4))),
+            "features",
+        ),
+        (
+            lambda rng: inject_noise(
+                [0, 1], "instance", 0.5, 2, rng, features=np.full((2, 4), np.nan)
+            ),
+            "finite",
+        ),
         (lambda rng: hard_noise([0, 1, 2], 0.5, [1, 0], rng, per_sample=True), "per-sample"),
         (lambda rng: hard_noise([0, 1, 2], 0.5, [1, 0], rng, per_sample=False), "per-class"),
     ],
@@ -161,3 +176,30 @@ def test_inputs_are_not_mutated_and_lists_work():
 def test_bad_input_raises_value_error(call, message):
     with pytest.raises(ValueError, match=message):
         call(np.random.default_rng(0))
+
+
+def test_instance_noise_flips_by_the_sample_not_the_class():
+    """Xia et al.'s instance-dependent noise: the target follows each sample's features."""
+    # Class 0 only; half its samples share one feature vector, half another.
+    labels = np.zeros(4000, dtype=np.int64)
+    rng = np.random.default_rng(5)
+    group_a, group_b = rng.standard_normal(64) * 3, rng.standard_normal(64) * 3
+    features = np.where((np.arange(4000) < 2000)[:, None], group_a, group_b)
+    noisy = instance_dependent_noise(labels, RATE, features, K, np.random.default_rng(9))
+    assert changed_fraction(labels, noisy) == pytest.approx(RATE, abs=TOLERANCE)
+    targets_a, targets_b = noisy[:2000][noisy[:2000] != 0], noisy[2000:][noisy[2000:] != 0]
+    # Each group flips to "its" class; the two groups of one class flip differently.
+    top_a, top_b = np.bincount(targets_a).argmax(), np.bincount(targets_b).argmax()
+    assert np.mean(targets_a == top_a) > 0.95 and np.mean(targets_b == top_b) > 0.95
+    assert top_a != top_b
+
+
+def test_instance_noise_spreads_over_classes_and_rates_over_samples(true_labels):
+    noisy = instance_dependent_noise(true_labels, RATE, FEATURES, K, np.random.default_rng(3))
+    changed = noisy != true_labels
+    # Unlike class-conditional noise, one class's flips go to many classes ...
+    for label in range(K):
+        assert len(np.unique(noisy[changed & (true_labels == label)])) >= K // 2
+    # ... and the same seed gives the same labels.
+    again = instance_dependent_noise(true_labels, RATE, FEATURES, K, np.random.default_rng(3))
+    np.testing.assert_array_equal(noisy, again)

@@ -35,6 +35,8 @@ GENERATOR_VERSION = 1
 _LABEL_STREAM = (0x5EED, 1)
 _NOISE_STREAM = (0x5EED, 2)
 TAR_MTIME = 0  # fixed member times make the tar files byte-for-byte reproducible
+NOISE_FEATURE_SIZE = 16
+"""Instance-dependent noise sees each image downsampled to this many pixels a side (RGB)."""
 
 ShardCallback = Callable[[Path, int, int, int], None]
 """Called after each shard with (shard path, samples in it, shards done, shards in all)."""
@@ -115,16 +117,40 @@ def demo_labels(
     true_labels = np.arange(num_samples, dtype=np.int64) % num_classes
     true_labels = np.random.default_rng([seed, *_LABEL_STREAM]).permutation(true_labels)
     most_similar = parameters["most_similar"]
+    noise = parameters["noise"]
     noisy_labels = inject_noise(
         true_labels,
-        parameters["noise"],
+        noise,
         parameters["noise_rate"],
         num_classes,
         np.random.default_rng([seed, *_NOISE_STREAM]),
-        pairs=most_similar if parameters["noise"] == "asymmetric" else None,
-        most_similar=most_similar if parameters["noise"] == "hard" else None,
+        pairs=most_similar if noise == "asymmetric" else None,
+        most_similar=most_similar if noise == "hard" else None,
+        features=noise_features(true_labels, parameters) if noise == "instance" else None,
     )
     return true_labels, noisy_labels
+
+
+def noise_features(true_labels: np.ndarray, parameters: dict[str, Any]) -> np.ndarray:
+    """Per-sample features for instance-dependent noise: standardised low-resolution pixels.
+
+    Each sample's image is drawn as write_demo_shards draws it, downsampled to
+    NOISE_FEATURE_SIZE pixels a side, and every pixel value standardised over the dataset
+    (as a Normalize transform would), giving an [N, 3 * NOISE_FEATURE_SIZE ** 2] array.
+    """
+    names, seed, size = parameters["class_names"], parameters["seed"], parameters["image_size"]
+    side = min(NOISE_FEATURE_SIZE, size)
+    rows = [
+        np.asarray(
+            draw_shape(names[label], sample_rng(seed, index), size)[0].resize(
+                (side, side), Image.Resampling.BOX
+            ),
+            dtype=np.float64,
+        ).ravel()
+        for index, label in enumerate(true_labels.tolist())
+    ]
+    pixels = np.stack(rows)
+    return (pixels - pixels.mean(axis=0)) / np.maximum(pixels.std(axis=0), 1e-6)
 
 
 def _encode_image(image: Image.Image, image_format: str) -> bytes:
@@ -177,8 +203,8 @@ def write_demo_shards(
     """Write the demo dataset as `{prefix}-{shard:06d}.tar` shards plus dataset.json.
 
     True labels are balanced over the classes and shuffled; noisy labels follow `noise`
-    ("none", "symmetric", "asymmetric" along class_spec.most_similar(), or "hard" towards
-    it) at `noise_rate`. Deterministic in the arguments. An existing dataset.json is removed
+    ("none", "symmetric", "asymmetric" along class_spec.most_similar(), "hard" towards it,
+    or "instance": per-sample rates and targets from each image's pixels) at `noise_rate`. Deterministic in the arguments. An existing dataset.json is removed
     first and shards of an older, larger run with the same prefix are deleted. Returns the
     shard paths in order.
     """
