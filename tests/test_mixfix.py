@@ -10,22 +10,26 @@ import torch
 import torch.nn.functional as F
 
 from training.mixfix import (
-    ClassBalancedSampler,
     MixFixState,
-    augment_batch,
-    balanced_epoch_indices,
     clip_topk_allows,
-    iterations_per_epoch,
     make_optimizer,
     make_scheduler,
     mixup,
     predict,
     soft_cross_entropy,
-    to_tensor_batch,
     train_one_epoch,
     update_selection,
 )
 from training.networks import NETWORKS, build_network, load_initial_weights
+from training.sampling import (
+    ClassBalancedSampler,
+    balanced_epoch_indices,
+    iterations_per_epoch,
+)
+from training.transforms import (
+    augment_batch,
+    to_tensor_batch,
+)
 
 
 @pytest.fixture(autouse=True)

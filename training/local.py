@@ -20,17 +20,21 @@ from training.config import UPDATING_MODES, TrainJobConfig
 from training.data import SampleIndex
 from training.loop import initial_state
 from training.mixfix import (
-    augment_batch,
-    balanced_epoch_indices,
-    iterations_per_epoch,
     make_optimizer,
     make_scheduler,
     predict,
-    to_tensor_batch,
     train_one_epoch,
     update_selection,
 )
 from training.networks import build_network
+from training.sampling import (
+    balanced_epoch_indices,
+    iterations_per_epoch,
+)
+from training.transforms import (
+    augment_batch,
+    to_tensor_batch,
+)
 
 
 def load_images(

@@ -2,10 +2,12 @@
 
 One MixFix epoch, as the Ray Train loop drives it:
 
-1. `balanced_epoch_indices(...)`: the sample indices of the epoch, class-balanced over the
-   currently selected set, `iterations_per_epoch(N_total, batch) * batch` of them.
-2. The data pipeline loads/augments them (`augment_batch` on CPU workers) with the state's
-   `current_labels` as targets; `train_one_epoch(...)` runs mixup + soft cross-entropy.
+1. `training.sampling.balanced_epoch_indices(...)`: the sample indices of the epoch,
+   class-balanced over the currently selected set, `iterations_per_epoch(N_total, batch) *
+   batch` of them.
+2. The data pipeline loads/augments them (`training.transforms.augment_batch` on CPU
+   workers) with the state's `current_labels` as targets; `train_one_epoch(...)` here runs
+   mixup + soft cross-entropy.
 3. `predict(...)` over every training sample (eval transform `to_tensor_batch`), then
    `update_selection(...)` gives the next epoch's selected set and labels.
 
@@ -16,22 +18,13 @@ One MixFix epoch, as the Ray Train loop drives it:
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-# Per-channel RGB statistics for normalising inputs in [0, 1].
-IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
-IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
-CIFAR10_MEAN: tuple[float, float, float] = (0.4914, 0.4822, 0.4465)
-CIFAR10_STD: tuple[float, float, float] = (0.2470, 0.2435, 0.2616)
-CIFAR100_MEAN: tuple[float, float, float] = (0.5071, 0.4865, 0.4409)
-CIFAR100_STD: tuple[float, float, float] = (0.2673, 0.2564, 0.2762)
-
 
 # --------------------------------------------------------------------------------------
 # Mixup and loss
@@ -79,125 +72,6 @@ def soft_cross_entropy(logits: torch.Tensor, soft_targets: torch.Tensor) -> torc
     """Mean over the batch of -sum_k t_k log softmax(logits)_k (computed in float32)."""
     log_probs = F.log_softmax(logits.float(), dim=1)
     return -(soft_targets.float() * log_probs).sum(dim=1).mean()
-
-
-# --------------------------------------------------------------------------------------
-# Class-balanced sampling
-# --------------------------------------------------------------------------------------
-
-
-def iterations_per_epoch(num_total: int, batch_size: int) -> int:
-    """Iterations of one epoch: N_total // batch_size (floor), at least 1.
-
-    N_total counts every training sample, selected or not (METHOD.md: N_total / batch size);
-    the floor keeps all batches full, which DDP and BatchNorm prefer.
-    """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    return max(1, num_total // batch_size)
-
-
-def balanced_epoch_indices(
-    selected_indices: np.ndarray,
-    labels: np.ndarray,
-    num_classes: int,
-    iterations_per_epoch: int,
-    batch_size: int,
-    rng: np.random.Generator,
-) -> np.ndarray:
-    """Dataset indices for one epoch, class-balanced over the selected samples.
-
-    selected_indices: int[S], indices into the dataset of the selected samples.
-    labels: int[N_total], the current label of EVERY dataset sample (indexed by
-        selected_indices; entries of unselected samples are ignored).
-    Returns int64[iterations_per_epoch * batch_size], shuffled. Each class present in the
-    selection is drawn equally often (counts differ by at most 1; which classes get the
-    extra draw is random), as if every class were repeated up to the largest class's size;
-    within a class, samples are drawn by cycling a fresh permutation, so their counts also
-    differ by at most 1. Only selected samples appear. Classes absent from the selection
-    are not drawn.
-    """
-    selected_indices = np.asarray(selected_indices)
-    labels = np.asarray(labels)
-    total = iterations_per_epoch * batch_size
-    if total < 1:
-        raise ValueError("iterations_per_epoch and batch_size must be >= 1")
-    if selected_indices.ndim != 1 or selected_indices.size == 0:
-        raise ValueError("selected_indices must be a non-empty 1-D array")
-    if labels.ndim != 1:
-        raise ValueError("labels must be a 1-D array over the whole dataset")
-    if selected_indices.min() < 0 or selected_indices.max() >= labels.shape[0]:
-        raise ValueError("selected_indices out of range for labels")
-    selected_indices = np.unique(selected_indices).astype(np.int64)
-    selected_labels = labels[selected_indices]
-    if selected_labels.min() < 0 or selected_labels.max() >= num_classes:
-        raise ValueError(f"labels of selected samples must lie in [0, {num_classes})")
-
-    # Group the selected indices by class (stable sort keeps them contiguous per class).
-    order = np.argsort(selected_labels, kind="stable")
-    grouped = selected_indices[order]
-    counts = np.bincount(selected_labels, minlength=num_classes)
-    present = np.flatnonzero(counts)
-    starts = np.concatenate(([0], np.cumsum(counts)))[present]
-    sizes = counts[present]
-
-    # Equal quota per present class; the remainder goes to randomly chosen classes.
-    quotas = np.full(present.size, total // present.size, dtype=np.int64)
-    quotas[rng.choice(present.size, total % present.size, replace=False)] += 1
-
-    # Position j of a class's quota takes its (j mod size)-th sample in a fresh permutation.
-    # Vectorised: a random key per selected sample, sorted within its class.
-    permuted = grouped[
-        np.lexsort((rng.random(grouped.size), np.repeat(np.arange(present.size), sizes)))
-    ]
-    class_of_draw = np.repeat(np.arange(present.size), quotas)
-    position = np.arange(total) - np.repeat(np.cumsum(quotas) - quotas, quotas)
-    draws = permuted[starts[class_of_draw] + position % sizes[class_of_draw]]
-    return draws[rng.permutation(total)]
-
-
-class ClassBalancedSampler(torch.utils.data.Sampler[int]):
-    """A map-style Sampler over `balanced_epoch_indices`; call set_epoch() each epoch.
-
-    The draw of epoch e depends only on (seed, e), so every DDP rank can compute the
-    same epoch order and take its own slice.
-    """
-
-    def __init__(
-        self,
-        selected_indices: np.ndarray,
-        labels: np.ndarray,
-        num_classes: int,
-        num_total: int,
-        batch_size: int,
-        seed: int = 0,
-    ) -> None:
-        self.selected_indices = np.asarray(selected_indices)
-        self.labels = np.asarray(labels)
-        self.num_classes = num_classes
-        self.iterations = iterations_per_epoch(num_total, batch_size)
-        self.batch_size = batch_size
-        self.seed = seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch whose draw __iter__ yields."""
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.iterations * self.batch_size
-
-    def __iter__(self) -> Iterator[int]:
-        rng = np.random.default_rng((self.seed, self.epoch))
-        indices = balanced_epoch_indices(
-            self.selected_indices,
-            self.labels,
-            self.num_classes,
-            self.iterations,
-            self.batch_size,
-            rng,
-        )
-        return iter(indices.tolist())
 
 
 # --------------------------------------------------------------------------------------
@@ -539,76 +413,6 @@ def predict(
 
 
 # --------------------------------------------------------------------------------------
-# CPU-side transforms (the data pipeline calls these on its workers)
-# --------------------------------------------------------------------------------------
-
-
-def _check_images(images: np.ndarray) -> np.ndarray:
-    images = np.asarray(images)
-    if images.ndim != 4:
-        raise ValueError(f"images must be NHWC, got shape {images.shape}")
-    if images.dtype != np.uint8:
-        raise ValueError(f"images must be uint8, got {images.dtype}")
-    return images
-
-
-def to_tensor_batch(
-    images: np.ndarray,
-    mean: Sequence[float] = IMAGENET_MEAN,
-    std: Sequence[float] = IMAGENET_STD,
-) -> torch.Tensor:
-    """uint8 NHWC images -> float32 NCHW tensor, scaled to [0, 1] and normalised."""
-    images = _check_images(images)
-    channels = images.shape[3]
-    mean_arr = np.asarray(mean, dtype=np.float32).reshape(1, 1, 1, -1)
-    std_arr = np.asarray(std, dtype=np.float32).reshape(1, 1, 1, -1)
-    if mean_arr.size != channels or std_arr.size != channels:
-        raise ValueError(f"mean/std need {channels} entries, got {mean_arr.size}/{std_arr.size}")
-    normalised = (images.astype(np.float32) / 255.0 - mean_arr) / std_arr
-    return torch.from_numpy(np.ascontiguousarray(normalised.transpose(0, 3, 1, 2)))
-
-
-def random_crop_flip(
-    images: np.ndarray, rng: np.random.Generator, crop_padding: int = 4, flip: bool = True
-) -> np.ndarray:
-    """Random crop after zero padding and random horizontal flip, uint8 in and out.
-
-    images: uint8 [N, H, W, C]. Each image gets its own crop offset in
-    [0, 2 * crop_padding] per axis and a flip with probability 1/2; vectorised with one
-    gather. Staying uint8 keeps the batch 4x smaller on its way to the trainer.
-    """
-    images = _check_images(images)
-    n, height, width, _ = images.shape
-    if crop_padding < 0:
-        raise ValueError(f"crop_padding must be >= 0, got {crop_padding}")
-    if crop_padding:
-        pad = crop_padding
-        padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-    else:
-        padded = images
-    offset_y = rng.integers(0, 2 * crop_padding + 1, n)
-    offset_x = rng.integers(0, 2 * crop_padding + 1, n)
-    rows = offset_y[:, None] + np.arange(height)  # [N, H]
-    cols = offset_x[:, None] + np.arange(width)  # [N, W]
-    if flip:
-        flipped = rng.random(n) < 0.5
-        cols = np.where(flipped[:, None], cols[:, ::-1], cols)
-    return padded[np.arange(n)[:, None, None], rows[:, :, None], cols[:, None, :]]
-
-
-def augment_batch(
-    images: np.ndarray,
-    rng: np.random.Generator,
-    crop_padding: int = 4,
-    flip: bool = True,
-    mean: Sequence[float] = IMAGENET_MEAN,
-    std: Sequence[float] = IMAGENET_STD,
-) -> torch.Tensor:
-    """Training transform: random_crop_flip, then normalise to float32 [N, C, H, W]."""
-    return to_tensor_batch(random_crop_flip(images, rng, crop_padding, flip), mean, std)
-
-
-# --------------------------------------------------------------------------------------
 # Optimiser and schedule
 # --------------------------------------------------------------------------------------
 
@@ -631,27 +435,15 @@ def make_scheduler(
 
 
 __all__ = [
-    "CIFAR10_MEAN",
-    "CIFAR10_STD",
-    "CIFAR100_MEAN",
-    "CIFAR100_STD",
-    "IMAGENET_MEAN",
-    "IMAGENET_STD",
-    "ClassBalancedSampler",
     "MixFixState",
     "MixFixUpdate",
-    "augment_batch",
-    "balanced_epoch_indices",
     "clip_topk_allows",
-    "iterations_per_epoch",
     "make_optimizer",
     "make_scheduler",
     "mixup",
     "predict",
-    "random_crop_flip",
     "sample_mixup",
     "soft_cross_entropy",
-    "to_tensor_batch",
     "train_one_epoch",
     "update_selection",
 ]
