@@ -154,7 +154,7 @@ def clean_once(args: argparse.Namespace, data: Path, work: Path) -> tuple[str, d
 
 def train_once(args, data: Path, manifest: str, work: Path, mode: str, seed: int) -> dict:
     """One training run; its per-epoch history."""
-    from jobs.train import run_train
+    from jobs.train import run_train, train_in_process
 
     overrides = [
         f"data.input={data / 'train'}",
@@ -177,7 +177,7 @@ def train_once(args, data: Path, manifest: str, work: Path, mode: str, seed: int
             print(f"[train_modes] reusing {record}", flush=True)
             return previous
     started = time.perf_counter()
-    history = run_train(cfg)["history"] if args.engine == "ray" else train_local(cfg)
+    history = run_train(cfg)["history"] if args.engine == "ray" else train_in_process(cfg)
     finished = {
         "history": history,
         "seconds": round(time.perf_counter() - started, 1),
@@ -186,16 +186,6 @@ def train_once(args, data: Path, manifest: str, work: Path, mode: str, seed: int
     record.parent.mkdir(parents=True, exist_ok=True)
     record.write_text(json.dumps(finished) + "\n")
     return finished
-
-
-def train_local(cfg: TrainJobConfig) -> list[dict]:
-    """One run with training.local: the same config, checks and MixFix core, in this process."""
-    from jobs.train import training_inputs
-    from training.local import run_local
-
-    inputs = training_inputs(cfg)
-    index, names, tests = inputs.index, inputs.spec.names, inputs.test_shards
-    return run_local(cfg, index, names, tests, log=lambda m: print(f"[local] {m}", flush=True))
 
 
 def _mean(values: list) -> float | None:

@@ -84,6 +84,21 @@ def training_inputs(cfg: TrainJobConfig) -> TrainingInputs:
     return TrainingInputs(spec, index, test_shards)
 
 
+def train_in_process(cfg: TrainJobConfig) -> list[dict]:
+    """One run of `cfg` in this process with training.local (no Ray): the same input checks,
+    data and MixFix core as run_train, for small datasets; returns the per-epoch history."""
+    from training.local import run_local
+
+    inputs = training_inputs(cfg)
+    return run_local(
+        cfg,
+        inputs.index,
+        inputs.spec.names,
+        inputs.test_shards,
+        log=lambda message: print(f"[local] {message}", flush=True),
+    )
+
+
 def run_train(cfg: TrainJobConfig) -> dict:
     """Run (or resume) a MixFix training run; returns the summary it writes."""
     import ray

@@ -15,10 +15,9 @@ import time
 
 import pytest
 
-from benchmarks.train_modes import train_local
 from cleaner.config import load_config
 from jobs.clean import run_clean
-from jobs.train import run_train
+from jobs.train import run_train, train_in_process
 from training.config import TrainJobConfig
 
 pytestmark = pytest.mark.integration
@@ -133,7 +132,7 @@ def test_mixfix_survives_a_killed_worker_resumes_on_rerun_and_beats_noisy_traini
     # The baseline trains in this process (training.local: the same config, data and MixFix
     # core, without a third Ray Train start-up). The engines agree to half a point on noisy
     # labels (README: 0.587 local, 0.590 Ray Train, hard 40%); MixFix's gap here is ~9 points.
-    noisy = train_local(train_config(cleaned, "noisy", "mixfix.mode=noisy"))[-1]
+    noisy = train_in_process(train_config(cleaned, "noisy", "mixfix.mode=noisy"))[-1]
 
     history = json.loads((run_dir / "metrics.json").read_text())["epochs"]
     assert [h["epoch"] for h in history] == list(range(1, EPOCHS + 1))
