@@ -195,15 +195,8 @@ def test_pair_noise_follows_most_similar(tmp_path, noise):
 
 def test_instance_noise_targets_follow_the_image(tmp_path):
     """Two samples of one class may flip to different classes, at about the asked rate."""
-    shards = write_demo_shards(
-        tmp_path,
-        200,
-        samples_per_shard=200,
-        noise="instance",
-        noise_rate=0.4,
-        seed=4,
-        image_size=16,
-    )
+    options = {"samples_per_shard": 200, "noise": "instance", "noise_rate": 0.4, "seed": 4}
+    shards = write_demo_shards(tmp_path, 200, image_size=16, **options)
     metas = [json.loads(m["json"]) for _, m in read_tar_samples(shards[0])]
     flipped = [m for m in metas if m["label"] != m["true_label"]]
     assert 0.25 < len(flipped) / len(metas) < 0.55
@@ -212,15 +205,7 @@ def test_instance_noise_targets_follow_the_image(tmp_path):
         targets.setdefault(meta["true_label"], set()).add(meta["label"])
     assert max(len(t) for t in targets.values()) >= 3  # per sample, not one target per class
     assert all(m["noise"] == "instance" for m in metas)
-    again = write_demo_shards(
-        tmp_path / "again",
-        200,
-        samples_per_shard=200,
-        noise="instance",
-        noise_rate=0.4,
-        seed=4,
-        image_size=16,
-    )
+    again = write_demo_shards(tmp_path / "again", 200, image_size=16, **options)
     assert again[0].read_bytes() == shards[0].read_bytes()
 
 
