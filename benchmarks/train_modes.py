@@ -1,7 +1,7 @@
 """Does the training half pay off? Every `mixfix.mode` trained on the same cleaned data.
 
     python -m benchmarks.train_modes --data DIR --out FILE [--modes noisy,clean_only,...]
-        [--seeds 0,1,2] [--epochs 12] [--noise hard,symmetric,asymmetric --rate 0.4]
+        [--seeds 0,1,2] [--epochs 12] [--noise hard,symmetric,instance --rate 0.4]
 
 DIR holds `train/` and `test/` shards as `jobs.make_demo_data` writes them. With `--noise`
 the benchmark first writes one such dataset per noise pattern under DIR
