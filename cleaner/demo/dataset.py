@@ -204,9 +204,9 @@ def write_demo_shards(
 
     True labels are balanced over the classes and shuffled; noisy labels follow `noise`
     ("none", "symmetric", "asymmetric" along class_spec.most_similar(), "hard" towards it,
-    or "instance": per-sample rates and targets from each image's pixels) at `noise_rate`. Deterministic in the arguments. An existing dataset.json is removed
-    first and shards of an older, larger run with the same prefix are deleted. Returns the
-    shard paths in order.
+    or "instance": per-sample rates and targets from each image's pixels) at `noise_rate`.
+    Deterministic in the arguments. An existing dataset.json is removed first and shards of
+    an older, larger run with the same prefix are deleted. Returns the shard paths in order.
     """
     spec = class_spec if class_spec is not None else ClassSpec.load(DEMO_CLASS_SPEC)
     parameters = demo_parameters(
