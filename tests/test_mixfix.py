@@ -21,15 +21,8 @@ from training.mixfix import (
     update_selection,
 )
 from training.networks import NETWORKS, build_network, load_initial_weights
-from training.sampling import (
-    ClassBalancedSampler,
-    balanced_epoch_indices,
-    iterations_per_epoch,
-)
-from training.transforms import (
-    augment_batch,
-    to_tensor_batch,
-)
+from training.sampling import ClassBalancedSampler, balanced_epoch_indices, iterations_per_epoch
+from training.transforms import augment_batch, to_tensor_batch
 
 
 @pytest.fixture(autouse=True)

@@ -194,7 +194,7 @@ def test_instance_noise_flips_by_the_sample_not_the_class():
     assert top_a != top_b
 
 
-def test_instance_noise_spreads_over_classes_and_rates_over_samples(true_labels):
+def test_instance_noise_spreads_over_classes_and_follows_the_seed(true_labels):
     noisy = instance_dependent_noise(true_labels, RATE, FEATURES, K, np.random.default_rng(3))
     changed = noisy != true_labels
     # Unlike class-conditional noise, one class's flips go to many classes ...

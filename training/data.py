@@ -18,9 +18,7 @@ import pyarrow.parquet as pq
 from cleaner.reading import uri as uri_lib
 from cleaner.reading.shards import STATUS_OK
 from cleaner.scoring.pipeline import decoded_samples
-from training.transforms import (
-    random_crop_flip,
-)
+from training.transforms import random_crop_flip
 
 TRAIN_COLUMNS = ("image", "target", "sample_id", "epoch")
 

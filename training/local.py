@@ -27,14 +27,8 @@ from training.mixfix import (
     update_selection,
 )
 from training.networks import build_network
-from training.sampling import (
-    balanced_epoch_indices,
-    iterations_per_epoch,
-)
-from training.transforms import (
-    augment_batch,
-    to_tensor_batch,
-)
+from training.sampling import balanced_epoch_indices, iterations_per_epoch
+from training.transforms import augment_batch, to_tensor_batch
 
 
 def load_images(
