@@ -63,6 +63,7 @@ class Observation:
     alive_trainers: list[tuple[str, str]] = field(default_factory=list)
     head_nodes: set[str] = field(default_factory=set)
     placed_scorers: list[tuple[str, str]] = field(default_factory=list)
+    slowest_poll_s: float = 0.0
 
 
 class Observer(threading.Thread):
@@ -80,6 +81,7 @@ class Observer(threading.Thread):
     def poll(self) -> None:
         from ray.util.state import list_actors, list_nodes
 
+        started = time.monotonic()
         nodes = list_nodes(address=self.address, limit=1000, raise_on_missing_output=False)
         gpu_nodes = {n.node_id for n in nodes if (n.resources_total or {}).get("GPU", 0) > 0}
         alive_gpu = {
@@ -123,6 +125,7 @@ class Observer(threading.Thread):
             s.alive_scorers = [(a.actor_id, a.node_id) for a in scorers]
             s.alive_trainers = [(a.actor_id, a.node_id) for a in trainers]
             s.head_nodes |= {n.node_id for n in nodes if n.is_head_node}
+            s.slowest_poll_s = max(s.slowest_poll_s, time.monotonic() - started)
 
     def run(self) -> None:
         while not self.stopping.is_set():
@@ -161,6 +164,7 @@ class Observer(threading.Thread):
                 list(s.alive_trainers),
                 set(s.head_nodes),
                 list(s.placed_scorers),
+                s.slowest_poll_s,
             )
 
     def reset_scorers(self) -> None:
@@ -357,14 +361,31 @@ def job_running(address: str, job_id: str) -> bool:
 
 
 def kill_a_scorer_node(cluster: LocalCluster, observer: Observer, address: str, job_id: str) -> str:
-    """Once a scorer runs on a GPU worker node, SIGKILL that whole node; returns its id."""
-    while job_running(address, job_id):
+    """Once a scorer runs (or is being created) on a GPU worker node, SIGKILL that whole node;
+    returns its id.
+
+    The scorer is looked for twice: in /proc, four times a second (a scorer's worker
+    process is titled after its class), and in the observer's state-API polls. A scorer of
+    a small run can live for a few seconds only, and on a loaded machine the dashboard can
+    take longer than that to answer a poll.
+    """
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    client, status_checked = JobSubmissionClient(address), 0.0
+    while True:
         seen = observer.snapshot()
-        for _, node_id in seen.alive_scorers or seen.placed_scorers:
-            if node_id in seen.gpu_nodes:
-                cluster.kill_node(node_id)
-                return node_id
-        time.sleep(1)
+        in_proc = cluster.nodes_running(SCORER_CLASS)
+        running = in_proc | {node for _, node in seen.alive_scorers + seen.placed_scorers}
+        for node_id in sorted(running & seen.gpu_nodes):
+            cluster.kill_node(node_id)
+            source = "/proc" if node_id in in_proc else "the state API"
+            print(f"[e2e] a scorer on GPU node {node_id} (seen in {source}): killed", flush=True)
+            return node_id
+        if time.monotonic() - status_checked > 2:
+            if client.get_job_status(job_id) not in {JobStatus.PENDING, JobStatus.RUNNING}:
+                break
+            status_checked = time.monotonic()
+        time.sleep(0.25)
     raise RuntimeError(
         f"job {job_id} ended ({job_end(address, job_id)}) before a scorer was seen on a GPU "
         f"node; seen: {observer.snapshot()}"
@@ -528,6 +549,7 @@ def run(args) -> dict:
         result["gpu_nodes_after_idle"] = wait_gpu_nodes_removed(observer, args.idle_timeout)
         result["gpu_nodes_launched"] = len(observer.snapshot().gpu_nodes)
         result["state_api_poll_errors"] = observer.snapshot().errors
+        result["slowest_state_api_poll_s"] = round(observer.snapshot().slowest_poll_s, 2)
     result["wall_seconds"] = round(time.time() - started, 1)
     result["load_average_1m_at_end"] = round(os.getloadavg()[0], 2)
     return result

@@ -120,8 +120,8 @@ def _children() -> dict[int, list[int]]:
     return tree
 
 
-def _with_descendants(roots: list[int]) -> list[int]:
-    tree, seen, todo = _children(), set(), list(roots)
+def _with_descendants(roots: list[int], tree: dict[int, list[int]] | None = None) -> list[int]:
+    tree, seen, todo = tree if tree is not None else _children(), set(), list(roots)
     while todo:
         pid = todo.pop()
         if pid not in seen:
@@ -151,6 +151,21 @@ def node_pids(temp_dir: str, node_id: str) -> list[int]:
         if marker in cmd and _environ(pid).get("RAY_OVERRIDE_NODE_ID_FOR_TESTING") == node_id
     ]
     return _with_descendants(roots)
+
+
+def nodes_running(temp_dir: str, fragment: str) -> set[str]:
+    """Ids of the fake nodes (see node_pids) with a process whose command line holds
+    `fragment`; Ray titles an actor's worker process after its class."""
+    processes = _processes()
+    matching = {pid for pid, cmd in processes if fragment in cmd}
+    if not matching:
+        return set()
+    marker, tree, found = str(Path(temp_dir).resolve()), _children(), set()
+    for pid, cmd in processes:
+        node_id = _environ(pid).get("RAY_OVERRIDE_NODE_ID_FOR_TESTING") if marker in cmd else None
+        if node_id and matching & set(_with_descendants([pid], tree)):
+            found.add(node_id)
+    return found
 
 
 def kill_pids(pids: list[int], grace_s: float = 5.0, sig: int = signal.SIGTERM) -> None:
@@ -331,6 +346,12 @@ class LocalCluster:
                     path.write_text(nice)
                     changed += 1
         return changed
+
+    def nodes_running(self, fragment: str) -> set[str]:
+        """Ids of this cluster's fake nodes running a process whose command line holds
+        `fragment` (e.g. an actor's class name)."""
+        info = self.info()
+        return set() if info is None else nodes_running(info.temp_dir, fragment)
 
     def kill_node(self, node_id: str) -> list[int]:
         """SIGKILL one worker node: its raylet, object store, agents and workers at once."""
