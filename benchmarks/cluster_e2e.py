@@ -62,7 +62,6 @@ class Observation:
     errors: int = 0
     alive_trainers: list[tuple[str, str]] = field(default_factory=list)
     head_nodes: set[str] = field(default_factory=set)
-    placed_scorers: list[tuple[str, str]] = field(default_factory=list)
     slowest_poll_s: float = 0.0
 
 
@@ -93,15 +92,6 @@ class Observer(threading.Thread):
         with self.lock:  # the actors of runs before the last reset_scorers() are not counted
             listed = [a for a in listed if a.actor_id not in self.earlier_actors]
             self.seen_actors |= {a.actor_id for a in listed}
-        # A scorer is placed on its node from the start of its creation; on a busy machine
-        # its __init__ (torch import, model load) can last longer than the scoring itself.
-        placed = [
-            a
-            for a in listed
-            if SCORER_CLASS in (a.class_name or "") and a.state in ("PENDING_CREATION", "ALIVE")
-        ]
-        with self.lock:
-            self.seen.placed_scorers = [(a.actor_id, a.node_id) for a in placed if a.node_id]
         actors = [a for a in listed if a.state == "ALIVE"]
         scorers = [a for a in actors if SCORER_CLASS in (a.class_name or "")]
         trainers = [a for a in actors if TRAIN_WORKER_CLASS in (a.class_name or "")]
@@ -163,7 +153,6 @@ class Observer(threading.Thread):
                 s.errors,
                 list(s.alive_trainers),
                 set(s.head_nodes),
-                list(s.placed_scorers),
                 s.slowest_poll_s,
             )
 
@@ -361,21 +350,21 @@ def job_running(address: str, job_id: str) -> bool:
 
 
 def kill_a_scorer_node(cluster: LocalCluster, observer: Observer, address: str, job_id: str) -> str:
-    """Once a scorer runs (or is being created) on a GPU worker node, SIGKILL that whole node;
-    returns its id.
+    """Once a scorer has loaded its model on a GPU worker node (it then takes and scores
+    blocks), SIGKILL that whole node; returns its id.
 
     The scorer is looked for twice: in /proc, four times a second (a scorer's worker
-    process is titled after its class), and in the observer's state-API polls. A scorer of
-    a small run can live for a few seconds only, and on a loaded machine the dashboard can
-    take longer than that to answer a poll.
+    process is titled after its class, with `.__init__` while it loads), and in the
+    observer's state-API polls. A scorer of a small run lives for a few seconds only once
+    loaded, and on a loaded machine the dashboard can take longer than that to answer.
     """
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     client, status_checked = JobSubmissionClient(address), 0.0
     while True:
         seen = observer.snapshot()
-        in_proc = cluster.nodes_running(SCORER_CLASS)
-        running = in_proc | {node for _, node in seen.alive_scorers + seen.placed_scorers}
+        in_proc = cluster.nodes_running(SCORER_CLASS, unless=".__init__")
+        running = in_proc | {node for _, node in seen.alive_scorers}
         for node_id in sorted(running & seen.gpu_nodes):
             cluster.kill_node(node_id)
             source = "/proc" if node_id in in_proc else "the state API"

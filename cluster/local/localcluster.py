@@ -153,11 +153,12 @@ def node_pids(temp_dir: str, node_id: str) -> list[int]:
     return _with_descendants(roots)
 
 
-def nodes_running(temp_dir: str, fragment: str) -> set[str]:
+def nodes_running(temp_dir: str, fragment: str, unless: str = "") -> set[str]:
     """Ids of the fake nodes (see node_pids) with a process whose command line holds
-    `fragment`; Ray titles an actor's worker process after its class."""
+    `fragment` and not `unless`. Ray titles an actor's worker process after its class and
+    the method it runs: `ray::MapWorker(MapBatches(ClipScorer)).__init__` while it starts."""
     processes = _processes()
-    matching = {pid for pid, cmd in processes if fragment in cmd}
+    matching = {pid for pid, cmd in processes if fragment in cmd and not (unless and unless in cmd)}
     if not matching:
         return set()
     marker, tree, found = str(Path(temp_dir).resolve()), _children(), set()
@@ -347,11 +348,11 @@ class LocalCluster:
                     changed += 1
         return changed
 
-    def nodes_running(self, fragment: str) -> set[str]:
+    def nodes_running(self, fragment: str, unless: str = "") -> set[str]:
         """Ids of this cluster's fake nodes running a process whose command line holds
-        `fragment` (e.g. an actor's class name)."""
+        `fragment` (e.g. an actor's class name) and not `unless`."""
         info = self.info()
-        return set() if info is None else nodes_running(info.temp_dir, fragment)
+        return set() if info is None else nodes_running(info.temp_dir, fragment, unless)
 
     def kill_node(self, node_id: str) -> list[int]:
         """SIGKILL one worker node: its raylet, object store, agents and workers at once."""
