@@ -56,11 +56,11 @@ def test_each_layout_to_shards_the_clean_job_consumes(local_ray, tmp_path, layou
     assert_the_train_job_reads(out, tmp_path / "run", tmp_path / "train-runs")
 
 
-def assert_the_train_job_reads(shards: Path, clean_run: Path, storage: Path) -> None:
-    """The train job's inputs from these shards and their clean run: its checks pass, and
-    its reader yields every usable sample once, under the manifest's sample id and label.
-    (The whole train job runs on shards made from S3 below; what differs between layouts
-    is only what these shards and the manifest hold.)"""
+def assert_the_train_job_reads(shards: Path | str, clean_run: Path | str, storage: Path | str):
+    """The train job's inputs from these shards (a folder or an s3:// prefix) and their clean
+    run: its checks pass, and its Ray Train reader yields every usable sample once, under the
+    manifest's sample id and label. (The train job trains on shards made from S3 below; what
+    differs between layouts is only what these shards and the manifest hold.)"""
     from jobs.train import training_inputs
     from training.config import TrainJobConfig
     from training.data import decoded_with_ids
@@ -70,7 +70,7 @@ def assert_the_train_job_reads(shards: Path, clean_run: Path, storage: Path) -> 
         [
             f"data.input={shards}",
             f"data.manifest={clean_run}",
-            f"data.classes={shards / 'classes.yaml'}",
+            f"data.classes={str(shards).rstrip('/')}/classes.yaml",
             "data.test_input=null",
             f"run.storage={storage}",
         ],
@@ -102,8 +102,10 @@ def _upload(client, folder: Path, bucket: str, prefix: str) -> None:
 
 
 def test_s3_in_s3_out_then_clean_and_train_jobs(local_ray, tmp_path):
-    """An image folder on S3 -> shards on S3 -> the clean job -> one epoch of the train job."""
-    from jobs.train import run_train
+    """An image folder on S3 -> shards on S3 -> the clean job -> the train job's Ray Train
+    reader, and one epoch of the train job in process (its input checks, reader of shards
+    and MixFix core; Ray Train on S3 is run by test_job_submit_e2e)."""
+    from jobs.train import train_in_process
     from training.config import TrainJobConfig
 
     for split, count in (("train", 24), ("test", 6)):
@@ -149,6 +151,10 @@ def test_s3_in_s3_out_then_clean_and_train_jobs(local_ray, tmp_path):
         ],
         TrainJobConfig,
     )
-    trained = run_train(cfg)
-    assert trained["epochs_completed"] == 1
-    assert 0.0 <= trained["final"]["test_accuracy"] <= 1.0
+    assert_the_train_job_reads(
+        "s3://ingest/shards/train", "s3://ingest/runs/clean", "s3://ingest/runs/train"
+    )
+    history = train_in_process(cfg)
+    assert [h["epoch"] for h in history] == [1]
+    assert history[0]["train_samples"] > 0
+    assert 0.0 <= history[0]["test_accuracy"] <= 1.0

@@ -7,10 +7,7 @@ import pty
 import subprocess
 import sys
 
-import pytest
-
 from cleaner.progress import ProgressLog, configure_ray_data_progress, format_duration
-from tests.conftest import REPO_ROOT
 
 
 class Clock:
@@ -93,36 +90,5 @@ def test_interactive_runs_keep_their_bars():
     assert "bars False" in run_on_a_terminal(code, {**env, "RAY_DATA_DISABLE_PROGRESS_BARS": "1"})
 
 
-@pytest.mark.integration
-def test_clean_job_log_in_a_file_has_progress_lines_and_no_redrawn_bars(demo_shards, tmp_path):
-    log_path = tmp_path / "clean.log"
-    env = {**os.environ, "CLIPCLEANER_PROGRESS_INTERVAL_S": "0"}
-    env.pop("RAY_DATA_DISABLE_PROGRESS_BARS", None)
-    args = [
-        f"data.input={demo_shards}",
-        "data.classes=demo",
-        f"output={tmp_path / 'run'}",
-        "ray.num_cpus=2",
-        "scoring.max_actors=1",
-        "scoring.batch_size=64",
-    ]
-    with open(log_path, "wb") as log:
-        done = subprocess.run(
-            [sys.executable, "-m", "jobs.clean", *args],
-            cwd=REPO_ROOT,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            timeout=600,
-        )
-    text = log_path.read_bytes()
-    assert done.returncode == 0, text[-3000:].decode(errors="replace")
-    assert b"\r" not in text, "carriage-return progress redraws in a non-interactive log"
-    shards = len(list(demo_shards.glob("*.tar")))
-    progress = [
-        line for line in text.decode().splitlines() if line.startswith("[score] ") and "/s" in line
-    ]
-    assert len(progress) >= shards  # interval 0: a line per shard written, plus the last
-    assert progress[-1].startswith(f"[score] {shards}/{shards} shards, 400 samples")
-    assert "done in" in progress[-1]
-    print(f"\nlog: {len(text)} bytes, {len(text.splitlines())} lines")
+# A clean job's log off a terminal (one-line progress, no redrawn bars) is checked on the
+# job of tests/test_fault_tolerance.py, which also kills a scorer: one job start-up for both.
