@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cluster.local.localcluster import LocalCluster, free_port, local_runtime_env
+from cluster.local.submit import ray_job_submit
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -297,29 +298,13 @@ def read_json(client, bucket: str, key: str) -> dict:
     return json.loads(client.get_object(Bucket=bucket, Key=key)["Body"].read())
 
 
-def ray_cli(env: dict, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [str(Path(sys.executable).parent / "ray"), *args],
-        env=env,
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
-
-
 def submit(env: dict, address: str, *entrypoint: str, wait: bool = True, job_id: str = "") -> str:
     """`ray job submit` with the project's runtime env (the repo in place: `local_runtime_env`);
     returns the job's output (wait) or id."""
     job_id = job_id or f"e2e-{uuid.uuid4().hex[:8]}"
-    args = ["job", "submit", f"--address={address}", f"--runtime-env-json={local_runtime_env()}"]
-    args += [f"--submission-id={job_id}"] + ([] if wait else ["--no-wait"])
-    for _ in range(30):  # the dashboard learns of the head's agent a little after `ray start`
-        done = ray_cli(env, *args, "--", "python", "-m", *entrypoint)
-        if "No available agent" not in done.stdout + done.stderr:
-            break
-        time.sleep(5)
+    options = [f"--runtime-env-json={local_runtime_env()}", f"--submission-id={job_id}"]
+    options += [] if wait else ["--no-wait"]
+    done = ray_job_submit(address, env, options, ["python", "-m", *entrypoint])
     if done.returncode != 0:
         raise RuntimeError(f"job {job_id} failed:\n{done.stdout[-6000:]}\n{done.stderr[-3000:]}")
     return done.stdout if wait else job_id

@@ -7,9 +7,7 @@ from __future__ import annotations
 import io
 import json
 import os
-import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
@@ -17,8 +15,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from cluster.local.localcluster import cluster_pids, kill_pids
+from cluster.local.submit import ray_cli, ray_job_submit
 from tests.conftest import (
-    REPO_ROOT,
     S3_ENV,
     count_samples,
     free_port,
@@ -28,18 +26,6 @@ from tests.conftest import (
 
 pytestmark = pytest.mark.e2e
 BIN = Path(sys.executable).parent
-
-
-def ray_cli(*args: str, env: dict, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [str(BIN / "ray"), *args],
-        env=env,
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
 
 
 @pytest.fixture(scope="module")
@@ -75,36 +61,12 @@ def token_head(s3_endpoint, tmp_path_factory):
         kill_pids(cluster_pids(str(temp_dir)))
 
 
-AGENT_NOT_READY = "No available agent to submit job"
-
-
-def submit_job(address: str, env: dict, module: str, *overrides: str, agent_wait_s: float = 180):
-    """`ray job submit` of `python -m <module> ...` with the project's runtime env; asserts
-    it succeeded.
-
-    The dashboard learns of a just-started head's job agent a little after `ray start`
-    (benchmarks.cluster_e2e.submit waits the same way): the submission is refused before
-    any job exists, so it is retried until the agent answers or agent_wait_s has passed.
-    """
-    deadline = time.monotonic() + agent_wait_s
-    while True:
-        submitted = ray_cli(
-            "job",
-            "submit",
-            f"--address={address}",
-            "--runtime-env=ray_config.yaml",
-            "--",
-            "python",
-            "-m",
-            module,
-            *overrides,
-            env=env,
-            timeout=900,
-        )
-        refused = AGENT_NOT_READY in submitted.stdout + submitted.stderr
-        if submitted.returncode == 0 or not refused or time.monotonic() > deadline:
-            break
-        time.sleep(3)
+def submit_job(address: str, env: dict, module: str, *overrides: str):
+    """`ray job submit` of `python -m <module> ...` with the project's runtime env file, as a
+    user runs it; asserts it succeeded."""
+    submitted = ray_job_submit(
+        address, env, ["--runtime-env=ray_config.yaml"], ["python", "-m", module, *overrides]
+    )
     assert submitted.returncode == 0, submitted.stdout[-4000:] + submitted.stderr[-4000:]
     return submitted
 
