@@ -12,6 +12,7 @@ import time
 import pytest
 
 from cluster.local.localcluster import kill_pids, node_pids, nodes_running
+from tests.test_training_integration import process_pids
 
 # The "raylet": its command line names the temp dir; its child's names the actor and method.
 RAYLET = """
@@ -38,20 +39,12 @@ def fake_node(tmp_path):
         child = int(raylet.stdout.readline())
         started.extend([raylet.pid, child])
         deadline = time.time() + 10  # the child's command line is readable once it has exec'd
-        while time.time() < deadline and title not in _cmdline(child):
+        while time.time() < deadline and child not in process_pids(title.encode()):
             time.sleep(0.05)
         return raylet.pid, child
 
     yield str(tmp_path / "session"), start
     kill_pids(started, grace_s=0)
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode()
-    except OSError:
-        return ""
 
 
 def test_nodes_running_finds_the_node_of_a_titled_worker_and_skips_the_excluded(fake_node):

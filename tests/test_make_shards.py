@@ -61,6 +61,7 @@ def assert_the_train_job_reads(shards: Path | str, clean_run: Path | str, storag
     run: its checks pass, and its Ray Train reader yields every usable sample once, under the
     manifest's sample id and label. (The train job trains on shards made from S3 below; what
     differs between layouts is only what these shards and the manifest hold.)"""
+    from cleaner.reading import uri as uri_lib
     from jobs.train import training_inputs
     from training.config import TrainJobConfig
     from training.data import decoded_with_ids
@@ -70,7 +71,7 @@ def assert_the_train_job_reads(shards: Path | str, clean_run: Path | str, storag
         [
             f"data.input={shards}",
             f"data.manifest={clean_run}",
-            f"data.classes={str(shards).rstrip('/')}/classes.yaml",
+            f"data.classes={uri_lib.join(str(shards), 'classes.yaml')}",
             "data.test_input=null",
             f"run.storage={storage}",
         ],

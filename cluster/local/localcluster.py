@@ -140,17 +140,22 @@ def cluster_pids(temp_dir: str) -> list[int]:
     return [pid for pid in _with_descendants(roots) if pid != me]
 
 
+def _node_roots(temp_dir: str, processes: list[tuple[int, str]]) -> dict[str, list[int]]:
+    """Node id -> the processes the fake provider started for that node (raylet, log
+    monitor): they name the cluster's temp dir and carry RAY_OVERRIDE_NODE_ID_FOR_TESTING."""
+    marker, roots = str(Path(temp_dir).resolve()), {}
+    for pid, cmd in processes:
+        node_id = _environ(pid).get("RAY_OVERRIDE_NODE_ID_FOR_TESTING") if marker in cmd else None
+        if node_id:
+            roots.setdefault(node_id, []).append(pid)
+    return roots
+
+
 def node_pids(temp_dir: str, node_id: str) -> list[int]:
     """Processes of one fake node: the provider starts each node's processes (raylet, log
     monitor) with RAY_OVERRIDE_NODE_ID_FOR_TESTING=<node id>; agents and workers descend
     from its raylet."""
-    marker = str(Path(temp_dir).resolve())
-    roots = [
-        pid
-        for pid, cmd in _processes()
-        if marker in cmd and _environ(pid).get("RAY_OVERRIDE_NODE_ID_FOR_TESTING") == node_id
-    ]
-    return _with_descendants(roots)
+    return _with_descendants(_node_roots(temp_dir, _processes()).get(node_id, []))
 
 
 def nodes_running(temp_dir: str, fragment: str, unless: str = "") -> set[str]:
@@ -161,12 +166,12 @@ def nodes_running(temp_dir: str, fragment: str, unless: str = "") -> set[str]:
     matching = {pid for pid, cmd in processes if fragment in cmd and not (unless and unless in cmd)}
     if not matching:
         return set()
-    marker, tree, found = str(Path(temp_dir).resolve()), _children(), set()
-    for pid, cmd in processes:
-        node_id = _environ(pid).get("RAY_OVERRIDE_NODE_ID_FOR_TESTING") if marker in cmd else None
-        if node_id and matching & set(_with_descendants([pid], tree)):
-            found.add(node_id)
-    return found
+    tree = _children()
+    return {
+        node_id
+        for node_id, roots in _node_roots(temp_dir, processes).items()
+        if matching & set(_with_descendants(roots, tree))
+    }
 
 
 def kill_pids(pids: list[int], grace_s: float = 5.0, sig: int = signal.SIGTERM) -> None:
