@@ -28,6 +28,11 @@ class DataConfig(StrictModel):
         description="folder, s3:// prefix, brace pattern (shard-{000..009}.tar) or list of these"
     )
     classes: str = Field(description="class spec YAML (local, file:// or s3://); 'demo' = bundled")
+    test_input: str | list[str] | None = Field(
+        default=None,
+        description="test shards (as input): embedded too, so that train samples that "
+        "duplicate a test sample are flagged (test_duplicate_of)",
+    )
     image_extensions: list[str] = ["jpg", "jpeg", "png", "webp", "bmp"]
 
 
@@ -141,6 +146,40 @@ class SelectionConfig(StrictModel):
     )
 
 
+class ChecksConfig(StrictModel):
+    """The embedding checks after the selection (docs/checks.md): off-topic images, exact
+    and near duplicates, train/test leaks."""
+
+    off_topic: bool = Field(default=True, description="flag images that fit none of the classes")
+    off_topic_score: Literal["max_p", "max_similarity"] = Field(
+        default="max_p",
+        description="the score whose mixture finds them: zero-shot max probability, or the "
+        "best cosine to any class prompt (measured: docs/benchmarks.md)",
+    )
+    duplicates: bool = Field(default=True, description="exact and near-duplicate groups")
+    test_leaks: bool = Field(
+        default=True, description="train samples that duplicate a test sample (data.test_input)"
+    )
+    near_threshold: float | Literal["auto"] = Field(
+        default="auto",
+        description="cosine above which two embeddings are near duplicates; auto: "
+        "calibrated on the run (docs/checks.md)",
+    )
+    neighbours: int = Field(default=16, ge=1, le=256, description="neighbours searched per image")
+    conflicts_as_evidence: bool = Field(
+        default=False,
+        description="a duplicate whose label disagrees with its group's best-supported "
+        "label is not clean (measured: docs/benchmarks.md)",
+    )
+
+    @field_validator("near_threshold")
+    @classmethod
+    def _cosine(cls, v: float | str) -> float | str:
+        if not isinstance(v, str) and not 0.0 < v <= 1.0:
+            raise ValueError(f"near_threshold ({v}) must be a cosine in (0, 1] or 'auto'")
+        return v
+
+
 class RayConfig(StrictModel):
     """How the job reaches Ray: an address, RAY_ADDRESS, or a new local instance."""
 
@@ -156,6 +195,7 @@ class CleanJobConfig(StrictModel):
     model: ModelConfig = ModelConfig()
     scoring: ScoringConfig = ScoringConfig()
     selection: SelectionConfig = SelectionConfig()
+    checks: ChecksConfig = ChecksConfig()
     ray: RayConfig = RayConfig()
     seed: int = 0
     resume: bool = Field(default=True, description="skip shards whose scores already exist")

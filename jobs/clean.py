@@ -13,12 +13,15 @@ import json
 import logging
 import time
 
+from cleaner.checks.manifest_columns import ManifestChecks, checks_summary
+from cleaner.checks.search import run_checks
 from cleaner.config import CleanJobConfig, ConfigError, load_config
 from cleaner.progress import configure_ray_data_progress
 from cleaner.reading import uri as uri_lib
 from cleaner.reading.preflight import check_clean_job_io, check_labels_match_spec
 from cleaner.reading.shards import fetch_thumbnails
-from cleaner.report import top_noisy_keys, write_report
+from cleaner.report import checks_thumbnail_keys, top_noisy_keys, write_report
+from cleaner.scoring.columns import SCORE_FORMAT
 from cleaner.scoring.models import check_model_config
 from cleaner.scoring.pipeline import (
     SCORES_DIR,
@@ -44,6 +47,8 @@ from jobs.common import (
 )
 
 log = logging.getLogger(__name__)
+TEST_SCORES_DIR = "test_scores"
+MAX_LEAK_THUMBNAILS = 200
 
 
 def run_clean(cfg: CleanJobConfig) -> dict:
@@ -84,7 +89,9 @@ def run_clean(cfg: CleanJobConfig) -> dict:
     timings["setup_s"] = time.perf_counter() - t0
     t1 = time.perf_counter()
     scores_uri = uri_lib.join(cfg.output, SCORES_DIR)
-    fingerprint = cfg.fingerprint(*spec.names, *[p for ps in spec.prompts() for p in ps])
+    fingerprint = cfg.fingerprint(
+        SCORE_FORMAT, *spec.names, *[p for ps in spec.prompts() for p in ps]
+    )
     stats = score_shards(
         cfg,
         shards,
@@ -96,11 +103,34 @@ def run_clean(cfg: CleanJobConfig) -> dict:
         resize,
         plan=scorer_plan,
     )
+    test_shards, test_score_uris = [], []
+    if cfg.data.test_input and cfg.checks.test_leaks:  # embedded for the train/test leak check
+        test_shards = uri_lib.expand_shard_spec(cfg.data.test_input)
+        test_scores = uri_lib.join(cfg.output, TEST_SCORES_DIR)
+        bank_ref = ray.put(bank)
+        score_shards(
+            cfg,
+            test_shards,
+            bank_ref,
+            spec.names,
+            image_size,
+            test_scores,
+            fingerprint,
+            resize,
+            plan=scorer_plan,
+        )
+        test_names = shard_output_names(test_shards)
+        test_score_uris = [uri_lib.join(test_scores, test_names[s]) for s in test_shards]
     timings["scoring_s"] = time.perf_counter() - t1
 
     t2 = time.perf_counter()
     names = shard_output_names(shards)
     score_uris = [uri_lib.join(scores_uri, names[s]) for s in shards]
+    checks = run_checks(score_uris, test_score_uris, cfg.checks, seed=cfg.seed)
+    finish = ManifestChecks(checks, conflicts_as_evidence=cfg.checks.conflicts_as_evidence)
+    print(f"[checks] {json.dumps(checks_summary(checks), default=str)}", flush=True)
+    timings["checks_s"] = time.perf_counter() - t2
+    t2 = time.perf_counter()
     plan = choose_mode(cfg.selection, score_uris, spec.num_classes)
     print(
         f"[fit] {plan.mode} global fit over {plan.samples} samples (in-memory estimate "
@@ -111,7 +141,7 @@ def run_clean(cfg: CleanJobConfig) -> dict:
     if plan.mode == "in_memory":
         table = read_scores(scores_uri, [names[s] for s in shards], with_embeddings=True)
         manifest, parts = fit_and_build_manifest(
-            table, cfg.selection, spec.names, bank, cfg.scoring.tau, seed=cfg.seed
+            table, cfg.selection, spec.names, bank, cfg.scoring.tau, seed=cfg.seed, finish=finish
         )
         del table
         uri_lib.write_bytes(manifest_uri, table_to_parquet_bytes(manifest))
@@ -125,6 +155,7 @@ def run_clean(cfg: CleanJobConfig) -> dict:
             cfg.scoring.tau,
             manifest_uri,
             seed=cfg.seed,
+            finish=finish,
         )
         manifest = read_manifest_for_report(manifest_uri)
     parts["fit"] = plan.as_dict()
@@ -152,6 +183,7 @@ def run_clean(cfg: CleanJobConfig) -> dict:
             },
         },
         **parts,
+        "checks": checks_summary(checks),
         "timings": {k: round(v, 3) for k, v in timings.items()},
         "config": cfg.model_dump(mode="json"),
         "versions": package_versions(),
@@ -163,6 +195,7 @@ def run_clean(cfg: CleanJobConfig) -> dict:
             summary,
             uri_lib.join(cfg.output, "report.html"),
             thumbnails=report_thumbnails(manifest, cfg.data.image_extensions),
+            test_thumbnails=test_thumbnails(checks, cfg.data.image_extensions),
         )
     except Exception as err:  # the report must not fail a job whose manifest is written
         log.exception("report.html could not be written")
@@ -187,8 +220,8 @@ def finished_run_fingerprint(cfg: CleanJobConfig, shards: list[str], spec) -> st
 
 
 def report_thumbnails(manifest, extensions: list[str]) -> dict[str, bytes]:
-    """Thumbnails of the noisy samples the report lists, read back from their shards."""
-    keys = set(top_noisy_keys(manifest))
+    """Thumbnails of the samples the report lists, read back from their shards."""
+    keys = set(top_noisy_keys(manifest)) | set(checks_thumbnail_keys(manifest))
     by_shard: dict[str, list[str]] = {}
     for key, shard in zip(
         manifest.column("key").to_pylist(), manifest.column("shard").to_pylist(), strict=True
@@ -198,11 +231,19 @@ def report_thumbnails(manifest, extensions: list[str]) -> dict[str, bytes]:
     return fetch_thumbnails(by_shard, extensions)
 
 
+def test_thumbnails(checks, extensions: list[str]) -> dict[str, bytes]:
+    """Thumbnails of the test samples that train samples duplicate (the report's leaks)."""
+    by_shard: dict[str, list[str]] = {}
+    for key, shard in list(checks.test_keys.values())[:MAX_LEAK_THUMBNAILS]:
+        by_shard.setdefault(shard, []).append(key)
+    return fetch_thumbnails(by_shard, extensions)
+
+
 def print_summary(summary: dict) -> None:
     counts = summary["counts"]
     print(
         f"[clean] {counts['samples']} samples: {counts['clean']} clean, {counts['noisy']} noisy, "
-        f"{counts['failed']} failed; outputs in {summary['output']}",
+        f"{counts['failed']} failed, {counts.get('off_topic', 0)} off-topic; outputs in {summary['output']}",
         flush=True,
     )
     for reason, count in list(counts.get("failed_by_reason", {}).items())[:10]:

@@ -31,7 +31,7 @@ class SampleIndex:
     offsets: dict[str, int]
     labels: np.ndarray  # int64[N], given labels (-1 where unusable)
     is_clean: np.ndarray  # bool[N], the clean job's selection
-    trainable: np.ndarray  # bool[N], status clean or noisy (not failed)
+    trainable: np.ndarray  # bool[N], status clean or noisy (not failed, not off_topic)
     true_labels: np.ndarray | None  # int64[N] (-1 unknown) when the shards carried them
     # int32[N, k]: CLIP's zero-shot top-k classes (-1 unknown), loaded only when asked for
     zeroshot_topk: np.ndarray | None = None
@@ -93,7 +93,8 @@ def load_sample_index(manifest_uri: str, zeroshot_topk: int = 0) -> SampleIndex:
         offsets=offsets,
         labels=table.column("label").to_numpy().astype(np.int64),
         is_clean=table.column("is_clean").to_numpy(zero_copy_only=False).astype(bool),
-        trainable=status != "failed",
+        # off-topic images fit no class: never trained on nor relabelled (docs/checks.md)
+        trainable=(status != "failed") & (status != "off_topic"),
         true_labels=None if true_labels is None else true_labels.astype(np.int64),
         zeroshot_topk=fixed_width_rows(table.column("topk_labels_zeroshot"), zeroshot_topk)
         if zeroshot_topk > 0

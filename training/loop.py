@@ -265,6 +265,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 per_worker_batch * 2,
             )
             max_prob, pred = combine_predictions(gather_objects(mine[:3], world), index.labels)
+            max_prob = np.where(index.trainable, max_prob, 0.0)  # never absorbed nor relabelled
             update = update_selection(
                 state,
                 max_prob,

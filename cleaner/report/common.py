@@ -81,6 +81,9 @@ SECTIONS = (
     ("roc", "ROC and precision-recall of clean_score"),
     ("failures", "Failures"),
     ("noisy", "Most confident noisy samples"),
+    ("off-topic", "Most confident off-topic samples"),
+    ("conflicts", "Duplicates with conflicting labels"),
+    ("leaks", "Train samples that duplicate a test sample"),
 )
 
 
@@ -132,9 +135,11 @@ class _ReportData:
             status = manifest.column("status")
             ok = ~np.asarray(pc.fill_null(pc.equal(status, "failed"), True).to_numpy(), bool)
             status_clean = np.asarray(pc.fill_null(pc.equal(status, "clean"), False).to_numpy())
+            off_topic = np.asarray(pc.fill_null(pc.equal(status, "off_topic"), False).to_numpy())
         else:
             ok = np.ones(n, bool)
             status_clean = None
+            off_topic = np.zeros(n, bool)
         is_clean = _numeric(manifest, "is_clean", False, bool)
         if is_clean is None:
             is_clean = status_clean if status_clean is not None else np.zeros(n, bool)
@@ -171,7 +176,7 @@ class _ReportData:
             labels=labels,
             ok=ok,
             clean=clean,
-            noisy=ok & ~clean,
+            noisy=ok & ~clean & ~off_topic,  # off-topic samples have their own section
             backfilled=backfilled,
             suggested=suggested,
             confidence=confidence,

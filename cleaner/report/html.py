@@ -23,6 +23,7 @@ from collections.abc import Mapping
 import pyarrow as pa
 
 from cleaner.reading import uri as uri_lib
+from cleaner.report.checks import section_conflicts, section_leaks, section_off_topic
 from cleaner.report.common import MAX_NOISY_ROWS, SECTIONS, _ReportData, _take_column
 from cleaner.report.plots import _section_clean_fraction, _section_histograms, _section_roc
 from cleaner.report.tables import (
@@ -69,6 +70,7 @@ def render_report(
     manifest: pa.Table,
     summary: Mapping | None,
     thumbnails: Mapping[str, bytes] | None = None,
+    test_thumbnails: Mapping[str, bytes] | None = None,
 ) -> str:
     """The HTML text of the report for one run.
 
@@ -88,6 +90,9 @@ def render_report(
         _section_roc(data) if data.has_truth else "",
         _section_failures(data, summary),
         _section_noisy(data, thumbnails or {}),
+        section_off_topic(manifest, summary, thumbnails or {}),
+        section_conflicts(manifest, summary, thumbnails or {}),
+        section_leaks(manifest, summary, thumbnails or {}, test_thumbnails or {}),
     ]
     present = [(sid, title) for sid, title in SECTIONS if sid != "roc" or data.has_truth]
     nav = " ".join(f'<a href="#{sid}">{html.escape(title)}</a>' for sid, title in present)
@@ -109,9 +114,13 @@ def write_report(
     summary: Mapping | None,
     target_uri: str,
     thumbnails: Mapping[str, bytes] | None = None,
+    test_thumbnails: Mapping[str, bytes] | None = None,
 ) -> None:
-    """Render the report and write it to a local path, file:// or s3:// URI."""
-    uri_lib.write_text(target_uri, render_report(manifest, summary, thumbnails=thumbnails))
+    """Render the report and write it to a local path, file:// or s3:// URI.
+
+    test_thumbnails: by test key, for the leak section (test keys may repeat train keys)."""
+    html_text = render_report(manifest, summary, thumbnails, test_thumbnails)
+    uri_lib.write_text(target_uri, html_text)
 
 
 def top_noisy_keys(manifest: pa.Table, n: int = MAX_NOISY_ROWS) -> list[str]:

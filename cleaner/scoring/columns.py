@@ -22,4 +22,8 @@ SCORE_OUTPUT_COLUMNS = (
     "topk_labels",
     "topk_probs",
     "embedding",
+    *("content_hash", "max_similarity", "twin_cosine"),  # for the embedding checks
 )
+
+SCORE_FORMAT = "2"
+"""Bumped when the score files gain or change columns: older score files are rescored."""

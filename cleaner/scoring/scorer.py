@@ -8,16 +8,43 @@ in-process too, which is how the unit tests and the benchmark's model-only stage
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import warnings
 
 import numpy as np
 import torch
 
+from cleaner.checks.perturb import EDITS, edit_pixels
 from cleaner.config import ModelConfig
 from cleaner.reading.shards import STATUS_OK
 from cleaner.scoring.columns import PASSTHROUGH_COLUMNS, SCORE_OUTPUT_COLUMNS
 from cleaner.scoring.models import LoadedClip, load_clip
 from cleaner.scoring.prompts import PromptBank, ensemble_log_probs
+from cleaner.selection.probe_streaming import stable_hash
+
+TWIN_EVERY = 64
+"""One image in this many (chosen by key hash) is also embedded as an edited copy; the
+cosine to its copy (`twin_cosine`) calibrates the near-duplicate threshold (docs/checks.md)."""
+
+
+def content_hashes(images: np.ndarray, usable: np.ndarray) -> np.ndarray:
+    """Per row: a 128-bit hash (hex) of its decoded pixels at the model's input size, or
+    None where the row is not usable. Identical bytes decode to identical pixels."""
+    out = np.full(len(images), None, dtype=object)
+    for row in np.nonzero(usable)[0]:
+        pixels = np.ascontiguousarray(images[row])
+        digest = hashlib.blake2b(pixels.tobytes(), digest_size=16)
+        digest.update(str(pixels.shape).encode())
+        out[row] = digest.hexdigest()
+    return out
+
+
+def twin_rows(keys: np.ndarray, usable: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, key hashes) of the usable rows whose key hash picks them for calibration;
+    the hash also picks the edit and seeds its strength (the same whatever the batch)."""
+    hashed = stable_hash(np.asarray(keys, dtype=object).astype(str), seed=TWIN_EVERY)
+    rows = np.nonzero(usable & (hashed % np.uint64(TWIN_EVERY) == 0))[0]
+    return rows, hashed[rows] // np.uint64(TWIN_EVERY)
 
 
 class ClipScorer:
@@ -49,6 +76,9 @@ class ClipScorer:
             self.clip.model.to(self.clip.amp_dtype)
         self.text = torch.tensor(prompt_bank.features).to(self.clip.device)
         self.mask = torch.tensor(prompt_bank.mask).to(self.clip.device)
+        # every prompt's features as one [D, K*J] matrix, padding at -inf similarity
+        self.flat_text = self.text.reshape(-1, self.text.shape[-1]).T.contiguous()
+        self.flat_pad = torch.where(self.mask.reshape(-1), 0.0, float("-inf"))
         self.tau, self.top_k = tau, min(top_k, prompt_bank.num_classes)
         shape = (1, 3, 1, 1)
         self.mean = torch.from_numpy(self.clip.mean).reshape(shape).to(self.clip.device)
@@ -90,19 +120,42 @@ class ClipScorer:
         probs = ensemble_log_probs(feats, self.text, self.mask, self.tau).exp_()
         top_p, top_i = probs.topk(self.top_k, dim=-1)
         k, width = probs.shape[1], self.top_k
-        host = torch.cat([probs, top_p, top_i.to(torch.float32), feats], dim=1).cpu().numpy()
+        best = (feats @ self.flat_text + self.flat_pad).amax(dim=1, keepdim=True)
+        host = torch.cat([probs, top_p, top_i.to(torch.float32), best, feats], dim=1)
+        host = host.cpu().numpy()
         return {
             "probs": host[:, :k],
             "topk_probs": host[:, k : k + width],
             "topk_labels": host[:, k + width : k + 2 * width].astype(np.int64),
-            "embedding": host[:, k + 2 * width :].astype(np.float16),
+            "max_similarity": host[:, k + 2 * width],
+            "embedding": host[:, k + 2 * width + 1 :].astype(np.float16),
         }
+
+    @torch.no_grad()
+    def twin_cosines(self, images: np.ndarray, keys: np.ndarray, usable: np.ndarray, feats):
+        """float32 per row: cosine between the image and an edited copy (`TWIN_EVERY`
+        rows in one), NaN for the others."""
+        out = np.full(len(images), np.nan, dtype=np.float32)
+        rows, hashed = twin_rows(keys, usable)
+        if len(rows):
+            copies = np.stack(
+                [
+                    edit_pixels(
+                        images[r], EDITS[int(h) % len(EDITS)], np.random.default_rng(int(h))
+                    )
+                    for r, h in zip(rows, hashed, strict=True)
+                ]
+            )
+            twins = self.embed(copies).cpu().numpy()
+            out[rows] = (twins * feats[rows].astype(np.float32)).sum(axis=1)
+        return out
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         scored = self.score(batch["image"])
         probs_np = scored["probs"]
         labels = np.asarray(batch["label"], dtype=np.int64)
-        ok = (np.asarray(batch["status"]) == STATUS_OK) & (labels >= 0)
+        ok_image = np.asarray(batch["status"]) == STATUS_OK  # decoded: a real image
+        ok = ok_image & (labels >= 0)
         p_label = np.full(len(labels), np.nan, dtype=np.float32)
         rows = np.nonzero(ok)[0]
         p_label[rows] = probs_np[rows, labels[rows]]
@@ -114,5 +167,10 @@ class ClipScorer:
             topk_labels=scored["topk_labels"],
             topk_probs=scored["topk_probs"].astype(np.float32),
             embedding=scored["embedding"],
+            content_hash=content_hashes(batch["image"], ok_image),
+            max_similarity=scored["max_similarity"].astype(np.float32),
+            twin_cosine=self.twin_cosines(
+                batch["image"], batch["key"], ok_image, scored["embedding"]
+            ),
         )
         return out

@@ -7,6 +7,8 @@ This is the only step that sees the whole dataset, and it reads only the small c
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import pyarrow as pa
 
@@ -67,11 +69,17 @@ def fit_and_build_manifest(
     bank: PromptBank,
     tau: float,
     seed: int = 0,
+    finish: Callable[[pa.Table, int], pa.Table] | None = None,
 ) -> tuple[pa.Table, dict]:
-    """The in-memory global fit over a whole score table: (manifest, summary parts)."""
+    """The in-memory global fit over a whole score table: (manifest, summary parts).
+
+    finish(manifest, 0), when given, adds columns to the manifest before it is summarised
+    (the embedding checks: cleaner/checks/manifest_columns.py)."""
     keys = np.asarray(table.column("key").to_pylist(), dtype=object)
     shards = np.asarray(table.column("shard").to_pylist(), dtype=object)
     batch = ScoreBatch(table, duplicate_rows_in_memory(keys, shards))
     fitted, probe_probs = fit_in_memory(batch, selection_cfg, len(class_names), seed)
     manifest = build_manifest(batch, fitted, probe_probs, selection_cfg, class_names, bank, tau)
+    if finish is not None:
+        manifest = finish(manifest, 0)
     return manifest, summary_with_fit(manifest_summary_columns(manifest), fitted, class_names)

@@ -24,7 +24,7 @@ the materialised blocks of the selection's small columns (`block_tasks_runner`);
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -299,10 +299,13 @@ def fit_and_write_manifest_distributed(
     tau: float,
     manifest_uri: str,
     seed: int = 0,
+    finish: Callable[[pa.Table, int], pa.Table] | None = None,
 ) -> dict:
     """The distributed global fit; writes manifest_uri and returns the summary parts.
 
     score_uris[i] holds the scores of shards[i]; the manifest lists them in that order.
+    finish(part, first manifest row), when given, adds columns to each part on the driver
+    before it is written (the embedding checks: cleaner/checks/manifest_columns.py).
     """
     import ray
 
@@ -372,9 +375,12 @@ def fit_and_write_manifest_distributed(
     )
 
     kept: dict[str, list[np.ndarray]] = {name: [] for name in SUMMARY_COLUMNS}
-    written = 0
+    written = rows_written = 0
     with ManifestWriter(manifest_uri) as writer:
         for part in ordered_results(task, argument_lists, window):
+            if finish is not None:
+                part = finish(part, rows_written)
+            rows_written += part.num_rows
             writer.write(part)
             for name in SUMMARY_COLUMNS:
                 kept[name].append(part.column(name).to_numpy(zero_copy_only=False))

@@ -170,6 +170,8 @@ def build_manifest(
             )
     argmax_zs = np.where(ok, table.column("argmax").to_numpy(), -1)
     columns["argmax_zeroshot"] = pa.array(argmax_zs)
+    if "max_similarity" in table.column_names:  # best image-prompt cosine (off-topic check)
+        columns["max_similarity"] = table.column("max_similarity").combine_chunks()
     columns["topk_labels_zeroshot"] = table.column("topk_labels").combine_chunks()
     columns["topk_probs_zeroshot"] = table.column("topk_probs").combine_chunks()
     columns["top_labels"] = fixed_size_list_array(spread_rows(hints.top_labels, -1, n, ok_idx))

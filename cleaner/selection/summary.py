@@ -38,6 +38,7 @@ def summarise(columns: Mapping[str, np.ndarray], selection_counts: dict, class_n
     argmax_zs = np.asarray(columns["argmax_zeroshot"], dtype=np.int64)
     n = status.shape[0]
     ok = status != STATUS_FAILED
+    off_topic = status == "off_topic"  # usable, neither clean nor noisy (cleaner/checks)
     failed_reasons = reason[~ok]
     duplicates = sum(1 for r in failed_reasons if str(r).startswith("duplicate key"))
     summary = {
@@ -47,7 +48,8 @@ def summarise(columns: Mapping[str, np.ndarray], selection_counts: dict, class_n
             "failed": int((~ok).sum()),
             "duplicate_keys": int(duplicates),
             "clean": int((ok & is_clean).sum()),
-            "noisy": int((ok & ~is_clean).sum()),
+            "noisy": int((ok & ~is_clean & ~off_topic).sum()),
+            "off_topic": int(off_topic.sum()),
             "noisy_with_suggestion": int((ok & ~is_clean & (suggested >= 0)).sum()),
             "failed_by_reason": failure_reasons(failed_reasons),
         },
