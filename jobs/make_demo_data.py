@@ -42,6 +42,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--image-format", choices=IMAGE_FORMATS, default="jpg")
     parser.add_argument("--prefix", default="shapes", help="shard and key prefix")
     parser.add_argument("--force", action="store_true", help="regenerate even if up to date")
+    contamination = parser.add_argument_group(
+        "contamination (cleaner/demo/contamination.py: one extra train shard + ground truth)"
+    )
+    contamination.add_argument("--off-topic", type=int, default=0, help="off-topic images")
+    contamination.add_argument("--near-duplicates", type=int, default=0, help="edited copies")
+    contamination.add_argument("--exact-duplicates", type=int, default=0, help="byte copies")
+    contamination.add_argument("--test-leaks", type=int, default=0, help="test images in train")
     args = parser.parse_args(argv)
     if args.num_samples < 1:
         parser.error("--num-samples must be positive")
@@ -76,6 +83,20 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
         make_splits(args)
+        counts = (args.off_topic, args.near_duplicates, args.exact_duplicates, args.test_leaks)
+        if any(counts):
+            from cleaner.demo.contamination import write_contamination
+
+            truth = write_contamination(
+                Path(args.out) / "train",
+                Path(args.out) / "test",
+                off_topic=args.off_topic,
+                near=args.near_duplicates,
+                exact=args.exact_duplicates,
+                leaks=args.test_leaks,
+                seed=args.seed,
+            )
+            print(f"[contamination] {len(truth['samples'])} samples injected", flush=True)
     except ValueError as error:  # invalid parameters, e.g. an image size below 8
         raise SystemExit(f"make_demo_data: {error}") from None
 

@@ -39,12 +39,19 @@ def content_hashes(images: np.ndarray, usable: np.ndarray) -> np.ndarray:
     return out
 
 
-def twin_rows(keys: np.ndarray, usable: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(rows, key hashes) of the usable rows whose key hash picks them for calibration;
-    the hash also picks the edit and seeds its strength (the same whatever the batch)."""
+def edited_copies(
+    images: np.ndarray, keys: np.ndarray, usable: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """(edited copies, their rows) of the usable rows whose key hash picks them for the
+    calibration; the hash also picks the edit and seeds it (the same whatever the batch)."""
     hashed = stable_hash(np.asarray(keys, dtype=object).astype(str), seed=TWIN_EVERY)
     rows = np.nonzero(usable & (hashed % np.uint64(TWIN_EVERY) == 0))[0]
-    return rows, hashed[rows] // np.uint64(TWIN_EVERY)
+    seeds = hashed[rows] // np.uint64(TWIN_EVERY)
+    copies = [
+        edit_pixels(images[r], EDITS[int(h) % len(EDITS)], np.random.default_rng(int(h)))
+        for r, h in zip(rows, seeds, strict=True)
+    ]
+    return (np.stack(copies) if copies else images[:0]), rows
 
 
 class ClipScorer:
@@ -113,48 +120,37 @@ class ClipScorer:
         return torch.nn.functional.normalize(feats.float(), dim=-1)
 
     @torch.no_grad()
-    def score(self, images: np.ndarray) -> dict[str, np.ndarray]:
-        """probs [B, K], top-k probs and labels, embeddings: computed on the device and
-        brought back in one transfer (one sync per batch)."""
+    def score(
+        self, images: np.ndarray, twins: np.ndarray | None = None, rows: np.ndarray | None = None
+    ) -> dict[str, np.ndarray]:
+        """probs [B, K], top-k probs and labels, the best prompt cosine, embeddings, and the
+        cosine of `rows` to their edited copies `twins` (NaN elsewhere): computed on the
+        device and brought back in one transfer (one sync per batch)."""
         feats = self.embed(images)
         probs = ensemble_log_probs(feats, self.text, self.mask, self.tau).exp_()
         top_p, top_i = probs.topk(self.top_k, dim=-1)
         k, width = probs.shape[1], self.top_k
         best = (feats @ self.flat_text + self.flat_pad).amax(dim=1, keepdim=True)
-        host = torch.cat([probs, top_p, top_i.to(torch.float32), best, feats], dim=1)
+        twin = torch.full_like(best, float("nan"))
+        if twins is not None and len(twins):
+            index = torch.as_tensor(rows, device=feats.device)
+            twin[index, 0] = (self.embed(twins) * feats[index]).sum(dim=1)
+        host = torch.cat([probs, top_p, top_i.to(torch.float32), best, twin, feats], dim=1)
         host = host.cpu().numpy()
         return {
             "probs": host[:, :k],
             "topk_probs": host[:, k : k + width],
             "topk_labels": host[:, k + width : k + 2 * width].astype(np.int64),
             "max_similarity": host[:, k + 2 * width],
-            "embedding": host[:, k + 2 * width + 1 :].astype(np.float16),
+            "twin_cosine": host[:, k + 2 * width + 1],
+            "embedding": host[:, k + 2 * width + 2 :].astype(np.float16),
         }
 
-    @torch.no_grad()
-    def twin_cosines(self, images: np.ndarray, keys: np.ndarray, usable: np.ndarray, feats):
-        """float32 per row: cosine between the image and an edited copy (`TWIN_EVERY`
-        rows in one), NaN for the others."""
-        out = np.full(len(images), np.nan, dtype=np.float32)
-        rows, hashed = twin_rows(keys, usable)
-        if len(rows):
-            copies = np.stack(
-                [
-                    edit_pixels(
-                        images[r], EDITS[int(h) % len(EDITS)], np.random.default_rng(int(h))
-                    )
-                    for r, h in zip(rows, hashed, strict=True)
-                ]
-            )
-            twins = self.embed(copies).cpu().numpy()
-            out[rows] = (twins * feats[rows].astype(np.float32)).sum(axis=1)
-        return out
-
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        scored = self.score(batch["image"])
+        ok_image = np.asarray(batch["status"]) == STATUS_OK  # decoded: a real image
+        scored = self.score(batch["image"], *edited_copies(batch["image"], batch["key"], ok_image))
         probs_np = scored["probs"]
         labels = np.asarray(batch["label"], dtype=np.int64)
-        ok_image = np.asarray(batch["status"]) == STATUS_OK  # decoded: a real image
         ok = ok_image & (labels >= 0)
         p_label = np.full(len(labels), np.nan, dtype=np.float32)
         rows = np.nonzero(ok)[0]
@@ -169,8 +165,6 @@ class ClipScorer:
             embedding=scored["embedding"],
             content_hash=content_hashes(batch["image"], ok_image),
             max_similarity=scored["max_similarity"].astype(np.float32),
-            twin_cosine=self.twin_cosines(
-                batch["image"], batch["key"], ok_image, scored["embedding"]
-            ),
+            twin_cosine=scored["twin_cosine"].astype(np.float32),
         )
         return out
