@@ -20,7 +20,7 @@ CELL_ROWS = 2000  # target rows per k-means cell: a flat search costs rows^2 per
 TRAIN_ROWS_PER_CELL = 40  # k-means training sample (faiss warns below 39 per centroid)
 MARGIN = 0.05  # a second cell when its centroid is within this cosine of the first's
 EDGE_DTYPE = np.dtype([("a", np.int64), ("b", np.int64), ("cosine", np.float32)])
-NN_BINS = 2000  # histogram of each row's best neighbour cosine over [-1, 1]
+NN_BINS = 2000  # histogram of each row's second-neighbour cosine over [-1, 1]
 
 
 def normalised(embeddings: np.ndarray) -> np.ndarray:
@@ -72,8 +72,10 @@ def assign_cells(
 
 @dataclass
 class CellResult:
-    """What a search over some cells returns: candidate edges and the train rows' best
-    neighbour cosines (a histogram, for the threshold's calibration)."""
+    """What a search over some cells returns: candidate edges and the train rows' cosines
+    to their SECOND nearest neighbour (a histogram, for the threshold's calibration: an
+    image with one copy has the copy as its nearest neighbour, but a distinct image as its
+    second, so duplicates barely move this distribution; docs/checks.md)."""
 
     edges: np.ndarray  # EDGE_DTYPE, a < b, cosine >= the floor
     nn_histogram: np.ndarray  # int64[NN_BINS]
@@ -109,8 +111,8 @@ def search_cells(
     """Exact k-NN inside each cell (faiss flat inner product) of the rows given.
 
     ids: global row ids (int64); cells: each row's cell; primary: whether this copy is
-    the row's nearest cell (its best neighbour counts once in the histogram); counted:
-    rows whose best neighbour goes into the histogram (train rows). Edges join two
+    the row's nearest cell (it counts once in the histogram); counted: rows whose second
+    neighbour goes into the histogram (train rows). Edges join two
     distinct ids at cosine >= floor.
     """
     import faiss
@@ -120,7 +122,7 @@ def search_cells(
     order = np.argsort(cells, kind="stable")
     bounds = np.flatnonzero(np.r_[True, cells[order][1:] != cells[order][:-1], True])
     found: list[np.ndarray] = []
-    best_all: list[np.ndarray] = []
+    second_all: list[np.ndarray] = []
     for start, stop in itertools.pairwise(bounds):
         members = order[start:stop]
         if len(members) < 2:
@@ -133,17 +135,18 @@ def search_cells(
         target = ids[members][hits.reshape(-1)]
         cosine = sims.reshape(-1)
         valid = (hits.reshape(-1) >= 0) & (source != target)
-        best = np.where(valid.reshape(-1, k), sims, -np.inf).max(axis=1)
-        keep_best = primary[members] & counted[members] & np.isfinite(best)
-        best_all.append(best[keep_best])
+        ranked = np.sort(np.where(valid.reshape(-1, k), sims, -np.inf), axis=1)
+        second = ranked[:, -2] if k >= 3 else np.full(len(members), -np.inf)
+        keep_second = primary[members] & counted[members] & np.isfinite(second)
+        second_all.append(second[keep_second])
         keep = valid & (cosine >= floor)
         a, b = np.minimum(source[keep], target[keep]), np.maximum(source[keep], target[keep])
         edges = np.empty(int(keep.sum()), dtype=EDGE_DTYPE)
         edges["a"], edges["b"], edges["cosine"] = a, b, cosine[keep]
         found.append(edges)
     edges = unique_edges(np.concatenate(found)) if found else np.empty(0, dtype=EDGE_DTYPE)
-    best = np.concatenate(best_all) if best_all else np.empty(0)
-    return CellResult(edges, nn_histogram(best))
+    second = np.concatenate(second_all) if second_all else np.empty(0)
+    return CellResult(edges, nn_histogram(second))
 
 
 def unique_edges(edges: np.ndarray) -> np.ndarray:

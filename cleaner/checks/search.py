@@ -46,7 +46,7 @@ from cleaner.reading.shards import STATUS_OK
 from cleaner.selection.probe_streaming import stable_hash
 
 TWIN_QUANTILE = 0.05  # the threshold keeps 95% of the calibration copies ...
-NN_TAIL = 0.01  # ... unless more than 1% of the images have a neighbour that close
+NN_TAIL = 0.01  # ... unless more than 1% of the images have a SECOND neighbour that close
 MIN_TWINS = 20  # fewer calibration copies: the threshold rests on the neighbours alone
 PARTITION_BYTES = 512 << 20  # float32 embeddings one search task holds, at most
 SAMPLE_ROWS = 50_000  # k-means training rows, at most
@@ -165,7 +165,9 @@ def _lookup(uri: str, positions: np.ndarray, is_test: bool) -> dict:
 
 def calibrated_threshold(twins: np.ndarray, nn_histogram: np.ndarray) -> tuple[float, dict]:
     """max(the 5% quantile of the calibration copies' cosines, the cosine that only 1% of
-    the images' best neighbours reach), and the figures behind it (docs/checks.md)."""
+    the images' second-nearest neighbours reach), and the figures behind it: the copies
+    say how close a duplicate is, the second neighbours how close distinct images come
+    (docs/checks.md)."""
     twins = np.asarray(twins, dtype=np.float64)
     nn_level = histogram_quantile(nn_histogram, 1.0 - NN_TAIL)
     twin_level = float(np.quantile(twins, TWIN_QUANTILE)) if len(twins) >= MIN_TWINS else None
