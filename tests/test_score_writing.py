@@ -38,6 +38,9 @@ def scored_batch(shard: str, positions: list[int], total: int = -1) -> dict[str,
         "topk_labels": np.zeros((n, 2), dtype=np.int64),
         "topk_probs": np.zeros((n, 2), dtype=np.float32),
         "embedding": np.ones((n, 4), dtype=np.float16),
+        "content_hash": np.array([f"h{p}" for p in positions], dtype=object),
+        "max_similarity": np.ones(n, dtype=np.float32),
+        "twin_cosine": np.full(n, np.nan, dtype=np.float32),
     }
 
 
