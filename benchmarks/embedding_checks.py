@@ -45,6 +45,7 @@ import pyarrow.parquet as pq
 from cleaner.checks.groups import contradicted_members
 from cleaner.checks.offtopic import fit_off_topic, score_histogram
 from cleaner.metrics import detection_metrics
+from jobs import make_demo_data
 
 NONE_OF_THESE = (
     "a photo of noise.",
@@ -153,29 +154,10 @@ def cleanlab_issues(manifest, embeddings_rows: np.ndarray, embeddings: np.ndarra
 
 def quality(args) -> dict:
     data, work = Path(args.data), Path(args.work)
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "jobs.make_demo_data",
-            "--out",
-            str(data),
-            "--num-samples",
-            str(args.num_samples),
-            "--test-samples",
-            str(args.test_samples),
-            "--samples-per-shard",
-            "500",
-            "--off-topic",
-            str(args.off_topic),
-            "--near-duplicates",
-            str(args.near),
-            "--exact-duplicates",
-            str(args.exact),
-            "--test-leaks",
-            str(args.leaks),
-        ],
-        check=True,
+    make_demo_data.main(
+        f"--out {data} --num-samples {args.num_samples} --test-samples {args.test_samples} "
+        f"--samples-per-shard 500 --off-topic {args.off_topic} --near-duplicates {args.near} "
+        f"--exact-duplicates {args.exact} --test-leaks {args.leaks}".split()
     )
     run = work / "run"
     seconds = run_job(data, run, f"data.test_input={data / 'test'}")

@@ -250,6 +250,7 @@ def check_clean_job_io(cfg) -> None:
     check_io(
         [
             cfg.data.input,
+            cfg.data.test_input,
             _remote(cfg.data.classes),
             _remote(cfg.model.pretrained),
             _remote(cfg.model.config_file),
