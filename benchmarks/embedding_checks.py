@@ -160,7 +160,10 @@ def quality(args) -> dict:
         f"--exact-duplicates {args.exact} --test-leaks {args.leaks}".split()
     )
     run = work / "run"
-    seconds = run_job(data, run, f"data.test_input={data / 'test'}")
+    if args.reuse and (run / "summary.json").exists():
+        seconds = json.loads((run / "summary.json").read_text())["timings"]["total_s"]
+    else:
+        seconds = run_job(data, run, f"data.test_input={data / 'test'}")
     manifest = pq.read_table(run / "manifest.parquet").to_pydict()
     truth = json.loads((data / "train" / "contamination.json").read_text())["samples"]
     keys = manifest["key"]
@@ -312,6 +315,7 @@ def main(argv: list[str] | None = None) -> dict:
         "--cost", action="store_true", help="time make demo's job, checks on vs off"
     )
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--reuse", action="store_true", help="reuse a finished quality run")
     parser.add_argument("--out", default=None, help="JSON results (default <work>/quality.json)")
     args = parser.parse_args(argv)
     result = cost(args) if args.cost else quality(args)
