@@ -10,7 +10,17 @@ from collections.abc import Mapping
 import numpy as np
 import pyarrow as pa
 
-from cleaner.report.common import _fmt, _note, _numeric, _prob, _section, _table, _take_column
+from cleaner.report.common import (
+    _fmt,
+    _get,
+    _is_number,
+    _note,
+    _numeric,
+    _prob,
+    _section,
+    _table,
+    _take_column,
+)
 from cleaner.report.tables import _thumbnail_tag
 
 MAX_OFF_TOPIC_ROWS = 30
@@ -70,9 +80,14 @@ def section_off_topic(manifest: pa.Table, summary: Mapping, thumbnails: Mapping[
     rows = top_off_topic(manifest)
     flags = _numeric(manifest, "off_topic", False, bool)
     total = int(flags.sum()) if flags is not None else 0
-    rule = (summary.get("checks") or {}).get("figures", {}).get("off_topic_rule")
+    rule = _get(summary, "checks", "figures", "off_topic_rule")
     notes = []
-    if isinstance(rule, Mapping):
+    pairs = [_get(rule, "means"), _get(rule, "weights")]
+    well_formed = _is_number(_get(rule, "separation")) and all(
+        isinstance(v, (list, tuple)) and len(v) == 2 and all(_is_number(x) for x in v)
+        for v in pairs
+    )
+    if well_formed:
         state = (
             "active" if rule.get("active") else "inactive (no separate low mode: nothing flagged)"
         )
@@ -105,7 +120,8 @@ def section_off_topic(manifest: pa.Table, summary: Mapping, thumbnails: Mapping[
 
 def section_conflicts(manifest: pa.Table, summary: Mapping, thumbnails: Mapping[str, bytes]) -> str:
     groups = conflict_groups(manifest)
-    checks = summary.get("checks") or {}
+    checks = _get(summary, "checks")
+    checks = checks if isinstance(checks, Mapping) else {}
     figures = [
         f"{checks[k]:,} {k.replace('_', ' ')}"
         for k in (
@@ -116,7 +132,7 @@ def section_conflicts(manifest: pa.Table, summary: Mapping, thumbnails: Mapping[
         )
         if isinstance(checks.get(k), int)
     ]
-    threshold = (checks.get("figures") or {}).get("near_threshold")
+    threshold = _get(checks, "figures", "near_threshold")
     intro = _note(
         ("; ".join(figures) + ". " if figures else "")
         + (f"Near duplicates: cosine >= {threshold:.4f}. " if isinstance(threshold, float) else "")
@@ -146,8 +162,8 @@ def section_leaks(
     test_thumbnails: Mapping[str, bytes],
 ) -> str:
     rows = leak_rows(manifest)
-    count = (summary.get("checks") or {}).get("test_duplicates")
-    input_ = ((summary.get("config") or {}).get("data") or {}).get("test_input")
+    count = _get(summary, "checks", "test_duplicates")
+    input_ = _get(summary, "config", "data", "test_input")
     if not input_:
         return _section("leaks", _note("No test set given (data.test_input): not checked."))
     if len(rows) == 0:
