@@ -31,7 +31,12 @@ from jobs.common import (
     write_yaml,
 )
 from training.config import TrainJobConfig
-from training.data import EpochStateStore, SampleIndex, load_sample_index, training_stream
+from training.data import (
+    SampleIndex,
+    load_sample_index,
+    start_epoch_state_store,
+    training_stream,
+)
 from training.loop import train_loop_per_worker
 from training.report import write_training_report
 
@@ -110,7 +115,7 @@ def run_train(cfg: TrainJobConfig) -> dict:
     spec, index, test_shards = inputs.spec, inputs.index, inputs.test_shards
     connect_ray(cfg.ray)
     configure_ray_data_progress()  # before the trainer: it carries this context to its workers
-    store = ray.remote(EpochStateStore).options(num_cpus=0).remote()
+    store = start_epoch_state_store()  # on this (the driver's) node: see training.data
     storage_path, storage_fs = storage_for_ray(cfg.run.storage)
     resources = {"CPU": cfg.scaling.cpus_per_worker}
     if cfg.scaling.use_gpu:
