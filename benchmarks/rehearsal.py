@@ -252,9 +252,9 @@ class Rehearsal:
 
 
 @contextlib.contextmanager
-def rehearsal(bucket: str, samples: int, per_shard: int, tag: str):
+def rehearsal(bucket: str, samples: int, per_shard: int, tag: str, observe_every_s: float = 1.0):
     """Moto S3 with `samples` demo images under s3://bucket/train/, the local autoscaling
-    cluster with an observer polling it every second; all torn down on exit, even on
+    cluster with an observer polling it every `observe_every_s`; all torn down on exit, even on
     failure (the cluster's logs are kept only after a failure)."""
     import boto3
 
@@ -275,7 +275,7 @@ def rehearsal(bucket: str, samples: int, per_shard: int, tag: str):
             print(
                 f"[{tag}] cluster up at {info.address} ({time.time() - started:.0f} s)", flush=True
             )
-            observer = Observer(info.address, cluster, interval_s=1.0)
+            observer = Observer(info.address, cluster, interval_s=observe_every_s)
             observer.start()
             yield Rehearsal(client, bucket, inputs, cluster, info, env, observer)
         finally:

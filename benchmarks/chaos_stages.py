@@ -1,0 +1,264 @@
+"""The stages of the pipeline a chaos trial can hit, and when and where each one is hit.
+
+A stage picks, from the trial's random generator, a moment inside it (`pick`), says when
+the running job has reached that moment (`reached`, from the job's log lines), and which
+non-head nodes then run its live work (`candidates`, from /proc). The trial kills one of
+them at random and records the job's progress at that instant (`Progress`), which must be
+partial: a kill after the stage's work is done proves nothing.
+
+Adding a stage (export-shards, once `jobs/export_shards.py` is part of the pipeline):
+a `Stage` subclass with its log markers and the process titles of its work, listed in
+`STAGES`; `available` keeps it out of the plan until the code it needs exists.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import asdict, dataclass, field
+
+from benchmarks.chaos_watch import LogWatch, NodeView
+from cluster.local.localcluster import REPO_ROOT
+
+SCORING_WORK = ("ClipScorer", "read_shards_udf", "write_score_parts", "merge_shard_parts")
+TRAIN_WORK = ("RayTrainWorker",)
+FIT_STEPS = (  # driver lines that open each step of the distributed fit, in order
+    "[fit] distributed global fit",  # the duplicate-key search (hash-partitioned tasks)
+    "[fit] repeated keys",  # the usable rows materialised, counted
+    "[fit] streaming probe",  # the probe's epochs over materialised blocks
+    "[fit] probe trained",  # the selection's EM passes (block tasks)
+    "[fit] GMM selection fitted",  # the manifest's per-shard tasks
+)
+
+
+@dataclass
+class Progress:
+    """The job's progress at the instant of a kill."""
+
+    stage: str
+    shards_complete: int
+    shards: int
+    fit_step: str
+    train_epoch: int  # the epoch rank 0 was in (1-based; 0 before training)
+    train_batch: int
+    batches_per_epoch: int
+    epochs_done: int  # epochs whose metrics rank 0 printed
+    epochs: int
+    checkpoints_on_storage: int
+    checkpoint_in_flight: int | None  # the epoch whose checkpoint rank 0 was writing
+    partial: bool
+
+    def line(self) -> str:
+        if self.stage == "scoring":
+            return f"{self.shards_complete}/{self.shards} shards scored"
+        if self.stage == "fit":
+            return f"fit at '{self.fit_step}', manifest not written"
+        if self.stage == "checkpoint":
+            writing = self.checkpoint_in_flight
+            return (
+                f"epoch {self.epochs_done}/{self.epochs} trained, "
+                + ("its checkpoint being written" if writing else "no checkpoint being written")
+                + f", {self.checkpoints_on_storage} checkpoints stored"
+            )
+        return (
+            f"epoch {self.train_epoch}/{self.epochs} batch {self.train_batch}/"
+            f"{self.batches_per_epoch}, {self.epochs_done} epochs done, "
+            f"{self.checkpoints_on_storage} checkpoints stored"
+        )
+
+
+@dataclass
+class TrialContext:
+    """What the stages read: the trial's logs and outputs, its sizes."""
+
+    log: LogWatch
+    shards: int
+    epochs: int
+    head: str
+    fit_seen_at: dict[str, float] = field(default_factory=dict)  # fit step -> first seen
+    scorer_loaded_at: float | None = None  # when a loaded scorer was first seen on a worker
+
+
+class Stage:
+    name = ""
+    work: tuple[str, ...] = ()
+
+    def available(self) -> str:
+        """'' when the stage can run in this tree, else why not."""
+        return ""
+
+    def pick(self, rng: random.Random, ctx: TrialContext) -> dict:
+        raise NotImplementedError
+
+    def reached(self, moment: dict, ctx: TrialContext, now: float) -> bool:
+        raise NotImplementedError
+
+    def watch(self, view: NodeView, ctx: TrialContext, now: float) -> None:
+        """Note what the stage's moment depends on in a look at the nodes (default: nothing)."""
+
+    def armed(self, moment: dict, ctx: TrialContext) -> bool:
+        """Whether the moment is near: the trial then looks up its victims' processes ahead,
+        to kill within a poll of `reached` (the stages with short windows say so)."""
+        return False
+
+    def candidates(self, view: NodeView, ctx: TrialContext) -> list[str]:
+        """Non-head nodes running this stage's work now."""
+        return sorted({n for fragment in self.work for n in view.nodes_with(fragment, ctx.head)})
+
+
+class Scoring(Stage):
+    """Kill `delay_s` after the first scorer has loaded its model on a worker node, a node
+    then running a loaded scorer or a reader or writer task. (The `[score] k/N shards`
+    lines count merged shards, which can lag the scorers by the whole stage.)"""
+
+    name, work = "scoring", SCORING_WORK
+
+    def pick(self, rng, ctx):
+        return {"delay_s": round(rng.uniform(0, 8), 1)}
+
+    def reached(self, moment, ctx, now):
+        return ctx.scorer_loaded_at is not None and now - ctx.scorer_loaded_at >= moment["delay_s"]
+
+    def candidates(self, view, ctx):
+        busy = []
+        for node, titles in view.work.items():
+            working = [t for t in titles.values() if any(w in t for w in self.work)]
+            loading_only = all("ClipScorer" in t and ".__init__" in t for t in working)
+            if node != ctx.head and working and not loading_only:
+                busy.append(node)
+        return sorted(busy)
+
+    def armed(self, moment, ctx):  # the scorers are planned, the fit not begun
+        return ctx.log.driver_has("[score] scorers:") and not ctx.log.driver_has("[fit] ")
+
+    def watch(self, view, ctx, now):
+        if ctx.scorer_loaded_at is None and any(
+            node != ctx.head and "ClipScorer" in t and ".__init__" not in t
+            for node, titles in view.work.items()
+            for t in titles.values()
+        ):
+            ctx.scorer_loaded_at = now
+
+
+class Fit(Stage):
+    """Kill `delay_s` after a randomly chosen step of the distributed fit began, the node of
+    one of its running tasks."""
+
+    name, work = "fit", ("",)  # every task of the job's during the fit is the fit's
+
+    def pick(self, rng, ctx):
+        return {"step": rng.randrange(len(FIT_STEPS)), "delay_s": round(rng.uniform(0, 1.5), 2)}
+
+    def reached(self, moment, ctx, now):
+        for step in FIT_STEPS:
+            if step not in ctx.fit_seen_at and ctx.log.driver_has(step):
+                ctx.fit_seen_at[step] = now
+        started = ctx.fit_seen_at.get(FIT_STEPS[moment["step"]])
+        return started is not None and now - started >= moment["delay_s"]
+
+    # candidates: the worker nodes running a task of the fit (the Stage default); until
+    # one does, the kill waits (a node that only holds blocks may never be read again)
+
+
+class Training(Stage):
+    """Kill when rank 0 reaches a random batch of a random epoch (past the last batch:
+    during that epoch's prediction pass)."""
+
+    name, work = "training", TRAIN_WORK
+
+    def pick(self, rng, ctx):
+        return {"epoch": rng.randint(1, ctx.epochs), "fraction": round(rng.uniform(0, 1), 2)}
+
+    def reached(self, moment, ctx, now):
+        progress = ctx.log.train_progress
+        if progress is None:
+            return False
+        epoch, _, batch, batches = progress
+        target = max(1, round(moment["fraction"] * batches))
+        return (epoch, batch) >= (moment["epoch"], target)
+
+
+class CheckpointWrite(Stage):
+    """Kill as rank 0 writes the checkpoint of a random epoch: at once after it printed
+    that epoch's metrics (it saves and uploads right after), its node first."""
+
+    name, work = "checkpoint", TRAIN_WORK
+
+    def pick(self, rng, ctx):
+        return {"epoch": rng.randint(1, ctx.epochs)}
+
+    def reached(self, moment, ctx, now):
+        with ctx.log.lock:
+            return moment["epoch"] in ctx.log.metrics_epochs
+
+    def armed(self, moment, ctx):
+        progress = ctx.log.train_progress  # rank 0 in that epoch: its checkpoint comes next
+        return progress is not None and progress[0] >= moment["epoch"]
+
+    def candidates(self, view, ctx):
+        rank0 = [
+            node
+            for node, titles in view.work.items()
+            if node != ctx.head and any(pid in titles for pid in ctx.log.rank0_pids)
+        ]
+        return rank0 or super().candidates(view, ctx)
+
+
+class Export(Stage):
+    """The export-shards job, once it exists and the pipeline runs it (not yet)."""
+
+    name, work = "export", ("export",)
+
+    def available(self):
+        if not (REPO_ROOT / "jobs" / "export_shards.py").exists():
+            return "jobs/export_shards.py is not in this tree yet"
+        return "the pipeline does not run export-shards yet: add its submission and markers"
+
+    def pick(self, rng, ctx):
+        return {}
+
+    def reached(self, moment, ctx, now):
+        return False
+
+
+STAGES: dict[str, Stage] = {
+    stage.name: stage for stage in (Scoring(), Fit(), Training(), CheckpointWrite(), Export())
+}
+
+
+def progress_now(stage: str, ctx: TrialContext, complete_shards: int, stored: int) -> Progress:
+    """The job's progress now; `partial` says whether the work the kill hit was unfinished."""
+    log = ctx.log
+    with log.lock:
+        epoch, _, batch, batches = log.train_progress or (0, ctx.epochs, 0, 0)
+        done = max(log.metrics_epochs, default=0)
+        writing = log.checkpoint_pending
+    fit_step = next((s for s in reversed(FIT_STEPS) if log.driver_has(s)), "")
+    manifest_done = log.driver_has(f"[fit] manifest: {ctx.shards}/{ctx.shards} shards")
+    if stage == "scoring":
+        partial = complete_shards < ctx.shards
+    elif stage == "fit":
+        partial = not manifest_done
+    elif stage == "checkpoint":  # the checkpoint was not yet confirmed by Ray Train
+        partial = writing is not None
+    else:
+        partial = done < ctx.epochs
+    return Progress(stage, complete_shards, ctx.shards, fit_step, epoch, batch, batches, done,
+                    ctx.epochs, stored, writing, partial)  # fmt: skip
+
+
+def current_stage(log: LogWatch) -> str:
+    """The stage the job is in, from the last stage line its driver printed."""
+    with log.lock:
+        for line in reversed(log.driver_lines):
+            for prefix, stage in (
+                ("[train]", "training"),
+                ("[fit]", "fit"),
+                ("[score]", "scoring"),
+            ):
+                if line.startswith(prefix):
+                    return stage
+    return "scoring"
+
+
+def as_dict(progress: Progress) -> dict:
+    return {**asdict(progress), "summary": progress.line()}
