@@ -12,10 +12,11 @@ from the printed seed: `--seed S --only K` replays trial K's plan.
 
 A trial passes when the job succeeds with every input sample once in the manifest, every
 epoch trained, the progress at each kill partial (the kill hit unfinished work), a
-recovery recorded by Ray (actor restarts, retried or reconstructed tasks, worker-group
-restarts), and no job-state actor ever seen off the driver's node. One cluster serves all
-trials (nodes killed by one trial are replaced by the autoscaler for the next); only this
-cluster's processes are ever killed (found under its own temp dir).
+recovery recorded by Ray (work of a killed node done again: a task retried or
+reconstructed, an actor restarted; or a training worker-group restart), and no job-state
+actor ever seen off the driver's node. One cluster serves all trials (nodes killed by one
+trial are replaced by the autoscaler for the next); only this cluster's processes are
+ever killed (found under its own temp dir).
 """
 
 from __future__ import annotations
@@ -74,23 +75,24 @@ def table(trials: list[dict]) -> str:
     """The per-trial table (markdown), as docs/reliability.md shows it."""
     rows = [
         "| # | stage | killed node ran | progress at the kill | outcome | rows = inputs | "
-        "dup keys | epochs | recovery (actor restarts / retried tasks / group restarts) | "
-        "new nodes | wall s | passed |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "dup keys | epochs | redone by Ray (tasks and actors of the killed nodes) | "
+        "worker-group restarts | new nodes | wall s | passed |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for t in trials:
         kills = t["kills"] or [
             {"stage": t["stage"], "role": "-", "progress": {"summary": "no kill"}}
         ]
         r = t["recovery"]
+        redone = f"{r['redone_after_kill']} ({', '.join(r['redone_names'][:4])})"
+        failed = ", ".join(k for k, v in t["checks"].items() if not v)
         rows.append(
             f"| {t['trial']} | {' then '.join(k['stage'] for k in kills)} | "
             f"{'; '.join(k['role'] for k in kills)} | "
             f"{'; '.join(k['progress']['summary'] for k in kills)} | {t['outcome']} | "
             f"{t.get('manifest_rows')} = {t['input_samples']} | {t.get('duplicate_keys')} | "
-            f"{t.get('epochs_completed')} | {r['actor_restarts']} / {r['retried_tasks']} / "
-            f"{r['worker_group_restarts']} | {t['replacement_nodes']} | {t['wall_s']} | "
-            f"{'yes' if t['passed'] else 'NO: ' + ', '.join(k for k, v in t['checks'].items() if not v)} |"
+            f"{t.get('epochs_completed')} | {redone} | {r['worker_group_restarts']} | "
+            f"{t['replacement_nodes']} | {t['wall_s']} | {'yes' if t['passed'] else 'NO: ' + failed} |"
         )
     return "\n".join(rows)
 

@@ -106,9 +106,10 @@ class Stage:
 
 
 class Scoring(Stage):
-    """Kill `delay_s` after the first scorer has loaded its model on a worker node, a node
-    then running a loaded scorer or a reader or writer task. (The `[score] k/N shards`
-    lines count merged shards, which can lag the scorers by the whole stage.)"""
+    """Kill `delay_s` after the first scorer has loaded its model on a worker node: the node
+    of a scorer scoring a batch then (Ray titles its process `...ClipScorer)).submit`), or,
+    when none is, of a reader, part writer or shard merge. (The `[score] k/N shards` lines
+    count merged shards, which can lag the scorers by the whole stage.)"""
 
     name, work = "scoring", SCORING_WORK
 
@@ -118,17 +119,14 @@ class Scoring(Stage):
     def reached(self, moment, ctx, now):
         return ctx.scorer_loaded_at is not None and now - ctx.scorer_loaded_at >= moment["delay_s"]
 
-    def candidates(self, view, ctx):
-        busy = []
-        for node, titles in view.work.items():
-            working = [t for t in titles.values() if any(w in t for w in self.work)]
-            loading_only = all("ClipScorer" in t and ".__init__" in t for t in working)
-            if node != ctx.head and working and not loading_only:
-                busy.append(node)
-        return sorted(busy)
-
     def armed(self, moment, ctx):  # the scorers are planned, the fit not begun
         return ctx.log.driver_has("[score] scorers:") and not ctx.log.driver_has("[fit] ")
+
+    def candidates(self, view, ctx):
+        scoring = view.nodes_with("ClipScorer)).submit", ctx.head)
+        return scoring or sorted(
+            {n for fragment in self.work[1:] for n in view.nodes_with(fragment, ctx.head)}
+        )
 
     def watch(self, view, ctx, now):
         if ctx.scorer_loaded_at is None and any(
@@ -166,7 +164,11 @@ class Training(Stage):
     name, work = "training", TRAIN_WORK
 
     def pick(self, rng, ctx):
-        return {"epoch": rng.randint(1, ctx.epochs), "fraction": round(rng.uniform(0, 1), 2)}
+        epoch = rng.randint(1, ctx.epochs)  # the last epoch's end is left out: no work left
+        return {
+            "epoch": epoch,
+            "fraction": round(rng.uniform(0, 1 if epoch < ctx.epochs else 0.8), 2),
+        }
 
     def reached(self, moment, ctx, now):
         progress = ctx.log.train_progress

@@ -91,15 +91,15 @@ class Trial:
         role = role_of(view.work.get(node, {}), self.log.rank0_pids)
         at = time.time()
         pids = self.rh.cluster.kill_node(node, known)
-        progress = progress_now(
-            stage,
-            self.ctx,
-            score_files(self.rh.client, self.rh.bucket, self.job.clean_prefix),
-            len(checkpoints(self.rh.client, self.rh.bucket, self.job.train_prefix)),
-        )
+        killed_s = time.time() - at
+        complete = score_files(self.rh.client, self.rh.bucket, self.job.clean_prefix)
+        stored = len(checkpoints(self.rh.client, self.rh.bucket, self.job.train_prefix))
+        progress = progress_now(stage, self.ctx, complete, stored)
         self.kills.append(
             {"at": at, "node": node, "stage": stage, "role": role,
-             "processes_killed": len(pids), "progress": as_dict(progress)}
+             "processes_killed": len(pids), "kill_took_s": round(killed_s, 2),
+             "storage_listed_after_s": round(time.time() - at, 2),
+             "progress": as_dict(progress)}
         )  # fmt: skip
         print(
             f"[chaos] trial {self.plan.number}: killed node {node[-6:]} ({role}) during "
@@ -186,7 +186,8 @@ class Trial:
             out["epochs_completed"] = train["epochs_completed"]
         except Exception as err:  # a failed job left no output: the checks below say so
             out["output_error"] = f"{type(err).__name__}: {err}"[:300]
-        recovery = recovery_of(rh.info.address, self.submission, TRAIN_WORKERS, self.log)
+        killed = {k["node"] for k in self.kills}
+        recovery = recovery_of(rh.info.address, self.submission, killed, TRAIN_WORKERS, self.log)
         out["recovery"] = {
             **asdict(recovery),
             "worker_group_restarts": recovery.worker_group_restarts,

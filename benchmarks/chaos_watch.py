@@ -219,11 +219,13 @@ def checkpoints(client, bucket: str, train_prefix: str) -> dict[str, int]:
 class Recovery:
     """What Ray recorded of the job's recovery (state API), and what the job logged."""
 
-    actor_restarts: int = 0
+    # work the kills hit and Ray did again: tasks (actor creations included) with an
+    # attempt on a killed node and a later attempt: retried, restarted or reconstructed
+    redone_after_kill: int = 0
+    redone_names: list[str] = field(default_factory=list)
+    actor_restarts: int = 0  # all of the job's, whatever the cause
     restarted_actors: list[str] = field(default_factory=list)
-    retried_tasks: int = 0
-    retried_task_names: list[str] = field(default_factory=list)
-    failed_attempts: int = 0
+    retried_tasks: int = 0  # task attempts above 0, all of the job's
     train_worker_groups: int = 0
     resumed_from_epochs: list[int] = field(default_factory=list)
     state_api_error: str = ""
@@ -234,16 +236,16 @@ class Recovery:
 
     @property
     def observed(self) -> bool:
-        return bool(self.actor_restarts or self.retried_tasks or self.worker_group_restarts)
+        """Ray redid work of a killed node, or restarted the training worker group."""
+        return bool(self.redone_after_kill or self.worker_group_restarts)
 
 
-def recovery_of(address: str, submission_id: str, num_train_workers: int, log: LogWatch):
-    """The job's actor restarts, retried tasks (lineage reconstruction included) and Ray
-    Train worker groups, from the state API; the resumes from the job's worker logs."""
+def job_state(address: str, submission_id: str) -> tuple[list, list]:
+    """The job's actors (with detail) and task attempts from the state API, asked again
+    while a loaded dashboard fails to answer."""
     from ray.job_submission import JobSubmissionClient
     from ray.util.state import list_actors, list_tasks
 
-    found = Recovery(resumed_from_epochs=sorted({e for rank, e in log.resumed if rank == 0}))
     for attempt in range(4):
         try:
             job_id = JobSubmissionClient(address).get_job_info(submission_id).job_id
@@ -255,13 +257,25 @@ def recovery_of(address: str, submission_id: str, num_train_workers: int, log: L
             tasks = list_tasks(
                 address=address, filters=only_job, limit=10000, raise_on_missing_output=False
             )
-            break
-        except Exception as err:  # a busy dashboard: ask again, then report it, not guess
-            found.state_api_error = f"{type(err).__name__}: {err}"[:300]
+            return actors, tasks
+        except Exception:  # a busy dashboard: ask again, then let the caller report it
+            if attempt == 3:
+                raise
             time.sleep(5 * (attempt + 1))
-    else:
+    raise AssertionError("unreachable")
+
+
+def recovery_of(
+    address: str, submission_id: str, killed: set[str], num_train_workers: int, log: LogWatch
+) -> Recovery:
+    """What Ray redid of the `killed` nodes' work (task attempts by node, from the state
+    API), the job's actor restarts and Ray Train worker groups; the resumes from its logs."""
+    found = Recovery(resumed_from_epochs=sorted({e for rank, e in log.resumed if rank == 0}))
+    try:
+        actors, tasks = job_state(address, submission_id)
+    except Exception as err:  # reported with the trial rather than guessed
+        found.state_api_error = f"{type(err).__name__}: {err}"[:300]
         return found
-    found.state_api_error = ""
     for actor in actors:
         if actor.num_restarts:
             found.actor_restarts += actor.num_restarts
@@ -269,8 +283,15 @@ def recovery_of(address: str, submission_id: str, num_train_workers: int, log: L
         if "RayTrainWorker" in (actor.class_name or ""):
             found.train_worker_groups += 1
     found.train_worker_groups = -(-found.train_worker_groups // max(1, num_train_workers))
-    retried = [t for t in tasks if t.attempt_number > 0]
-    found.retried_tasks = len(retried)
-    found.retried_task_names = sorted({t.name for t in retried})[:12]
-    found.failed_attempts = sum(1 for t in tasks if t.state == "FAILED")
+    found.retried_tasks = sum(1 for t in tasks if t.attempt_number > 0)
+    attempts: dict[str, list] = {}
+    for task in tasks:
+        attempts.setdefault(task.task_id, []).append(task)
+    redone = set()
+    for task_attempts in attempts.values():
+        on_killed = [t.attempt_number for t in task_attempts if t.node_id in killed]
+        if on_killed and any(t.attempt_number > min(on_killed) for t in task_attempts):
+            redone.add(task_attempts[0].name)
+            found.redone_after_kill += 1
+    found.redone_names = sorted(redone)[:12]
     return found

@@ -12,8 +12,8 @@ One go, torn down even on failure:
    workers), then the manifest is checked: every input sample once (with --no-train, the
    one clean run is the node-kill run);
 4. with --train-kill-run, jobs.train on that run's manifest, during which the node of a
-   random training worker is killed at a random batch or checkpoint write (the kill and
-   its checks are benchmarks.chaos's): every epoch must still be trained;
+   random training worker is killed at a random batch of a random epoch (the kill and its
+   checks are benchmarks.chaos's): every epoch must still be trained;
 5. the wait for the GPU nodes to be removed once idle.
 
 Every figure in the JSON is observed (Ray's state API polled during the runs, the jobs' own
@@ -132,11 +132,10 @@ def clean_run_killing_a_scorer_node(rh: Rehearsal, overrides: list[str], prefix:
 def train_run_killing_a_random_trainer_node(rh: Rehearsal, clean_prefix: str, args) -> dict:
     """jobs.train on the manifest of the clean run at s3://bucket/clean_prefix, with the node
     of a random training worker (rank 0's among them: it published the epoch state, and
-    once owned it) killed at a random batch, or as rank 0 writes a checkpoint; the kill and
-    the checks are benchmarks.chaos's (chaos_trial). Returns the trial's figures."""
+    once owned it) killed at a random batch of a random epoch; the kill and the checks are
+    benchmarks.chaos's training stage (chaos_trial). Returns the trial's figures."""
     seed = args.seed if args.seed is not None else random.SystemRandom().getrandbits(31)
-    rng = random.Random(seed)
-    plan = TrialPlan(1, rng.choice(["training", "checkpoint"]), 1, rng.getrandbits(31))
+    plan = TrialPlan(1, "training", 1, seed)
     job = TrialJob(
         [
             "jobs.train",

@@ -59,8 +59,8 @@ def test_default_config_scales_gpu_nodes_from_zero_and_survives_node_kills(tmp_p
     assert kill["manifest_rows"] == kill["input_samples"] == 200
     assert kill["duplicate_keys"] == 0
     # Training on that manifest lost the node of a random training worker (rank 0's, which
-    # published the epoch state, or another) mid-epoch or mid-checkpoint, and still trained
-    # every epoch: the job's state lives on the driver's node.
+    # published the epoch state, or another) at a random batch of a random epoch, and still
+    # trained every epoch: the job's state lives on the driver's node.
     train = result["train_kill"]
     print(f"training-node kill: seed {train['seed']}, {train['kills']}")
     assert train["outcome"] == "SUCCEEDED", train.get("log_tail")

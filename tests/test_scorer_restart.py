@@ -69,9 +69,8 @@ def test_a_restarted_scorer_gets_its_prompt_bank_and_scores_every_sample(
     text = encode_text_features_here(cfg.model.model_dump(), spec.prompts())
     scores = str(tmp_path / "scores")
 
-    stats = score_shards(
-        cfg, shards, local_ray.put(text.bank), spec.names, text.image_size, scores, "fp", text.resize
-    )
+    bank = local_ray.put(text.bank)
+    stats = score_shards(cfg, shards, bank, spec.names, text.image_size, scores, "fp", text.resize)
 
     inits = sorted(
         (json.loads(p.read_text()) for p in records.glob("init-*.json")),
