@@ -12,6 +12,7 @@ import io
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tarfile
@@ -180,7 +181,7 @@ def work_folder(tag: str):
 
 @contextlib.contextmanager
 def moto_s3():
-    """A moto S3 server on loopback; yields its endpoint URL.
+    """A moto S3 server on loopback; yields its endpoint URL (the tests' too).
 
     It runs in a CPU group of its own, weighted like the cluster's (LOCALCLUSTER_CPU_NICE):
     S3 is a service apart from the cluster, and a cluster favoured over it on a loaded
@@ -194,19 +195,20 @@ def moto_s3():
         preexec_fn=own_cpu_group,
     )
     try:
-        endpoint = f"http://127.0.0.1:{port}"
         deadline = time.time() + 60
-        import socket
-
-        while time.time() < deadline:
-            with socket.socket() as sock:
-                if sock.connect_ex(("127.0.0.1", port)) == 0:
-                    break
+        while not port_open(port):
+            if time.time() > deadline:
+                raise TimeoutError(f"moto S3 not listening on 127.0.0.1:{port} after 60 s")
             time.sleep(0.3)
-        yield endpoint
+        yield f"http://127.0.0.1:{port}"
     finally:
         proc.terminate()
         proc.wait(timeout=20)
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
 def upload_demo_shards(client, bucket: str, samples: int, per_shard: int, workdir: Path) -> int:
