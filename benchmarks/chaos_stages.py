@@ -16,11 +16,16 @@ from __future__ import annotations
 import random
 from dataclasses import asdict, dataclass, field
 
-from benchmarks.chaos_watch import LogWatch, NodeView
+from benchmarks.chaos_watch import LogWatch, NodeView, Stored
 from cluster.local.localcluster import REPO_ROOT
 
 SCORING_WORK = ("ClipScorer", "read_shards_udf", "write_score_parts", "merge_shard_parts")
 TRAIN_WORK = ("RayTrainWorker",)
+# the fit's tasks whose output blocks are materialised and read again by later steps
+FIT_BLOCK_MAKERS = (
+    "ReadFilesParquetV2->MapBatches(UsableRows)",
+    "Project->MapBatches(_ProbeFeatures)",
+)
 FIT_STEPS = (  # driver lines that open each step of the distributed fit, in order
     "[fit] distributed global fit",  # the duplicate-key search (hash-partitioned tasks)
     "[fit] repeated keys",  # the usable rows materialised, counted
@@ -32,38 +37,30 @@ FIT_STEPS = (  # driver lines that open each step of the distributed fit, in ord
 
 @dataclass
 class Progress:
-    """The job's progress at the instant of a kill."""
+    """The job's progress at a kill: its outputs on S3 just after (`stored`: ground truth),
+    and its log as the trial had read it (which may lag the job on a loaded machine)."""
 
     stage: str
-    shards_complete: int
+    stored: Stored
     shards: int
-    fit_step: str
+    epochs: int
+    fit_step: str  # the last fit step the driver announced
     train_epoch: int  # the epoch rank 0 was in (1-based; 0 before training)
     train_batch: int
     batches_per_epoch: int
-    epochs_done: int  # epochs whose metrics rank 0 printed
-    epochs: int
-    checkpoints_on_storage: int
     checkpoint_in_flight: int | None  # the epoch whose checkpoint rank 0 was writing
-    partial: bool
+    partial: bool  # the work the kill hit was unfinished (by `stored`)
 
     def line(self) -> str:
+        s = self.stored
         if self.stage == "scoring":
-            return f"{self.shards_complete}/{self.shards} shards scored"
+            return f"{s.shards_complete}/{self.shards} shards scored"
         if self.stage == "fit":
-            return f"fit at '{self.fit_step}', manifest not written"
+            return f"fit at '{self.fit_step}', manifest {'written' if s.manifest_written else 'not written'}"
+        at = f"epoch {self.train_epoch}/{self.epochs} batch {self.train_batch}/{self.batches_per_epoch}"
         if self.stage == "checkpoint":
-            writing = self.checkpoint_in_flight
-            return (
-                f"epoch {self.epochs_done}/{self.epochs} trained, "
-                + ("its checkpoint being written" if writing else "no checkpoint being written")
-                + f", {self.checkpoints_on_storage} checkpoints stored"
-            )
-        return (
-            f"epoch {self.train_epoch}/{self.epochs} batch {self.train_batch}/"
-            f"{self.batches_per_epoch}, {self.epochs_done} epochs done, "
-            f"{self.checkpoints_on_storage} checkpoints stored"
-        )
+            at = f"epoch {self.checkpoint_in_flight or self.train_epoch}'s checkpoint being written"
+        return f"{at}, checkpoints registered to epoch {s.registered_epoch}"
 
 
 @dataclass
@@ -76,6 +73,7 @@ class TrialContext:
     head: str
     fit_seen_at: dict[str, float] = field(default_factory=dict)  # fit step -> first seen
     scorer_loaded_at: float | None = None  # when a loaded scorer was first seen on a worker
+    ran: dict[str, set[str]] = field(default_factory=dict)  # node -> titles of work seen there
 
 
 class Stage:
@@ -138,8 +136,10 @@ class Scoring(Stage):
 
 
 class Fit(Stage):
-    """Kill `delay_s` after a randomly chosen step of the distributed fit began, the node of
-    one of its running tasks."""
+    """Kill `delay_s` after a randomly chosen step of the distributed fit began: the node of
+    one of its running tasks, or, between the materialising of the usable rows and the end
+    of the selection's passes, a node that made some of the blocks those steps read again
+    (whose loss Ray must make good by running their tasks again)."""
 
     name, work = "fit", ("",)  # every task of the job's during the fit is the fit's
 
@@ -153,8 +153,24 @@ class Fit(Stage):
         started = ctx.fit_seen_at.get(FIT_STEPS[moment["step"]])
         return started is not None and now - started >= moment["delay_s"]
 
-    # candidates: the worker nodes running a task of the fit (the Stage default); until
-    # one does, the kill waits (a node that only holds blocks may never be read again)
+    def armed(self, moment, ctx):
+        return ctx.log.driver_has(FIT_STEPS[0]) and not ctx.log.driver_has("[fit] manifest: ")
+
+    def candidates(self, view, ctx):
+        running = super().candidates(view, ctx)
+        blocks_read_again = ctx.log.driver_has(FIT_STEPS[1]) and not ctx.log.driver_has(
+            FIT_STEPS[4]
+        )
+        if not blocks_read_again:
+            return running
+        makers = {
+            node
+            for node, titles in ctx.ran.items()
+            if node != ctx.head
+            and node in view.alive
+            and any(maker in title for title in titles for maker in FIT_BLOCK_MAKERS)
+        }
+        return sorted(set(running) | makers)
 
 
 class Training(Stage):
@@ -227,25 +243,25 @@ STAGES: dict[str, Stage] = {
 }
 
 
-def progress_now(stage: str, ctx: TrialContext, complete_shards: int, stored: int) -> Progress:
-    """The job's progress now; `partial` says whether the work the kill hit was unfinished."""
+def progress_now(stage: str, ctx: TrialContext, stored: Stored, moment: dict) -> Progress:
+    """The job's progress at a kill; `partial` says whether the work it hit was unfinished:
+    shards not all scored, the manifest not written, training not registered to its last
+    epoch, or (checkpoint) the targeted epoch's checkpoint not registered."""
     log = ctx.log
     with log.lock:
         epoch, _, batch, batches = log.train_progress or (0, ctx.epochs, 0, 0)
-        done = max(log.metrics_epochs, default=0)
         writing = log.checkpoint_pending
     fit_step = next((s for s in reversed(FIT_STEPS) if log.driver_has(s)), "")
-    manifest_done = log.driver_has(f"[fit] manifest: {ctx.shards}/{ctx.shards} shards")
     if stage == "scoring":
-        partial = complete_shards < ctx.shards
+        partial = stored.shards_complete < ctx.shards
     elif stage == "fit":
-        partial = not manifest_done
-    elif stage == "checkpoint":  # the checkpoint was not yet confirmed by Ray Train
-        partial = writing is not None
+        partial = not stored.manifest_written
+    elif stage == "checkpoint":
+        partial = stored.registered_epoch < moment.get("epoch", ctx.epochs)
     else:
-        partial = done < ctx.epochs
-    return Progress(stage, complete_shards, ctx.shards, fit_step, epoch, batch, batches, done,
-                    ctx.epochs, stored, writing, partial)  # fmt: skip
+        partial = stored.registered_epoch < ctx.epochs
+    return Progress(stage, stored, ctx.shards, ctx.epochs, fit_step, epoch, batch, batches,
+                    writing, partial)  # fmt: skip
 
 
 def current_stage(log: LogWatch) -> str:

@@ -14,7 +14,7 @@ import uuid
 from dataclasses import asdict, dataclass
 
 from benchmarks.chaos_stages import STAGES, TrialContext, as_dict, current_stage, progress_now
-from benchmarks.chaos_watch import ClusterWatch, LogWatch, checkpoints, recovery_of, score_files
+from benchmarks.chaos_watch import ClusterWatch, LogWatch, recovery_of, stored_now
 from benchmarks.rehearsal import (
     Rehearsal,
     job_end,
@@ -62,6 +62,35 @@ def job_end_watch(address: str, submission_id: str) -> threading.Event:
     return ended
 
 
+class Looker(threading.Thread):
+    """Looks at what every node runs (ClusterWatch.look: a scan of /proc, which takes a
+    while on a loaded machine) every `every_s`, in a thread apart from the loop that
+    follows the logs, so that a kill comes within a poll of its moment."""
+
+    def __init__(self, watch: ClusterWatch, ctx: TrialContext, stage, every_s: float = 0.5):
+        super().__init__(daemon=True)
+        self.watch, self.ctx, self.stage, self.every_s = watch, ctx, stage, every_s
+        self.view = None
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        ran: dict[str, set[str]] = {}
+        while not self.stopping.is_set():
+            try:
+                view = self.watch.look()
+            except OSError:  # /proc changing under the scan: look again
+                continue
+            for node, titles in view.work.items():
+                ran.setdefault(node, set()).update(titles.values())
+            self.ctx.ran = {node: set(titles) for node, titles in ran.items()}  # a new dict
+            self.stage.watch(view, self.ctx, view.at)
+            self.view = view
+            self.stopping.wait(self.every_s)
+
+    def latest(self):
+        return self.view
+
+
 @dataclass(frozen=True)
 class TrialJob:
     """What a trial submits, and where its outputs go (prefixes in the rehearsal's bucket)."""
@@ -83,22 +112,23 @@ class Trial:
         self.log = LogWatch(rh.info.temp_dir, self.submission)
         self.ctx = TrialContext(self.log, self.shards, args.epochs, watch.head)
         self.kills: list[dict] = []
+        self.moment: dict = {}
 
     def kill(self, node: str, stage: str, view, known: list | None = None) -> None:
         """SIGKILL `node` at once; then record what it ran and the job's progress: from the
-        log as it was at the kill, and from S3 listed just after (later, if anything, so
-        a partial count there was partial at the kill too)."""
+        log as the trial had read it, and from S3 read just after (see chaos_stages.Progress)."""
         role = role_of(view.work.get(node, {}), self.log.rank0_pids)
         at = time.time()
         pids = self.rh.cluster.kill_node(node, known)
         killed_s = time.time() - at
-        complete = score_files(self.rh.client, self.rh.bucket, self.job.clean_prefix)
-        stored = len(checkpoints(self.rh.client, self.rh.bucket, self.job.train_prefix))
-        progress = progress_now(stage, self.ctx, complete, stored)
+        job = self.job
+        stored = stored_now(self.rh.client, self.rh.bucket, job.clean_prefix, job.train_prefix,
+                            job.run_name)  # fmt: skip
+        stored.read_after_s = round(time.time() - at, 2)
+        progress = progress_now(stage, self.ctx, stored, self.moment)
         self.kills.append(
             {"at": at, "node": node, "stage": stage, "role": role,
              "processes_killed": len(pids), "kill_took_s": round(killed_s, 2),
-             "storage_listed_after_s": round(time.time() - at, 2),
              "progress": as_dict(progress)}
         )  # fmt: skip
         print(
@@ -113,55 +143,55 @@ class Trial:
         started = time.time()
         submit(self.rh.env, address, *self.job.command, wait=False, job_id=self.submission,
                env_vars=PROGRESS_ENV)  # fmt: skip
-        moment = stage.pick(self.rng, self.ctx)
+        moment = self.moment = stage.pick(self.rng, self.ctx)
         second_after_s = round(self.rng.uniform(3, 12), 1)
         print(
             f"[chaos] trial {plan.number}: {plan.stage} at {moment}, seed {plan.seed}", flush=True
         )
-        looked_at, timed_out, waiting = 0.0, False, False
-        ready: tuple | None = None  # (node, view) chosen ahead while the stage is armed
+        timed_out, waiting = False, False
+        ready = ""  # the victim chosen ahead while the stage is armed
         ended = job_end_watch(address, self.submission)
-        while True:
-            self.log.poll()
-            now = time.time()
-            if now - looked_at > (0.5 if ready else 1):  # node births, job-state placement
-                view, looked_at = self.watch.look(), now
-                stage.watch(view, self.ctx, now)
+        looker = Looker(self.watch, self.ctx, stage)
+        looker.start()
+        try:
+            while not ended.is_set():
+                self.log.poll()
+                now, view = time.time(), looker.latest()
+                if view is None:  # no look at the nodes yet
+                    time.sleep(0.1)
+                    continue
+                killed = {k["node"] for k in self.kills}
                 if not self.kills and stage.armed(moment, self.ctx):
                     victims = [n for n in stage.candidates(view, self.ctx) if n in view.alive]
-                    keep = ready is not None and ready[0] in victims
-                    ready = (
-                        (ready[0] if keep else self.rng.choice(victims), view) if victims else None
-                    )
-            killed = {k["node"] for k in self.kills}
-            if not self.kills and stage.reached(moment, self.ctx, now):
-                if ready is not None:  # its processes were looked up: kill them first
-                    node, seen = ready
-                    self.kill(node, plan.stage, seen, seen.processes.get(node))
-                else:
-                    view = self.watch.look()
+                    if ready not in victims:
+                        ready = self.rng.choice(victims) if victims else ""
+                if not self.kills and stage.reached(moment, self.ctx, now):
                     victims = [n for n in stage.candidates(view, self.ctx) if n in view.alive]
                     if victims:
-                        self.kill(self.rng.choice(victims), plan.stage, view)
+                        node = ready if ready in victims else self.rng.choice(victims)
+                        self.kill(node, plan.stage, view, view.processes.get(node))
                     elif not waiting:  # said once: the moment came before any victim
                         waiting = True
                         busy = {n[-6:]: sorted(set(t.values())) for n, t in view.work.items() if t}
                         print(f"[chaos] trial {plan.number}: moment reached, no {plan.stage} "
                               f"work on a worker node yet: {busy}", flush=True)  # fmt: skip
-            elif len(self.kills) == 1 < plan.kills and now >= self.kills[0]["at"] + second_after_s:
-                view = self.watch.look()
-                victims = sorted(
-                    n for n, titles in view.work.items()
-                    if titles and n != self.watch.head and n not in killed
-                )  # fmt: skip
-                if victims:
-                    self.kill(self.rng.choice(victims), current_stage(self.log), view)
-            if ended.is_set():
-                break
-            if now - started > args.job_timeout:
-                timed_out = True
-                break
-            time.sleep(0.1)
+                elif (
+                    len(self.kills) == 1 < plan.kills
+                    and now >= self.kills[0]["at"] + second_after_s
+                ):
+                    victims = sorted(
+                        n for n, titles in view.work.items()
+                        if titles and n != self.watch.head and n not in killed
+                    )  # fmt: skip
+                    if victims:
+                        node = self.rng.choice(victims)
+                        self.kill(node, current_stage(self.log), view, view.processes.get(node))
+                if now - started > args.job_timeout:
+                    timed_out = True
+                    break
+                time.sleep(0.1)
+        finally:
+            looker.stopping.set()
         self.log.poll()
         return self.result(moment, started, timed_out)
 

@@ -7,6 +7,7 @@ Nothing here kills anything; benchmarks.chaos decides when and what (chaos_stage
 
 from __future__ import annotations
 
+import json
 import re
 import threading
 import time
@@ -213,6 +214,41 @@ def checkpoints(client, bucket: str, train_prefix: str) -> dict[str, int]:
                 folder = "/".join(parts[: i + 1])
                 found[folder] = found.get(folder, 0) + 1
     return found
+
+
+def registered_epoch(client, bucket: str, run_prefix: str) -> int:
+    """The last epoch whose checkpoint Ray Train has registered (its checkpoint manager's
+    snapshot in the run folder), 0 before the first."""
+    try:
+        body = client.get_object(
+            Bucket=bucket, Key=f"{run_prefix}/checkpoint_manager_snapshot.json"
+        )
+    except client.exceptions.NoSuchKey:
+        return 0
+    results = json.loads(body["Body"].read()).get("checkpoint_results", [])
+    return max((int(r.get("metrics", {}).get("epoch", 0)) for r in results), default=0)
+
+
+@dataclass
+class Stored:
+    """The job's outputs on S3, read just after a kill (later, if anything, than the kill:
+    work found unfinished there was unfinished at the kill)."""
+
+    shards_complete: int
+    manifest_written: bool
+    registered_epoch: int
+    checkpoint_folders: int
+    read_after_s: float = 0.0
+
+
+def stored_now(client, bucket: str, clean_prefix: str, train_prefix: str, run_name: str) -> Stored:
+    manifest = s3_keys(client, bucket, f"{clean_prefix}/manifest.parquet")
+    return Stored(
+        shards_complete=score_files(client, bucket, clean_prefix),
+        manifest_written=bool(manifest),
+        registered_epoch=registered_epoch(client, bucket, f"{train_prefix}/{run_name}"),
+        checkpoint_folders=len(checkpoints(client, bucket, train_prefix)),
+    )
 
 
 @dataclass

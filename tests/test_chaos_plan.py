@@ -8,7 +8,7 @@ from collections import Counter
 from benchmarks.chaos import plan_trials
 from benchmarks.chaos_stages import STAGES, TrialContext, progress_now
 from benchmarks.chaos_trial import role_of
-from benchmarks.chaos_watch import LogWatch
+from benchmarks.chaos_watch import LogWatch, Stored
 
 STAGE_NAMES = ["scoring", "fit", "training", "checkpoint"]
 
@@ -53,14 +53,25 @@ def test_the_log_watch_follows_rank_0_and_ignores_earlier_jobs(tmp_path):
     watch.listed_at = 0.0
     watch.poll()
     assert checkpoint.reached({"epoch": 2}, ctx, 0.0) and watch.metrics_epochs == [2]
-    writing = progress_now("checkpoint", ctx, complete_shards=12, stored=1)
-    assert writing.partial and writing.checkpoint_in_flight == 2
+    assert watch.checkpoint_pending == 2
 
     write(err, "Checkpoint successfully created at: Checkpoint(filesystem=s3, path=b/c)")
     watch.poll()
-    written = progress_now("checkpoint", ctx, complete_shards=12, stored=2)
-    assert not written.partial  # a kill now would not hit the checkpoint write
-    assert progress_now("training", ctx, 12, 2).partial  # but unfinished training, yes
+    assert watch.checkpoint_pending is None  # Ray Train has uploaded it
+
+    # what decides `partial` is the storage read just after the kill, not the log (which
+    # lags the job on a loaded machine): Ray Train's registered epoch, the score files, the
+    # manifest
+    registered_to_1 = Stored(12, True, registered_epoch=1, checkpoint_folders=1)
+    registered_to_2 = Stored(12, True, registered_epoch=2, checkpoint_folders=2)
+    assert progress_now("checkpoint", ctx, registered_to_1, {"epoch": 2}).partial
+    assert not progress_now("checkpoint", ctx, registered_to_2, {"epoch": 2}).partial
+    assert progress_now("training", ctx, registered_to_2, {}).partial  # 2 of 3 epochs
+    assert not progress_now("training", ctx, Stored(12, True, 3, 2), {}).partial
+    assert progress_now("scoring", ctx, Stored(11, False, 0, 0), {}).partial
+    assert not progress_now("fit", ctx, Stored(12, True, 0, 0), {}).partial
+    line = progress_now("training", ctx, registered_to_1, {}).line()
+    assert line == "epoch 2/3 batch 4/7, checkpoints registered to epoch 1"
 
 
 def test_the_role_names_what_the_node_ran():
