@@ -21,11 +21,6 @@ from cluster.local.localcluster import REPO_ROOT
 
 SCORING_WORK = ("ClipScorer", "read_shards_udf", "write_score_parts", "merge_shard_parts")
 TRAIN_WORK = ("RayTrainWorker",)
-# the fit's tasks whose output blocks are materialised and read again by later steps
-FIT_BLOCK_MAKERS = (
-    "ReadFilesParquetV2->MapBatches(UsableRows)",
-    "Project->MapBatches(_ProbeFeatures)",
-)
 FIT_STEPS = (  # driver lines that open each step of the distributed fit, in order
     "[fit] distributed global fit",  # the duplicate-key search (hash-partitioned tasks)
     "[fit] repeated keys",  # the usable rows materialised, counted
@@ -73,7 +68,6 @@ class TrialContext:
     head: str
     fit_seen_at: dict[str, float] = field(default_factory=dict)  # fit step -> first seen
     scorer_loaded_at: float | None = None  # when a loaded scorer was first seen on a worker
-    ran: dict[str, set[str]] = field(default_factory=dict)  # node -> titles of work seen there
 
 
 class Stage:
@@ -136,15 +130,15 @@ class Scoring(Stage):
 
 
 class Fit(Stage):
-    """Kill `delay_s` after a randomly chosen step of the distributed fit began: the node of
-    one of its running tasks, or, between the materialising of the usable rows and the end
-    of the selection's passes, a node that made some of the blocks those steps read again
-    (whose loss Ray must make good by running their tasks again)."""
+    """Kill `delay_s` after a randomly chosen step of the distributed fit began (the
+    manifest's tasks, its last step, are too short to aim at): the node of one of its
+    running tasks, while the fit runs."""
 
     name, work = "fit", ("",)  # every task of the job's during the fit is the fit's
 
     def pick(self, rng, ctx):
-        return {"step": rng.randrange(len(FIT_STEPS)), "delay_s": round(rng.uniform(0, 1.5), 2)}
+        step = rng.randrange(len(FIT_STEPS) - 1)
+        return {"step": step, "delay_s": round(rng.uniform(0, 1.5), 2)}
 
     def reached(self, moment, ctx, now):
         for step in FIT_STEPS:
@@ -154,23 +148,15 @@ class Fit(Stage):
         return started is not None and now - started >= moment["delay_s"]
 
     def armed(self, moment, ctx):
-        return ctx.log.driver_has(FIT_STEPS[0]) and not ctx.log.driver_has("[fit] manifest: ")
+        return ctx.log.driver_has(FIT_STEPS[0]) and not self.over(ctx)
 
     def candidates(self, view, ctx):
-        running = super().candidates(view, ctx)
-        blocks_read_again = ctx.log.driver_has(FIT_STEPS[1]) and not ctx.log.driver_has(
-            FIT_STEPS[4]
-        )
-        if not blocks_read_again:
-            return running
-        makers = {
-            node
-            for node, titles in ctx.ran.items()
-            if node != ctx.head
-            and node in view.alive
-            and any(maker in title for title in titles for maker in FIT_BLOCK_MAKERS)
-        }
-        return sorted(set(running) | makers)
+        return [] if self.over(ctx) else super().candidates(view, ctx)
+
+    @staticmethod
+    def over(ctx) -> bool:
+        """The fit's last task is done (the clean job's summary line follows it)."""
+        return ctx.log.driver_has(f"[fit] manifest: {ctx.shards}/{ctx.shards}")
 
 
 class Training(Stage):
@@ -264,18 +250,13 @@ def progress_now(stage: str, ctx: TrialContext, stored: Stored, moment: dict) ->
                     writing, partial)  # fmt: skip
 
 
-def current_stage(log: LogWatch) -> str:
-    """The stage the job is in, from the last stage line its driver printed."""
-    with log.lock:
-        for line in reversed(log.driver_lines):
-            for prefix, stage in (
-                ("[train]", "training"),
-                ("[fit]", "fit"),
-                ("[score]", "scoring"),
-            ):
-                if line.startswith(prefix):
-                    return stage
-    return "scoring"
+def stage_of(stored: Stored, shards: int) -> str:
+    """The stage the job was in, from its outputs just after a kill (ground truth, where
+    its log can lag): scoring until every shard is scored, the fit until the manifest is
+    written, then training."""
+    if stored.shards_complete < shards:
+        return "scoring"
+    return "fit" if not stored.manifest_written else "training"
 
 
 def as_dict(progress: Progress) -> dict:

@@ -13,7 +13,7 @@ import time
 import uuid
 from dataclasses import asdict, dataclass
 
-from benchmarks.chaos_stages import STAGES, TrialContext, as_dict, current_stage, progress_now
+from benchmarks.chaos_stages import STAGES, TrialContext, as_dict, progress_now, stage_of
 from benchmarks.chaos_watch import ClusterWatch, LogWatch, recovery_of, stored_now
 from benchmarks.rehearsal import (
     Rehearsal,
@@ -74,15 +74,11 @@ class Looker(threading.Thread):
         self.stopping = threading.Event()
 
     def run(self) -> None:
-        ran: dict[str, set[str]] = {}
         while not self.stopping.is_set():
             try:
                 view = self.watch.look()
             except OSError:  # /proc changing under the scan: look again
                 continue
-            for node, titles in view.work.items():
-                ran.setdefault(node, set()).update(titles.values())
-            self.ctx.ran = {node: set(titles) for node, titles in ran.items()}  # a new dict
             self.stage.watch(view, self.ctx, view.at)
             self.view = view
             self.stopping.wait(self.every_s)
@@ -114,7 +110,7 @@ class Trial:
         self.kills: list[dict] = []
         self.moment: dict = {}
 
-    def kill(self, node: str, stage: str, view, known: list | None = None) -> None:
+    def kill(self, node: str, stage: str | None, view, known: list | None = None) -> None:
         """SIGKILL `node` at once; then record what it ran and the job's progress: from the
         log as the trial had read it, and from S3 read just after (see chaos_stages.Progress)."""
         role = role_of(view.work.get(node, {}), self.log.rank0_pids)
@@ -125,6 +121,7 @@ class Trial:
         stored = stored_now(self.rh.client, self.rh.bucket, job.clean_prefix, job.train_prefix,
                             job.run_name)  # fmt: skip
         stored.read_after_s = round(time.time() - at, 2)
+        stage = stage or stage_of(stored, self.shards)  # a second kill: wherever the job is
         progress = progress_now(stage, self.ctx, stored, self.moment)
         self.kills.append(
             {"at": at, "node": node, "stage": stage, "role": role,
@@ -185,7 +182,7 @@ class Trial:
                     )  # fmt: skip
                     if victims:
                         node = self.rng.choice(victims)
-                        self.kill(node, current_stage(self.log), view, view.processes.get(node))
+                        self.kill(node, None, view, view.processes.get(node))
                 if now - started > args.job_timeout:
                     timed_out = True
                     break
