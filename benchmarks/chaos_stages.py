@@ -20,6 +20,7 @@ from benchmarks.chaos_watch import LogWatch, NodeView, Stored
 from cluster.local.localcluster import REPO_ROOT
 
 SCORING_WORK = ("ClipScorer", "read_shards_udf", "write_score_parts", "merge_shard_parts")
+SCORING_DONE = "execution finished"  # Ray Data's line on the driver, once a dataset is done
 TRAIN_WORK = ("RayTrainWorker",)
 FIT_STEPS = (  # driver lines that open each step of the distributed fit, in order
     "[fit] distributed global fit",  # the duplicate-key search (hash-partitioned tasks)
@@ -98,10 +99,10 @@ class Stage:
 
 
 class Scoring(Stage):
-    """Kill `delay_s` after the first scorer has loaded its model on a worker node: the node
-    of a scorer scoring a batch then (Ray titles its process `...ClipScorer)).submit`), or,
-    when none is, of a reader, part writer or shard merge. (The `[score] k/N shards` lines
-    count merged shards, which can lag the scorers by the whole stage.)"""
+    """Kill `delay_s` after the first scorer has loaded its model on a worker node: a node
+    then running a loaded scorer, a reader or a part writer, or, once the scoring dataset
+    is done, a shard merge. (The `[score] k/N shards` lines count merged shards, which can
+    lag the scorers by the whole stage.)"""
 
     name, work = "scoring", SCORING_WORK
 
@@ -115,10 +116,17 @@ class Scoring(Stage):
         return ctx.log.driver_has("[score] scorers:") and not ctx.log.driver_has("[fit] ")
 
     def candidates(self, view, ctx):
-        scoring = view.nodes_with("ClipScorer)).submit", ctx.head)
-        return scoring or sorted(
-            {n for fragment in self.work[1:] for n in view.nodes_with(fragment, ctx.head)}
-        )
+        """While the scoring dataset runs: nodes of loaded scorers, readers and part
+        writers; after it, of the shard merges still writing score files."""
+        running = not ctx.log.driver_has_after("[score] scorers:", SCORING_DONE)
+        work = ("ClipScorer", "read_shards_udf", "write_score_parts") if running else ("merge_",)
+        busy = set()
+        for node, titles in view.work.items():
+            if node != ctx.head and any(
+                w in t and not t.endswith(".__init__") for t in titles.values() for w in work
+            ):
+                busy.add(node)
+        return sorted(busy)
 
     def watch(self, view, ctx, now):
         if ctx.scorer_loaded_at is None and any(

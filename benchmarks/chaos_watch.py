@@ -134,6 +134,12 @@ class LogWatch:
         with self.lock:
             return any(fragment in line for line in self.driver_lines)
 
+    def driver_has_after(self, first: str, then: str) -> bool:
+        """Whether a driver line holding `then` came after the first one holding `first`."""
+        with self.lock:
+            start = next((i for i, ln in enumerate(self.driver_lines) if first in ln), None)
+            return start is not None and any(then in ln for ln in self.driver_lines[start:])
+
     def last_driver_line(self, prefix: str) -> str:
         with self.lock:
             return next((ln for ln in reversed(self.driver_lines) if ln.startswith(prefix)), "")
