@@ -11,6 +11,7 @@ from its last checkpoint (run.max_failures).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -39,6 +40,7 @@ from training.data import (
 )
 from training.loop import train_loop_per_worker
 from training.report import write_training_report
+from training.restarts import fit_resuming
 
 
 def manifest_uri(location: str) -> str:
@@ -120,7 +122,8 @@ def run_train(cfg: TrainJobConfig) -> dict:
     resources = {"CPU": cfg.scaling.cpus_per_worker}
     if cfg.scaling.use_gpu:
         resources["GPU"] = cfg.scaling.gpus_per_worker
-    trainer = TorchTrainer(
+    make_trainer = functools.partial(  # one trainer per fit: see training.restarts
+        TorchTrainer,
         train_loop_per_worker,
         train_loop_config={
             "config": cfg.model_dump(mode="json"),
@@ -150,7 +153,7 @@ def run_train(cfg: TrainJobConfig) -> dict:
         f"{len(index.shards)} shards, mode {cfg.mixfix.mode}, {cfg.scaling.num_workers} workers",
         flush=True,
     )
-    result = trainer.fit()
+    result = fit_resuming(make_trainer, cfg.run.max_failures)
     if result.checkpoint is None:
         raise RuntimeError(f"training finished without a checkpoint: {result.error}")
     with (
