@@ -8,10 +8,12 @@ from __future__ import annotations
 import contextlib
 import random
 import re
+import shutil
 import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from benchmarks.chaos_stages import STAGES, TrialContext, as_dict, progress_now, stage_of
 from benchmarks.chaos_watch import ClusterWatch, LogWatch, recovery_of, stored_now
@@ -236,4 +238,15 @@ class Trial:
         }
         out["checks"] = checks
         out["passed"] = all(checks.values())
+        if not out["passed"]:  # the cluster's logs go with it: keep the job's own
+            out["driver_log"] = self.keep_driver_log()
         return out
+
+    def keep_driver_log(self) -> str:
+        """Copy the job's driver log beside the run's JSON (`--out`); returns where."""
+        source = self.log.logs / self.log.driver_name
+        target = Path(self.args.out).with_suffix("").parent / "chaos-logs" / source.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(OSError):
+            shutil.copyfile(source, target)
+        return str(target)
