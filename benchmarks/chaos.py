@@ -34,7 +34,7 @@ from pathlib import Path
 from benchmarks.chaos_stages import STAGES
 from benchmarks.chaos_trial import Trial, TrialJob, TrialPlan
 from benchmarks.chaos_watch import ClusterWatch
-from benchmarks.rehearsal import rehearsal
+from benchmarks.cluster_rehearsal import rehearsal
 from cluster.local.localcluster import weigh_like_the_cluster
 
 TWO_KILLS_EVERY = 5  # one trial in five kills a second node

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from benchmarks.chaos_stages import STAGES, TrialContext, as_dict, progress_now, stage_of
 from benchmarks.chaos_watch import ClusterWatch, LogWatch, recovery_of, stored_now
-from benchmarks.rehearsal import (
+from benchmarks.cluster_rehearsal import (
     Rehearsal,
     job_end,
     job_running,

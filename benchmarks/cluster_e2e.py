@@ -32,7 +32,7 @@ from pathlib import Path
 
 from benchmarks.chaos_trial import Trial, TrialJob, TrialPlan
 from benchmarks.chaos_watch import ClusterWatch
-from benchmarks.rehearsal import (
+from benchmarks.cluster_rehearsal import (
     SCORER_CLASS,
     Observer,
     Rehearsal,

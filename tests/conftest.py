@@ -38,7 +38,7 @@ def demo_shards(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def s3_endpoint():
     """A moto S3 server on 127.0.0.1 with the AWS environment pointing at it."""
-    from benchmarks.rehearsal import moto_s3
+    from benchmarks.cluster_rehearsal import moto_s3
 
     saved = {k: os.environ.get(k) for k in [*S3_ENV, "AWS_ENDPOINT_URL"]}
     with moto_s3() as endpoint:
