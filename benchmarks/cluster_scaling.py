@@ -26,7 +26,8 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.cluster_e2e import Rehearsal, read_json, rehearsal, submit_clean
+from benchmarks.cluster_e2e import submit_clean
+from benchmarks.cluster_rehearsal import Rehearsal, read_json, rehearsal
 
 
 def one_run(rh: Rehearsal, actors: int, name: str, model_overrides: list[str]) -> dict:

@@ -11,6 +11,7 @@ from its last checkpoint (run.max_failures).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -31,9 +32,15 @@ from jobs.common import (
     write_yaml,
 )
 from training.config import TrainJobConfig
-from training.data import EpochStateStore, SampleIndex, load_sample_index, training_stream
+from training.data import (
+    SampleIndex,
+    load_sample_index,
+    start_epoch_state_store,
+    training_stream,
+)
 from training.loop import train_loop_per_worker
 from training.report import write_training_report
+from training.restarts import fit_resuming
 
 
 def manifest_uri(location: str) -> str:
@@ -110,12 +117,13 @@ def run_train(cfg: TrainJobConfig) -> dict:
     spec, index, test_shards = inputs.spec, inputs.index, inputs.test_shards
     connect_ray(cfg.ray)
     configure_ray_data_progress()  # before the trainer: it carries this context to its workers
-    store = ray.remote(EpochStateStore).options(num_cpus=0).remote()
+    store = start_epoch_state_store()  # on this (the driver's) node: see training.data
     storage_path, storage_fs = storage_for_ray(cfg.run.storage)
     resources = {"CPU": cfg.scaling.cpus_per_worker}
     if cfg.scaling.use_gpu:
         resources["GPU"] = cfg.scaling.gpus_per_worker
-    trainer = TorchTrainer(
+    make_trainer = functools.partial(  # one trainer per fit: see training.restarts
+        TorchTrainer,
         train_loop_per_worker,
         train_loop_config={
             "config": cfg.model_dump(mode="json"),
@@ -145,7 +153,7 @@ def run_train(cfg: TrainJobConfig) -> dict:
         f"{len(index.shards)} shards, mode {cfg.mixfix.mode}, {cfg.scaling.num_workers} workers",
         flush=True,
     )
-    result = trainer.fit()
+    result = fit_resuming(make_trainer, cfg.run.max_failures)
     if result.checkpoint is None:
         raise RuntimeError(f"training finished without a checkpoint: {result.error}")
     with (

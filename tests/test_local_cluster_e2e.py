@@ -1,7 +1,9 @@
 """End to end on the local autoscaling cluster (cluster/local/cluster.yaml): a GPU-less head,
 GPU worker nodes from zero. A smaller run of benchmarks.cluster_e2e: `ray job submit` of the
 clean job with the DEFAULT scoring settings on S3 data, during which the node of a running
-scorer is killed whole; every figure is observed, none read from a config."""
+scorer is killed whole; then, on the same cluster, the training job on its manifest, during
+which the node of a random training worker is killed at a random moment (the seed is
+printed). Every figure is observed, none read from a config."""
 
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from tests.conftest import REPO_ROOT
 pytestmark = pytest.mark.e2e
 
 
-def test_default_config_scales_gpu_nodes_from_zero_and_survives_a_node_kill(tmp_path):
+def test_default_config_scales_gpu_nodes_from_zero_and_survives_node_kills(tmp_path):
     # In its own process: the run points Ray's client at the cluster's token, which Ray
     # keeps for the life of the process (a later local ray.init here would be refused).
     out = tmp_path / "cluster_e2e.json"
@@ -30,6 +32,8 @@ def test_default_config_scales_gpu_nodes_from_zero_and_survives_a_node_kill(tmp_
             "--samples-per-shard=25",
             "--batch-size=32",
             "--no-train",
+            "--train-kill-run",
+            "--epochs=2",
             "--job-timeout=480",
             "--idle-timeout=150",
         ],
@@ -54,5 +58,18 @@ def test_default_config_scales_gpu_nodes_from_zero_and_survives_a_node_kill(tmp_
     assert kill["killed_node"]
     assert kill["manifest_rows"] == kill["input_samples"] == 200
     assert kill["duplicate_keys"] == 0
+    # Training on that manifest lost the node of a random training worker (rank 0's, which
+    # published the epoch state, or another) at a random batch of a random epoch, and still
+    # trained every epoch: the job's state lives on the driver's node.
+    train = result["train_kill"]
+    print(f"training-node kill: seed {train['seed']}, {train['kills']}")
+    assert train["outcome"] == "SUCCEEDED", train.get("log_tail")
+    assert train["epochs_completed"] == 2
+    (killed,) = train["kills"]
+    assert "RayTrainWorker" in killed["role"]
+    assert killed["progress"]["partial"] is True  # it hit unfinished training
+    assert train["recovery"]["worker_group_restarts"] >= 1, train["recovery"]
+    assert train["job_state_off_driver_node"] == []
+    assert train["passed"] is True, train["checks"]
     # Idle GPU nodes are removed (idle_timeout_minutes: 0.5).
     assert result["gpu_nodes_after_idle"] == 0

@@ -75,6 +75,23 @@ def test_parts_complete_a_shard_and_merge_in_order_without_retried_duplicates(tm
     assert score_file_writer(target)["pid"] == os.getpid()  # merged in this process here
 
 
+def test_a_retried_merge_whose_first_attempt_died_deleting_parts_finishes_it(tmp_path):
+    """The node of a merge task died after it wrote the score file, between two part
+    deletions: Ray runs the task again, which finds a part gone and the file written."""
+    first = write(tmp_path, "s/a.tar", [0, 1])["part"][0]
+    second = write(tmp_path, "s/a.tar", [2], total=3)["part"][0]
+    target = str(tmp_path / "a.parquet")
+    assert merge_shard_parts([first, second], target, 3) == 3
+    written = pq.read_table(target)
+    retried_parts = [first, write(tmp_path, "s/a.tar", [2], total=3)["part"][0]]
+    assert merge_shard_parts(retried_parts, target, 3) == 3  # `first` is gone: finished
+    assert pq.read_table(target).equals(written)
+    assert not list((tmp_path / PARTS_DIR).rglob("*.parquet"))  # the leftover part deleted
+    os.remove(target)  # without the score file a missing part is an error, as before
+    with pytest.raises(FileNotFoundError):
+        merge_shard_parts([first], target, 3)
+
+
 def test_merge_refuses_a_shard_with_missing_rows(tmp_path):
     part = write(tmp_path, "s/a.tar", [0, 1], total=3)["part"][0]
     with pytest.raises(RuntimeError, match="2 distinct rows for 3 samples"):

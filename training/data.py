@@ -115,18 +115,36 @@ def with_sample_ids(batch: dict[str, np.ndarray], offsets: dict[str, int]) -> di
 
 
 class EpochStateStore:
-    """Holds the object-store reference of the current epoch's (repeat, labels) arrays."""
+    """Owns the current epoch's (repeat, labels) arrays, for the data pipeline's tasks.
+
+    Run as an actor on the driver's node (`start_epoch_state_store`): rank 0 sends the
+    arrays by value and the actor puts them into the object store itself, so the object
+    is owned by the actor and held on the driver's node. Neither dies with a training
+    worker or its node; readers get the reference in a list (not resolved in transit).
+    """
 
     def __init__(self) -> None:
         self.epoch = -1
         self.ref: list = []
 
-    def publish(self, epoch: int, ref: list) -> int:
-        self.epoch, self.ref = epoch, ref
+    def publish(self, epoch: int, arrays: dict[str, np.ndarray]) -> int:
+        import ray
+
+        self.epoch, self.ref = epoch, [ray.put(arrays)]
         return epoch
 
     def current(self) -> tuple[int, list]:
         return self.epoch, self.ref
+
+
+def start_epoch_state_store():
+    """An EpochStateStore actor pinned to this process's node (the driver's: it lives as
+    long as the job's driver, whichever worker node is lost)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return ray.remote(EpochStateStore).options(num_cpus=0, scheduling_strategy=here).remote()
 
 
 def repetition_factors(selected: np.ndarray, labels: np.ndarray, balanced: bool) -> np.ndarray:

@@ -206,7 +206,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 "repeat": repetition_factors(selected, state.current_labels, balanced),
                 "labels": state.current_labels,
             }
-            ray.get(store.publish.remote(epoch, [ray.put(arrays)]))
+            ray.get(store.publish.remote(epoch, arrays))  # the store owns them, not rank 0
         if world > 1:
             torch.distributed.barrier()
 

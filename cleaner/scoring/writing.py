@@ -102,8 +102,18 @@ def merge_shard_parts(parts: list[str], target: str, total: int) -> int:
 
     Rows come out in shard order, one per shard position (a retried batch may have written
     the same rows twice). Raises if the parts do not hold exactly `total` positions.
+    Idempotent: parts are deleted only after the score file is written, so a retry that
+    finds some gone (its first attempt's node died while deleting) only finishes the job.
     """
-    table = pa.concat_tables([pq.read_table(io.BytesIO(uri_lib.read_bytes(p))) for p in parts])
+    try:
+        tables = [pq.read_table(io.BytesIO(uri_lib.read_bytes(p))) for p in parts]
+    except OSError:
+        if not uri_lib.exists(target) or all(uri_lib.exists(p) for p in parts):
+            raise
+        for part in parts:
+            uri_lib.remove(part)
+        return total
+    table = pa.concat_tables(tables)
     table = table.sort_by("shard_pos")
     positions = table.column("shard_pos").to_numpy()
     keep = np.ones(len(positions), dtype=bool)

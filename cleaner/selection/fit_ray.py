@@ -159,13 +159,27 @@ def distributed_select(
 PARTS_IN_FLIGHT_PER_CPU = 2  # manifest tasks queued per cluster CPU
 
 
+def _read_score_file(batch: dict[str, np.ndarray], columns: list[str]) -> pa.Table:
+    """Ray Data UDF: the `columns` of the one score file named in the batch."""
+    (uri,) = batch["uri"]
+    fs, path = uri_lib.resolve(str(uri))
+    with fs.open_input_file(path) as f:
+        return pq.read_table(f, columns=columns)
+
+
 def read_score_dataset(score_uris: list[str], columns: list[str]):
-    """The score files as one Ray Dataset (rows in file order within each file)."""
+    """The score files as one Ray Dataset (one block per file, rows in file order), read
+    by plain Ray Data tasks, which Ray runs again when their node is lost. (Ray Data's
+    read_parquet lists files through FooterReader actors that are not restarted: losing
+    the node of one fails the whole read; docs/reliability.md.)"""
     import ray.data
 
-    fs, _ = uri_lib.resolve(score_uris[0])
-    paths = [uri_lib.resolve(uri)[1] for uri in score_uris]
-    return ray.data.read_parquet(paths, filesystem=fs).select_columns(columns)
+    uris = ray.data.from_items(
+        [{"uri": u} for u in score_uris], override_num_blocks=len(score_uris)
+    )
+    return uris.map_batches(
+        _read_score_file, batch_size=1, batch_format="numpy", fn_kwargs={"columns": list(columns)}
+    )
 
 
 MAX_KEY_PARTITIONS = 256  # hash partitions of the duplicate-key search, at most

@@ -68,9 +68,10 @@ class ClusterInfo:
         }
 
 
-def local_runtime_env(repo: Path = REPO_ROOT) -> str:
+def local_runtime_env(repo: Path = REPO_ROOT, env_vars: dict[str, str] | None = None) -> str:
     """`ray job submit --runtime-env-json` for this cluster: ray_config.yaml, but with the
-    repo itself as the working dir (`local://`, used in place on every node).
+    repo itself as the working dir (`local://`, used in place on every node), plus
+    `env_vars` for the job's processes.
 
     The fake nodes share one session directory; with the uploaded working dir of
     ray_config.yaml, a node that starts or stops unpacks or drops the package under the
@@ -80,6 +81,7 @@ def local_runtime_env(repo: Path = REPO_ROOT) -> str:
     runtime_env = yaml.safe_load((repo / "ray_config.yaml").read_text())
     runtime_env.pop("excludes", None)
     runtime_env["working_dir"] = f"local://{repo.resolve()}"
+    runtime_env["env_vars"] = {**runtime_env.get("env_vars", {}), **(env_vars or {})}
     return json.dumps(runtime_env)
 
 
@@ -89,12 +91,20 @@ def _processes() -> list[tuple[int, str]]:
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
-        try:
-            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        found.append((int(entry.name), cmd))
+        cmd = _cmdline(int(entry.name))
+        if cmd is not None:
+            found.append((int(entry.name), cmd))
     return found
+
+
+def _cmdline(pid: int) -> str | None:
+    """A process's command line as _processes reads it (None once it is gone)."""
+    try:
+        return (
+            Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        )
+    except OSError:
+        return None
 
 
 def _environ(pid: int) -> dict[str, str]:
@@ -158,19 +168,25 @@ def node_pids(temp_dir: str, node_id: str) -> list[int]:
     return _with_descendants(_node_roots(temp_dir, _processes()).get(node_id, []))
 
 
+def node_processes(temp_dir: str) -> dict[str, list[tuple[int, str]]]:
+    """Node id -> (pid, command line) of every process of that fake node (see node_pids),
+    the head's included: what each node runs now, from one look at /proc."""
+    processes = _processes()
+    tree, command = _children(), dict(processes)
+    return {
+        node_id: [(pid, command.get(pid, "")) for pid in _with_descendants(roots, tree)]
+        for node_id, roots in _node_roots(temp_dir, processes).items()
+    }
+
+
 def nodes_running(temp_dir: str, fragment: str, unless: str = "") -> set[str]:
     """Ids of the fake nodes (see node_pids) with a process whose command line holds
     `fragment` and not `unless`. Ray titles an actor's worker process after its class and
     the method it runs: `ray::MapWorker(MapBatches(ClipScorer)).__init__` while it starts."""
-    processes = _processes()
-    matching = {pid for pid, cmd in processes if fragment in cmd and not (unless and unless in cmd)}
-    if not matching:
-        return set()
-    tree = _children()
     return {
         node_id
-        for node_id, roots in _node_roots(temp_dir, processes).items()
-        if matching & set(_with_descendants(roots, tree))
+        for node_id, processes in node_processes(temp_dir).items()
+        if any(fragment in cmd and not (unless and unless in cmd) for _, cmd in processes)
     }
 
 
@@ -289,7 +305,7 @@ class LocalCluster:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
-            preexec_fn=_own_cpu_group,
+            preexec_fn=own_cpu_group,
         )
         deadline = time.monotonic() + timeout_s
         while proc.poll() is None:
@@ -359,28 +375,51 @@ class LocalCluster:
         info = self.info()
         return set() if info is None else nodes_running(info.temp_dir, fragment, unless)
 
-    def kill_node(self, node_id: str) -> list[int]:
-        """SIGKILL one worker node: its raylet, object store, agents and workers at once."""
+    def node_processes(self) -> dict[str, list[tuple[int, str]]]:
+        """Node id -> (pid, command line) of the processes of each of this cluster's nodes."""
+        info = self.info()
+        return {} if info is None else node_processes(info.temp_dir)
+
+    def node_pids(self, node_id: str) -> list[int]:
+        """The processes of one of this cluster's nodes (see node_pids)."""
         info = self.info()
         if info is None:
             raise RuntimeError(f"no cluster in {self.directory}")
-        pids = node_pids(info.temp_dir, node_id)
-        if not pids:
+        return node_pids(info.temp_dir, node_id)
+
+    def kill_node(self, node_id: str, known: list[tuple[int, str]] | None = None) -> list[int]:
+        """SIGKILL one worker node: its raylet, object store, agents and workers at once.
+
+        `known`: (pid, command line) of its processes from an earlier look (node_processes),
+        killed first, those whose command line is still the same (a pid is never taken for
+        another's): the look for the node's processes takes a while on a loaded machine.
+        Whatever that look then finds (a worker started since) is killed too."""
+        first = [pid for pid, cmd in known or [] if _cmdline(pid) == cmd]
+        kill_pids(first, grace_s=0, sig=signal.SIGKILL)
+        rest = [pid for pid in self.node_pids(node_id) if pid not in first]
+        if not first and not rest:
             raise RuntimeError(f"no process of node {node_id} found")
-        kill_pids(pids, grace_s=0, sig=signal.SIGKILL)
-        return pids
+        kill_pids(rest, grace_s=0, sig=signal.SIGKILL)
+        return first + rest
 
 
-def _own_cpu_group() -> None:
-    """Start the cluster in its own session, hence its own scheduler autogroup, weighted by
-    LOCALCLUSTER_CPU_NICE (e.g. -10) when set. On a machine whose run queue is much longer
-    than its cores, Ray's agents otherwise miss the raylet's fixed start-up deadline (about
-    15 s) and every node start fails; a laptop needs none of this."""
-    os.setsid()
+def weigh_like_the_cluster() -> None:
+    """Give this process's CPU group LOCALCLUSTER_CPU_NICE when set, as own_cpu_group gives
+    the cluster: a controller that must act at a moment of the cluster's work (a chaos
+    run's kills) otherwise reacts seconds late on a loaded machine."""
     nice = os.environ.get("LOCALCLUSTER_CPU_NICE")
     if nice:
         with contextlib.suppress(OSError), open("/proc/self/autogroup", "w") as f:
             f.write(nice)
+
+
+def own_cpu_group() -> None:
+    """Start a process (the cluster's head; a rehearsal's S3 endpoint) in its own session,
+    hence its own scheduler autogroup, weighted by LOCALCLUSTER_CPU_NICE (e.g. -10) when set. On a machine whose run queue is much longer
+    than its cores, Ray's agents otherwise miss the raylet's fixed start-up deadline (about
+    15 s) and every node start fails; a laptop needs none of this."""
+    os.setsid()
+    weigh_like_the_cluster()
 
 
 def _raylet_crash(temp_dir: Path) -> str:

@@ -1,0 +1,81 @@
+"""benchmarks.chaos without a cluster: the trial plan, and how a trial reads a job's logs
+to find its moment (rank 0's batches, metrics and checkpoint confirmations)."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from benchmarks.chaos import plan_trials
+from benchmarks.chaos_stages import STAGES, TrialContext, progress_now
+from benchmarks.chaos_trial import role_of
+from benchmarks.chaos_watch import LogWatch, Stored
+
+STAGE_NAMES = ["scoring", "fit", "training", "checkpoint"]
+
+
+def test_the_plan_spreads_stages_doubles_every_fifth_kill_and_replays_from_its_seed():
+    plan = plan_trials(11, 10, STAGE_NAMES)
+    assert plan == plan_trials(11, 10, STAGE_NAMES)  # the printed seed replays it
+    assert plan != plan_trials(12, 10, STAGE_NAMES)
+    assert sorted(Counter(p.stage for p in plan).values()) == [2, 2, 3, 3]
+    assert [p.number for p in plan if p.kills == 2] == [5, 10]
+    assert len({p.seed for p in plan}) == 10
+
+
+def write(path, *lines: str) -> None:
+    with open(path, "a") as f:
+        f.writelines(line + "\n" for line in lines)
+
+
+def test_the_log_watch_follows_rank_0_and_ignores_earlier_jobs(tmp_path):
+    logs = tmp_path / "session_latest" / "logs"
+    logs.mkdir(parents=True)
+    earlier = logs / "worker-aa-01000000-11.out"
+    write(earlier, '[train] {"epoch": 3, "loss": 1}')  # another trial's rank 0
+    watch = LogWatch(str(tmp_path), "chaos-1")
+    out, err = logs / "worker-bb-02000000-22.out", logs / "worker-bb-02000000-22.err"
+    write(logs / "job-driver-chaos-1.log", "[fit] distributed global fit over 240 samples")
+    write(out, "[train epoch 2/3, rank 0] 4/7 batches, 64 samples, 9 samples/s, ETA 0:03")
+    write(earlier, "[train epoch 3/3, rank 0] 7/7 batches")
+    watch.listed_at = 0.0  # look for new files at this poll
+    watch.poll()
+    assert watch.train_progress == (2, 3, 4, 7) and watch.rank0_pids == [22]
+    assert watch.driver_has("[fit] distributed global fit") and watch.metrics_epochs == []
+
+    training, checkpoint = STAGES["training"], STAGES["checkpoint"]
+    ctx = TrialContext(watch, shards=12, epochs=3, head="head")
+    assert training.reached({"epoch": 2, "fraction": 0.5}, ctx, 0.0)  # batch 4 >= 3.5
+    assert not training.reached({"epoch": 2, "fraction": 0.8}, ctx, 0.0)
+    assert checkpoint.armed({"epoch": 2}, ctx) and not checkpoint.reached({"epoch": 2}, ctx, 0.0)
+
+    write(out, '[train] {"epoch": 2, "lr": 0.05}')  # rank 0 now writes epoch 2's checkpoint
+    write(err, '[train] {"epoch": 2, "lr": 0.05}')  # (Ray Train copies stdout to stderr)
+    watch.listed_at = 0.0
+    watch.poll()
+    assert checkpoint.reached({"epoch": 2}, ctx, 0.0) and watch.metrics_epochs == [2]
+    assert watch.checkpoint_pending == 2
+
+    write(err, "Checkpoint successfully created at: Checkpoint(filesystem=s3, path=b/c)")
+    watch.poll()
+    assert watch.checkpoint_pending is None  # Ray Train has uploaded it
+
+    # what decides `partial` is the storage read just after the kill, not the log (which
+    # lags the job on a loaded machine): Ray Train's registered epoch, the score files, the
+    # manifest
+    registered_to_1 = Stored(12, True, registered_epoch=1, checkpoint_folders=1)
+    registered_to_2 = Stored(12, True, registered_epoch=2, checkpoint_folders=2)
+    assert progress_now("checkpoint", ctx, registered_to_1, {"epoch": 2}).partial
+    assert not progress_now("checkpoint", ctx, registered_to_2, {"epoch": 2}).partial
+    assert progress_now("training", ctx, registered_to_2, {}).partial  # 2 of 3 epochs
+    assert not progress_now("training", ctx, Stored(12, True, 3, 2), {}).partial
+    assert progress_now("scoring", ctx, Stored(11, False, 0, 0), {}).partial
+    assert not progress_now("fit", ctx, Stored(12, True, 0, 0), {}).partial
+    line = progress_now("training", ctx, registered_to_1, {}).line()
+    assert line == "epoch 2/3 batch 4/7, checkpoints registered to epoch 1"
+
+
+def test_the_role_names_what_the_node_ran():
+    titles = {1: "MapWorker(MapBatches(ClipScorer)).__init__", 2: "RayTrainWorker", 3: "IDLE2"}
+    role = role_of(titles, rank0_pids=[2])
+    assert role == "IDLE2, MapWorker(MapBatches(ClipScorer)) (starting), RayTrainWorker (rank 0)"
+    assert role_of({}, []) == "no task running (object store only)"
