@@ -32,9 +32,12 @@ class DataConfig(StrictModel):
 
 
 class ModelConfig(StrictModel):
-    """Which CLIP scores the images (any open_clip model)."""
+    """Which CLIP scores the images (any open_clip model); a real run names its model."""
 
-    name: str = "tiny-clip-shapes"
+    name: str = Field(
+        description="open_clip model name, e.g. ViT-B-32 (required: no default model; the "
+        "bundled demo's is tiny-clip-shapes)"
+    )
     pretrained: str | None = Field(
         default=None, description="open_clip tag, local path, file:// or s3:// checkpoint"
     )
@@ -153,7 +156,8 @@ class CleanJobConfig(StrictModel):
 
     data: DataConfig
     output: str = Field(description="output folder URI (local, file:// or s3://)")
-    model: ModelConfig = ModelConfig()
+    # validated from {} when absent, so that a config without a model names `model.name`
+    model: ModelConfig = Field(default_factory=dict, validate_default=True)
     scoring: ScoringConfig = ScoringConfig()
     selection: SelectionConfig = SelectionConfig()
     ray: RayConfig = RayConfig()

@@ -9,6 +9,7 @@ import pytest
 
 from cleaner.classes import DEMO_CLASS_SPEC, ClassSpec
 from cleaner.config import ConfigError, ModelConfig
+from cleaner.demo.tiny_clip import TINY_CLIP_NAME as DEMO_MODEL
 from cleaner.scoring.models import load_clip
 from cleaner.scoring.prompts import encode_prompts
 from cleaner.scoring.text_features import encode_text_features
@@ -28,11 +29,11 @@ def ray_with_a_gpu():
 @pytest.mark.parametrize("num_gpus", [1.0, 0.0])
 def test_text_features_encoded_in_a_task_with_the_scorers_gpu_request(ray_with_a_gpu, num_gpus):
     spec = ClassSpec.load(DEMO_CLASS_SPEC)
-    text = encode_text_features(ModelConfig(), spec.prompts(), num_gpus=num_gpus)
+    text = encode_text_features(ModelConfig(name=DEMO_MODEL), spec.prompts(), num_gpus=num_gpus)
     assert text.pid != os.getpid(), "encoded on the driver"
     assert text.node_id in {n["NodeID"] for n in ray_with_a_gpu.nodes()}
     assert text.gpu_ids == (("0",) if num_gpus else ())
-    clip = load_clip(ModelConfig(), device="cpu")
+    clip = load_clip(ModelConfig(name=DEMO_MODEL), device="cpu")
     here = encode_prompts(clip.model, clip.tokenizer, spec.prompts())
     assert text.image_size == clip.image_size
     np.testing.assert_allclose(text.bank.features, here.features, atol=1e-5)
