@@ -247,7 +247,9 @@ class MakeShardsConfig(StrictModel):
     resize: int | None = Field(default=None, gt=0, description="shorter side at most this")
     jpeg_quality: int = Field(default=95, ge=1, le=100, description="when re-encoding")
     prefix: str | None = Field(default=None, description="shard name prefix (default: the split)")
-    dataset_name: str | None = Field(default=None, description="name in the class spec")
+    dataset_name: str | None = Field(
+        default=None, description="name in a written bare class spec (not a shipped one)"
+    )
     resume: bool = Field(default=True, description="skip shards already written with this plan")
     dry_run: bool = Field(default=False, description="list and report, write no shard")
     ray: RayConfig = RayConfig()
