@@ -16,6 +16,7 @@ from cleaner.scoring.models import (
     ASSETS_DIR,
     fetch_to_cache,
     load_clip,
+    resolve_quick_gelu,
     stored_quick_gelu,
     uses_quick_gelu,
 )
@@ -159,3 +160,30 @@ def test_quick_gelu_setting_is_validated():
     assert ModelConfig(name=DEMO_MODEL, quick_gelu="true").quick_gelu is True
     with pytest.raises(ValueError, match="quick_gelu"):
         ModelConfig(name=DEMO_MODEL, quick_gelu="sometimes")
+
+
+def test_a_tag_without_a_quick_gelu_key_keeps_the_model_config():
+    """roberta-ViT-B-32's model config says QuickGELU; its laion2b tag says nothing: keep it."""
+    assert (open_clip.get_model_config("roberta-ViT-B-32") or {}).get("quick_gelu") is True
+    assert "quick_gelu" not in open_clip.get_pretrained_cfg("roberta-ViT-B-32", "laion2b_s12b_b32k")
+    flag, why = resolve_quick_gelu("auto", "roberta-ViT-B-32", "laion2b_s12b_b32k", None)
+    assert flag is None and "model config" in why
+    # a tag that does say (OpenAI's) still decides
+    assert resolve_quick_gelu("auto", "ViT-B-32", "openai", None)[0] is True
+
+
+def test_a_checkpoint_without_a_flag_warns_for_openai_architectures(tmp_path, caplog):
+    """No stored flag: the model config's GELU, with a warning where OpenAI's weights for
+    that architecture were trained with QuickGELU (an s3:// checkpoint of them, say)."""
+    bare = tmp_path / "weights.pt"
+    torch.save({"state_dict": {}}, bare)
+    caplog.set_level("WARNING", logger="cleaner.scoring.models")
+    flag, _ = resolve_quick_gelu("auto", "ViT-B-32", "s3://models/vit-b-32.pt", str(bare))
+    assert flag is None
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1 and "model.quick_gelu=true" in warned[0]
+    assert "s3://models/vit-b-32.pt" in warned[0]
+    caplog.clear()
+    for name in ("ViT-B-32-quickgelu", DEMO_MODEL):  # builds QuickGELU already; not OpenAI's
+        resolve_quick_gelu("auto", name, "s3://models/x.pt", str(bare))
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]

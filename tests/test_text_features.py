@@ -43,3 +43,25 @@ def test_text_features_encoded_in_a_task_with_the_scorers_gpu_request(ray_with_a
 def test_a_bad_model_in_the_task_is_a_config_error(ray_with_a_gpu):
     with pytest.raises(ConfigError, match="unknown open_clip model name 'ViT-Nope'"):
         encode_text_features(ModelConfig(name="ViT-Nope"), [["a"]], num_gpus=0)
+
+
+def encode_where_cuda_looks_available(model_config: dict, prompts: list[list[str]]) -> str:
+    """In a Ray task: make CUDA look available (as on a GPU node), encode, restore; the device."""
+    import torch
+
+    from cleaner.scoring.text_features import encode_text_features_here
+
+    real = torch.cuda.is_available
+    torch.cuda.is_available = lambda: True
+    try:
+        return encode_text_features_here(model_config, prompts).device
+    finally:
+        torch.cuda.is_available = real
+
+
+def test_a_task_that_reserved_no_gpu_encodes_on_cpu_where_cuda_is_visible(ray_with_a_gpu):
+    """Ray does not hide a node's GPUs from a task that asked for none: the task must not
+    take one (the scorers run on CPU with scoring.gpus_per_actor=0)."""
+    task = ray_with_a_gpu.remote(encode_where_cuda_looks_available).options(num_gpus=0)
+    config = ModelConfig(name=DEMO_MODEL).model_dump()
+    assert ray_with_a_gpu.get(task.remote(config, [["a photo of a circle."]])) == "cpu"
