@@ -244,6 +244,13 @@ class MakeShardsConfig(StrictModel):
         default=None, description="webvision train lists (default google+flickr; mini: google)"
     )
     shard_size: int = Field(default=1000, gt=0, description="images per shard")
+    spread_classes: bool = Field(
+        default=True,
+        description="spread the images over the shards in a seeded random order, so that "
+        "each shard mixes the classes (false: the listing's order, class by class for "
+        "ImageFolder and WebVision)",
+    )
+    seed: int = Field(default=0, description="seed of the spread (same seed: same shards)")
     resize: int | None = Field(default=None, gt=0, description="shorter side at most this")
     jpeg_quality: int = Field(default=95, ge=1, le=100, description="when re-encoding")
     prefix: str | None = Field(default=None, description="shard name prefix (default: the split)")

@@ -40,6 +40,11 @@ class TrainDataConfig(StrictModel):
         description="decode once and keep the images in Ray's object store (small datasets)",
     )
     shuffle_buffer: int = Field(default=2048, ge=0, description="local shuffle buffer (rows)")
+    shuffle_shards: bool = Field(
+        default=True,
+        description="read the shards (or cached blocks) in a different seeded order each "
+        "epoch; false: the manifest's order every epoch",
+    )
 
 
 # Each network's own input size (what it was designed and is usually trained at): the

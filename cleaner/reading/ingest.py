@@ -111,7 +111,9 @@ def make_shards(cfg: MakeShardsConfig, log=print) -> dict:
     t0 = time.perf_counter()
     listing = list_for(cfg)
     prefix = cfg.prefix or cfg.split
-    plans = plan_shards(listing.entries, cfg.shard_size, prefix)
+    plans = plan_shards(
+        listing.entries, cfg.shard_size, prefix, seed=cfg.seed if cfg.spread_classes else None
+    )
     dataset = cfg.dataset_name or f"{cfg.layout}-{cfg.split}"
     spec_text = listing_spec_yaml(listing, dataset)
     if listing.spec is not None:
