@@ -63,6 +63,13 @@ def list_for(cfg: MakeShardsConfig) -> Listing:
         raise ConfigError(str(err)) from None
 
 
+def shard_plans(cfg: MakeShardsConfig, listing: Listing) -> list[dict]:
+    """The shards this config writes: the listing spread over them (unless spread_classes
+    is false), shard_size images each, named `<prefix>-NNNNNN.tar`."""
+    seed = cfg.seed if cfg.spread_classes else None
+    return plan_shards(listing.entries, cfg.shard_size, cfg.prefix or cfg.split, seed=seed)
+
+
 def _write_row(row: dict, **kwargs) -> dict:
     plan = {k: [v.item() if hasattr(v, "item") else v for v in row[k]] for k in row if k != "name"}
     plan["name"] = str(row["name"])
@@ -111,9 +118,7 @@ def make_shards(cfg: MakeShardsConfig, log=print) -> dict:
     t0 = time.perf_counter()
     listing = list_for(cfg)
     prefix = cfg.prefix or cfg.split
-    plans = plan_shards(
-        listing.entries, cfg.shard_size, prefix, seed=cfg.seed if cfg.spread_classes else None
-    )
+    plans = shard_plans(cfg, listing)
     dataset = cfg.dataset_name or f"{cfg.layout}-{cfg.split}"
     spec_text = listing_spec_yaml(listing, dataset)
     if listing.spec is not None:
