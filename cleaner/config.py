@@ -113,7 +113,7 @@ class ScoringConfig(StrictModel):
 
 
 class SelectionConfig(StrictModel):
-    """The global clean-sample selection (METHOD.md sections 2-3)."""
+    """The global clean-sample selection (docs/method.md, "Linear probe" and "Selection")."""
 
     theta_gmm: float = Field(default=0.5, ge=0.0, le=1.0)
     theta_cons: float = Field(default=0.8, ge=0.0, le=1.0)

@@ -132,7 +132,7 @@ def repetition_factors(selected: np.ndarray, labels: np.ndarray, balanced: bool)
     """Expected copies of each sample per epoch, summing to N (the epoch length).
 
     balanced: every present class gets N / K_present draws, spread evenly over its
-    selected samples (class-balanced sampling by repetition, METHOD.md section 4);
+    selected samples (class-balanced sampling by repetition, docs/method.md, "MixFix");
     otherwise each selected sample is drawn N / |selected| times.
     """
     n = labels.shape[0]
