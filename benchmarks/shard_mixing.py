@@ -126,6 +126,22 @@ def classes_per_batch(cfg: TrainJobConfig, names: list[str], epochs: int = 2) ->
     return float(np.mean(counts))
 
 
+def start_ray(num_cpus: int, attempts: int = 4) -> None:
+    """A local Ray of our own; a loaded host can take minutes to register the node."""
+    import ray
+
+    os.environ.setdefault("RAY_raylet_start_wait_time_s", "300")
+    for attempt in range(1, attempts + 1):
+        try:
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False)
+            return
+        except Exception as err:  # the node's start timed out: try again
+            ray.shutdown()
+            print(f"[shard_mixing] Ray did not start ({err}); attempt {attempt}", flush=True)
+            if attempt == attempts:
+                raise
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default="data/demo", help="demo data: train/ and test/")
@@ -147,14 +163,13 @@ def main(argv: list[str] | None = None) -> dict:
     load = os.getloadavg()
     data, work = Path(args.data), Path(args.work)
     names = load_class_spec("demo").names
-    os.environ.setdefault("RAY_raylet_start_wait_time_s", "300")  # a loaded host is slow
-    ray.init(address="local", num_cpus=args.ray_cpus, include_dashboard=False)
+    images = work / "imagefolder"
+    names_file = work / "classes.txt"
+    if not names_file.exists():
+        names_file = class_sorted_imagefolder(data / "train", images, names)
+    start_ray(args.ray_cpus)
     results: dict = {"settings": {}, "command": "python -m benchmarks.shard_mixing"}
     try:
-        images = work / "imagefolder"
-        names_file = work / "classes.txt"
-        if not names_file.exists():
-            names_file = class_sorted_imagefolder(data / "train", images, names)
         prepared: dict[bool, tuple[Path, str]] = {}
         for spread in (False, True):
             root = work / ("spread" if spread else "sorted")
