@@ -17,7 +17,7 @@ and feeds the SAME float64 matrices (rows renormalised) to both methods:
 
   ours              `cleaner.selection.engine.select_from_scores` (the job's selection: the
                     deterministic-EM GMMs, consistency, intersection of every source;
-                    METHOD.md section 3),
+                    docs/method.md, "Selection"),
                     on one or two sources
   cleanlab default  `cleanlab.filter.find_label_issues(labels, pred_probs)`
                     (filter_by="prune_by_noise_rate")
@@ -37,7 +37,7 @@ class, the same mechanism (and random stream) as its "asymmetric" noise, so hard
 would repeat asym40's labels exactly: it runs at 30%. "idn40" adds instance-dependent
 noise that the generator does not offer: each sample's label flips, with probability
 0.4, to the class the zero-shot classifier ranks next after the true one for that image
-(METHOD.md "hard" noise, per sample); it re-uses the embeddings of a scored setting (the
+(docs/method.md, "Noise models": hard, per sample); it re-uses the embeddings of a scored setting (the
 images are the same) and needs no scoring of its own.
 """
 

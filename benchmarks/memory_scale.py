@@ -174,6 +174,7 @@ def child_main(shards: str, output: str, result_file: str, num_cpus: str, extra:
         [
             f"data.input={shards}",
             "data.classes=demo",
+            "model.name=tiny-clip-shapes",
             f"output={output}",
             f"ray.num_cpus={num_cpus}",
             *extra,

@@ -1,4 +1,4 @@
-"""Linear-probe modes on the same scores: none vs insample vs crossfit (METHOD.md section 2).
+"""Linear-probe modes on the same scores: none vs insample vs crossfit (docs/method.md, "Linear probe").
 
     python -m benchmarks.probe_modes --run runs/demo
 

@@ -23,7 +23,7 @@ Modes, each run in a fresh subprocess (peak RSS = its VmHWM, read from /proc at 
                (shared pages split fairly) of the Ray processes the driver started
                (GCS, raylet, workers, ...; sampled every 0.2 s, so it can miss spikes),
                and their idle PSS right after ray.init is printed too
-  plain        METHOD.md section 3 written as a plain loop: per source, per class
+  plain        docs/method.md, "Selection", written as a plain loop: per source, per class
                `labels == k`, min-max normalised log p, `GaussianMixture(2, max_iter=100,
                tol=1e-3, reg_covar=1e-6, random_state=0)` (sklearn's default k-means
                init), posterior of the higher-mean component, consistency, intersection,
@@ -265,7 +265,7 @@ class _Deadline(Exception):
 def plain_select(
     labels: np.ndarray, k: int, sources: dict, cap_s: float, theta_gmm=0.5, theta_cons=0.8
 ) -> tuple[np.ndarray, int, int]:
-    """METHOD.md section 3 as a plain loop; returns (is_clean, mixtures fitted, total).
+    """docs/method.md, "Selection", as a plain loop; returns (is_clean, mixtures fitted, total).
 
     Raises _Deadline (with the counts) when cap_s runs out.
     """

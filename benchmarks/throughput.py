@@ -97,7 +97,14 @@ def main(argv: list[str] | None = None) -> dict:
             "pipeline",
             lambda: (
                 score_shards(
-                    cfg, shards, bank, spec.names, size, uri_lib.join(tmp, "scores"), "bench"
+                    cfg,
+                    shards,
+                    bank,
+                    spec.names,
+                    size,
+                    uri_lib.join(tmp, "scores"),
+                    "bench",
+                    clip.resize,
                 ).samples_scored
             ),
         )

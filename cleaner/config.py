@@ -37,9 +37,12 @@ class DataConfig(StrictModel):
 
 
 class ModelConfig(StrictModel):
-    """Which CLIP scores the images (any open_clip model)."""
+    """Which CLIP scores the images (any open_clip model); a real run names its model."""
 
-    name: str = "tiny-clip-shapes"
+    name: str = Field(
+        description="open_clip model name, e.g. ViT-B-32 (required: no default model; the "
+        "bundled demo's is tiny-clip-shapes)"
+    )
     pretrained: str | None = Field(
         default=None, description="open_clip tag, local path, file:// or s3:// checkpoint"
     )
@@ -115,7 +118,7 @@ class ScoringConfig(StrictModel):
 
 
 class SelectionConfig(StrictModel):
-    """The global clean-sample selection (METHOD.md sections 2-3)."""
+    """The global clean-sample selection (docs/method.md, "Linear probe" and "Selection")."""
 
     theta_gmm: float = Field(default=0.5, ge=0.0, le=1.0)
     theta_cons: float = Field(default=0.8, ge=0.0, le=1.0)
@@ -192,7 +195,8 @@ class CleanJobConfig(StrictModel):
 
     data: DataConfig
     output: str = Field(description="output folder URI (local, file:// or s3://)")
-    model: ModelConfig = ModelConfig()
+    # validated from {} when absent, so that a config without a model names `model.name`
+    model: ModelConfig = Field(default_factory=dict, validate_default=True)
     scoring: ScoringConfig = ScoringConfig()
     selection: SelectionConfig = SelectionConfig()
     checks: ChecksConfig = ChecksConfig()
@@ -280,10 +284,19 @@ class MakeShardsConfig(StrictModel):
         default=None, description="webvision train lists (default google+flickr; mini: google)"
     )
     shard_size: int = Field(default=1000, gt=0, description="images per shard")
+    spread_classes: bool = Field(
+        default=True,
+        description="spread the images over the shards in a seeded random order, so that "
+        "each shard mixes the classes (false: the listing's order, class by class for "
+        "ImageFolder and WebVision)",
+    )
+    seed: int = Field(default=0, description="seed of the spread (same seed: same shards)")
     resize: int | None = Field(default=None, gt=0, description="shorter side at most this")
     jpeg_quality: int = Field(default=95, ge=1, le=100, description="when re-encoding")
     prefix: str | None = Field(default=None, description="shard name prefix (default: the split)")
-    dataset_name: str | None = Field(default=None, description="name in the class spec")
+    dataset_name: str | None = Field(
+        default=None, description="name in a written bare class spec (not a shipped one)"
+    )
     resume: bool = Field(default=True, description="skip shards already written with this plan")
     dry_run: bool = Field(default=False, description="list and report, write no shard")
     ray: RayConfig = RayConfig()

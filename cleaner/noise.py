@@ -1,4 +1,4 @@
-"""Label-noise injection for benchmarks (METHOD.md, "Noise models for benchmarks").
+"""Label-noise injection for benchmarks (docs/method.md, "Noise models").
 
 All functions take the true labels and a ``numpy.random.Generator`` and return a new int64
 array of noisy labels; inputs are never modified. Keep the true labels beside the noisy ones

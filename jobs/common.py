@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from cleaner.classes import DEMO_CLASS_SPEC, ClassSpec
+from cleaner.classes import ClassSpec, ClassSpecError, shipped_spec_names, shipped_spec_path
 from cleaner.config import ConfigError, RayConfig
 from cleaner.reading import uri as uri_lib
 
@@ -39,13 +39,24 @@ def connect_ray(cfg: RayConfig) -> None:
 
 
 def load_class_spec(location: str) -> ClassSpec:
-    """The class spec from a local/file:///s3:// YAML, or the bundled demo spec for 'demo'."""
-    if location == "demo":
-        return ClassSpec.load(DEMO_CLASS_SPEC)
+    """The class spec named by `data.classes`: a shipped one by name (cleaner/specs/, 'demo'
+    for the bundled demo's) or a local/file:///s3:// YAML. Any problem is a ConfigError."""
+    shipped = shipped_spec_path(location)
     try:
+        if shipped is not None:
+            return ClassSpec.load(shipped)
         return ClassSpec.from_yaml_text(uri_lib.read_text(location))
     except FileNotFoundError:
-        raise ConfigError(f"class spec not found: {location}") from None
+        hint = ""
+        if "/" not in location and not location.endswith((".yaml", ".yml")):
+            hint = f" (shipped specs: demo, {', '.join(shipped_spec_names())})"
+        raise ConfigError(f"class spec not found: {location}{hint}") from None
+    except ClassSpecError as err:
+        raise ConfigError(f"{err} ({location})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"class spec {location} is not UTF-8 text") from None
+    except OSError as err:  # a folder, a permission error...
+        raise ConfigError(f"class spec {location} cannot be read: {err}") from None
 
 
 def write_json(target: str, payload: dict) -> None:

@@ -129,7 +129,7 @@ def own_ray(**init_options):
 
 
 def clean_config(input_uri: str, output_uri: str, *extra: str, batch_size: int = 128):
-    """A clean-job config for tests: demo classes, one small scorer actor, overrides."""
+    """A clean-job config for tests: demo classes and model, one small scorer actor, overrides."""
     from cleaner.config import load_config
 
     return load_config(
@@ -137,6 +137,7 @@ def clean_config(input_uri: str, output_uri: str, *extra: str, batch_size: int =
         [
             f"data.input={input_uri}",
             "data.classes=demo",
+            "model.name=tiny-clip-shapes",
             f"output={output_uri}",
             "scoring.max_actors=1",
             f"scoring.batch_size={batch_size}",

@@ -6,12 +6,20 @@ import pytest
 
 from cleaner.config import CleanJobConfig, ConfigError, load_config
 
-BASE = ["data.input=/tmp/shards", "data.classes=demo", "output=/tmp/out"]
+BASE = [
+    "data.input=/tmp/shards",
+    "data.classes=demo",
+    "model.name=tiny-clip-shapes",
+    "output=/tmp/out",
+]
 
 
 def test_overrides_are_parsed_as_yaml_into_nested_keys(tmp_path):
     path = tmp_path / "job.yaml"
-    path.write_text("data: {input: a, classes: demo}\noutput: o\nselection: {theta_cons: 0.9}\n")
+    path.write_text(
+        "data: {input: a, classes: demo}\nmodel: {name: tiny-clip-shapes}\noutput: o\n"
+        "selection: {theta_cons: 0.9}\n"
+    )
     cfg = load_config(path, ["selection.theta_cons=1.0", "scoring.max_actors=4", "resume=false"])
     assert isinstance(cfg, CleanJobConfig)
     assert cfg.selection.theta_cons == 1.0 and cfg.scoring.max_actors == 4 and cfg.resume is False

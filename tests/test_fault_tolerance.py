@@ -40,6 +40,7 @@ def test_killed_scorer_loses_nothing_and_the_log_has_progress_lines(
         [
             f"data.input={shards}",
             "data.classes=demo",
+            "model.name=tiny-clip-shapes",
             f"output={out}",
             "scoring.batch_size=16",
             "scoring.max_actors=1",

@@ -1,4 +1,4 @@
-"""Tests for training.mixfix (METHOD.md section 4) and training.networks; no Ray."""
+"""Tests for training.mixfix (docs/method.md, "MixFix") and training.networks; no Ray."""
 
 from __future__ import annotations
 

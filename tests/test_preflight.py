@@ -62,7 +62,13 @@ def proxy(s3_endpoint, monkeypatch):
 def clean_config(input_uri: str, output_uri: str, *extra: str):
     return load_config(
         None,
-        [f"data.input={input_uri}", "data.classes=demo", f"output={output_uri}", *extra],
+        [
+            f"data.input={input_uri}",
+            "data.classes=demo",
+            "model.name=tiny-clip-shapes",
+            f"output={output_uri}",
+            *extra,
+        ],
     )
 
 
@@ -143,7 +149,7 @@ def test_command_line_errors_are_one_line(case, demo_shards, s3_endpoint, tmp_pa
     """`python -m jobs.clean`: one line on stderr, exit status 2, no stack trace."""
     closed = f"http://127.0.0.1:{free_port()}"
     env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), **S3_ENV}
-    args = ["data.classes=demo", f"output={tmp_path / 'run'}"]
+    args = ["data.classes=demo", "model.name=tiny-clip-shapes", f"output={tmp_path / 'run'}"]
     if case == "unreachable endpoint":
         env["AWS_ENDPOINT_URL"] = closed
         args.append("data.input=s3://preflight/shards")
@@ -205,7 +211,15 @@ def relabel(src: Path, dst: Path, labels: dict[int, str], member: str = "cls") -
 def test_fewer_classes_than_the_data_stops_before_compute(no_ray, demo_shards, tmp_path):
     spec = spec_file(tmp_path / "five.yaml", DEMO_CLASSES[:5])
     out = tmp_path / "run"
-    cfg = load_config(None, [f"data.input={demo_shards}", f"data.classes={spec}", f"output={out}"])
+    cfg = load_config(
+        None,
+        [
+            f"data.input={demo_shards}",
+            f"data.classes={spec}",
+            "model.name=tiny-clip-shapes",
+            f"output={out}",
+        ],
+    )
     message, _ = fails_early(cfg, r"^class spec mismatch: class spec '.*five\.yaml' has 5 classes")
     assert "integer labels reach 9" in message
     no_outputs(out)
@@ -263,6 +277,7 @@ def test_train_job_checks_its_io_first(no_ray, shard_bucket):
         None,
         [
             f"data.input={shard_bucket}",
+            "data.classes=demo",
             "data.manifest=s3://preflight/runs/clean/manifest.parquet",
             "run.storage=s3://no-such-storage/train",
         ],
@@ -275,6 +290,7 @@ def test_train_job_checks_its_io_first(no_ray, shard_bucket):
         None,
         [
             f"data.input={shard_bucket}",
+            "data.classes=demo",
             f"data.manifest={shard_bucket}",
             "run.storage=s3://no-such-storage/train",
         ],

@@ -12,6 +12,7 @@ from open_clip.transform import PreprocessCfg, image_transform_v2
 from PIL import Image
 
 from cleaner.config import ModelConfig
+from cleaner.demo.tiny_clip import TINY_CLIP_NAME as DEMO_MODEL
 from cleaner.reading.shards import decode_image, read_shard
 from cleaner.scoring.models import ASSETS_DIR, load_clip
 from tests.conftest import write_tar
@@ -65,7 +66,7 @@ def test_models_with_different_preprocess_cfgs_decode_differently(tmp_path):
     (folder / "open_clip_pytorch_model.bin").write_bytes(
         (ASSETS_DIR / "tiny-clip-shapes.pt").read_bytes()
     )
-    openai_like = load_clip(ModelConfig(), device="cpu")
+    openai_like = load_clip(ModelConfig(name=DEMO_MODEL), device="cpu")
     clipa_like = load_clip(ModelConfig(name=f"local-dir:{folder}"), device="cpu")
     assert (openai_like.resize_mode, openai_like.interpolation) == ("shortest", "bicubic")
     assert (clipa_like.resize_mode, clipa_like.interpolation) == ("squash", "bilinear")

@@ -1,4 +1,4 @@
-"""Every shipped config validates; the paper presets carry METHOD.md's settings table."""
+"""Every shipped config validates; the paper presets carry the settings table of docs/method.md, "Settings"."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from training.networks import NETWORKS
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
-# dataset: (network, batch, epochs, milestones, beta, theta_r, theta_r2), METHOD.md's table
+# dataset: (network, batch, epochs, milestones, beta, theta_r, theta_r2), docs/method.md, "Settings"
 PAPER = {
     "cifar10-sym": ("preact_resnet18", 128, 300, [200, 250], 1.0, 0.8, 0.8),
     "cifar100-sym": ("preact_resnet18", 128, 300, [200, 250], 1.0, 0.8, 0.8),

@@ -1,4 +1,4 @@
-"""Tests for cleaner.selection.probe (METHOD.md section 2), with real scikit-learn."""
+"""Tests for cleaner.selection.probe (docs/method.md, "Linear probe"), with real scikit-learn."""
 
 from __future__ import annotations
 

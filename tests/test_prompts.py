@@ -19,7 +19,7 @@ def unit(x: np.ndarray) -> np.ndarray:
 
 
 def reference_probs(img: np.ndarray, per_class: list[np.ndarray], tau: float) -> np.ndarray:
-    """Direct transcription of METHOD.md section 1, one sample and class at a time."""
+    """Direct transcription of docs/method.md, "Prompt ensemble", one sample and class at a time."""
     img = unit(img)
     out = np.zeros((img.shape[0], len(per_class)))
     for i in range(img.shape[0]):

@@ -11,6 +11,7 @@ from PIL import Image
 
 from cleaner.classes import DEMO_CLASS_SPEC, ClassSpec
 from cleaner.config import ModelConfig
+from cleaner.demo.tiny_clip import TINY_CLIP_NAME as DEMO_MODEL
 from cleaner.reading.shards import decode_image
 from cleaner.scoring.models import load_clip
 from cleaner.scoring.prompts import encode_prompts
@@ -19,9 +20,9 @@ from cleaner.scoring.scorer import ClipScorer
 
 def make_scorer() -> tuple[ClipScorer, ClassSpec]:
     spec = ClassSpec.load(DEMO_CLASS_SPEC)
-    clip = load_clip(ModelConfig(), device="cpu")
+    clip = load_clip(ModelConfig(name=DEMO_MODEL), device="cpu")
     bank = encode_prompts(clip.model, clip.tokenizer, spec.prompts())
-    return ClipScorer(ModelConfig().model_dump(), bank, device="cpu"), spec
+    return ClipScorer(ModelConfig(name=DEMO_MODEL).model_dump(), bank, device="cpu"), spec
 
 
 def test_decode_path_matches_open_clip_preprocess():

@@ -99,6 +99,7 @@ def test_no_secret_in_outputs_or_logs(secret_env, demo_shards, tmp_path, capfd, 
         [
             "data.input=s3://secrets/shards",
             "data.classes=demo",
+            "model.name=tiny-clip-shapes",
             "output=s3://secrets/run",
             "scoring.max_actors=1",
             "scoring.batch_size=64",

@@ -1,4 +1,4 @@
-"""Tests for cleaner.selection.rules (METHOD.md section 3), with real scikit-learn mixtures."""
+"""Tests for cleaner.selection.rules (docs/method.md, "Selection"), with real scikit-learn mixtures."""
 
 from __future__ import annotations
 

@@ -40,6 +40,7 @@ def cleaned(local_ray, tmp_path_factory):
             [
                 f"data.input={root / 'train'}",
                 "data.classes=demo",
+                "model.name=tiny-clip-shapes",
                 f"output={root / 'clean'}",
                 "scoring.max_actors=1",
             ],

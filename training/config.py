@@ -1,10 +1,10 @@
-"""The training job's typed configuration (METHOD.md section 4 and its settings table)."""
+"""The training job's typed configuration (docs/method.md, "MixFix" and "Settings")."""
 
 from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from cleaner.config import RayConfig, StrictModel
 
@@ -17,8 +17,16 @@ class TrainDataConfig(StrictModel):
     test_input: str | list[str] | None = Field(
         default=None, description="test shards whose labels are true (accuracy per epoch)"
     )
-    classes: str = "demo"
-    image_size: int = Field(default=32, gt=0)
+    classes: str = Field(
+        description="class spec: a shipped one by name (cifar10, imagenet1k, ...; 'demo' = "
+        "the bundled demo's) or a YAML (local, file:// or s3://)"
+    )
+    image_size: int | None = Field(
+        default=None,
+        gt=0,
+        description="training input size in pixels; default: the network's own "
+        "(NETWORK_INPUT_SIZES)",
+    )
     image_extensions: list[str] = Field(
         default_factory=lambda: ["jpg", "jpeg", "png", "webp", "bmp"]
     )
@@ -32,11 +40,35 @@ class TrainDataConfig(StrictModel):
         description="decode once and keep the images in Ray's object store (small datasets)",
     )
     shuffle_buffer: int = Field(default=2048, ge=0, description="local shuffle buffer (rows)")
+    shuffle_shards: bool = Field(
+        default=True,
+        description="read the shards (or cached blocks) in a different seeded order each "
+        "epoch; false: the manifest's order every epoch",
+    )
+
+
+# Each network's own input size (what it was designed and is usually trained at): the
+# default of data.image_size. Kept here, not in training.networks, so that validating a
+# config does not import torch.
+NETWORK_INPUT_SIZES: dict[str, int] = {
+    "preact_resnet18": 32,  # CIFAR-sized; global pooling takes larger inputs too
+    "resnet50": 224,
+    "inception_resnet_v2": 299,
+    "vgg19_bn": 224,
+    "tiny_cnn": 32,
+}
 
 
 class NetworkConfig(StrictModel):
     name: str = "tiny_cnn"
     pretrained: str | None = Field(default=None, description="initial weights: path or s3://")
+
+    @field_validator("name")
+    @classmethod
+    def _known_network(cls, name: str) -> str:
+        if name not in NETWORK_INPUT_SIZES:
+            raise ValueError(f"unknown network {name!r} (one of {', '.join(NETWORK_INPUT_SIZES)})")
+        return name
 
 
 MIXFIX_MODES = ("noisy", "clean_only", "mixfix", "mixfix_clip")
@@ -50,7 +82,7 @@ class MixFixConfig(StrictModel):
     CLIP's zero-shot top-`clip_k` (the manifest's); clean_only: the CLIP clean set, no
     absorb/relabel; noisy: every sample with its given label (no cleaning)."""
 
-    mode: Literal["mixfix", "mixfix_clip", "clean_only", "noisy"] = "mixfix"
+    mode: Literal["mixfix", "mixfix_clip", "clean_only", "noisy"] = RECOMMENDED_MODE
     beta: float = Field(default=1.0, ge=0.0)
     theta_r: float = Field(default=0.8, ge=0.0, le=1.0)
     theta_r2: float = Field(default=0.8, ge=0.0, le=1.0)
@@ -124,6 +156,12 @@ class TrainJobConfig(StrictModel):
     scaling: ScalingConf = ScalingConf()
     ray: RayConfig = RayConfig()
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _image_size_of_the_network(self) -> TrainJobConfig:
+        if self.data.image_size is None:
+            self.data.image_size = NETWORK_INPUT_SIZES[self.network.name]
+        return self
 
     @model_validator(mode="after")
     def _batch_divides(self) -> TrainJobConfig:

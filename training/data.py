@@ -151,7 +151,7 @@ def repetition_factors(selected: np.ndarray, labels: np.ndarray, balanced: bool)
     """Expected copies of each sample per epoch, summing to N (the epoch length).
 
     balanced: every present class gets N / K_present draws, spread evenly over its
-    selected samples (class-balanced sampling by repetition, METHOD.md section 4);
+    selected samples (class-balanced sampling by repetition, docs/method.md, "MixFix");
     otherwise each selected sample is drawn N / |selected| times.
     """
     n = labels.shape[0]
@@ -218,15 +218,78 @@ def decoded_with_ids(shards: list[str], offsets: dict[str, int], cfg, class_name
     ).map_batches(with_sample_ids, fn_kwargs={"offsets": offsets})
 
 
+def epoch_order(seed: int, epoch: int, count: int) -> np.ndarray:
+    """The order in which an epoch reads its `count` shards (or cached blocks): a
+    permutation seeded by (seed, epoch), different every epoch, the same on a resumed run."""
+    return np.random.default_rng([seed, max(epoch, 0), count]).permutation(count)
+
+
+def _slots(count: int):
+    """A Ray Dataset of `count` rows, one block each: the epoch's reading slots."""
+    import ray
+
+    return ray.data.from_items([{"slot": i} for i in range(count)], override_num_blocks=count)
+
+
+def shard_for_slot(batch: dict[str, np.ndarray], shards: list[str], store, seed: int) -> dict:
+    """Ray Data UDF: reading slots in, the shards the current epoch reads at those slots."""
+    import ray
+
+    epoch, _ = ray.get(store.current.remote())
+    order = epoch_order(seed, epoch, len(shards))
+    return {"shard": np.asarray([shards[order[int(s)]] for s in batch["slot"]], dtype=object)}
+
+
+def cached_block_for_slot(batch: dict[str, np.ndarray], blocks: list, store, seed: int):
+    """Ray Data UDF: one reading slot in, the cached block the current epoch reads there."""
+    import ray
+
+    epoch, _ = ray.get(store.current.remote())
+    order = epoch_order(seed, epoch, len(blocks))
+    return ray.get(blocks[order[int(batch["slot"][0])]])
+
+
+def epoch_ordered_samples(index: SampleIndex, cfg, class_names: list[str], store):
+    """Decoded usable samples with ids, their shards (or, with data.cache_decoded, their
+    cached blocks) read in epoch_order: a different seeded order each epoch, so that a
+    batch mixes classes even where shards do not."""
+    if cfg.data.cache_decoded:  # decoded once; each epoch reads the blocks in its order
+        cached = decoded_with_ids(index.shards, index.offsets, cfg, class_names).materialize()
+        blocks = cached.to_arrow_refs()
+        return _slots(len(blocks)).map_batches(
+            cached_block_for_slot,
+            batch_size=1,
+            fn_kwargs={"blocks": blocks, "store": store, "seed": cfg.seed},
+        )
+    shards = _slots(len(index.shards)).map_batches(
+        shard_for_slot,
+        batch_size=1,
+        fn_kwargs={"shards": list(index.shards), "store": store, "seed": cfg.seed},
+    )
+    return decoded_samples(
+        index.shards,
+        class_names=class_names,
+        image_size=cfg.data.image_size,
+        extensions=cfg.data.image_extensions,
+        read_batch_size=cfg.data.read_batch_size,
+        source=shards,
+    ).map_batches(with_sample_ids, fn_kwargs={"offsets": index.offsets})
+
+
 def training_stream(index: SampleIndex, cfg, class_names: list[str], store):
     """The epoch stream for Ray Train: read, join ids, expand by the epoch's state, augment.
 
-    With data.cache_decoded the decoded images are materialised once in the object store
+    With data.shuffle_shards (the default) each epoch reads the shards in its own seeded
+    order (epoch_ordered_samples); otherwise in the manifest's order every epoch. With
+    data.cache_decoded the decoded images are materialised once in the object store
     and each epoch only expands and augments them.
     """
-    base = decoded_with_ids(index.shards, index.offsets, cfg, class_names)
-    if cfg.data.cache_decoded:
-        base = base.materialize()
+    if cfg.data.shuffle_shards:
+        base = epoch_ordered_samples(index, cfg, class_names, store)
+    else:
+        base = decoded_with_ids(index.shards, index.offsets, cfg, class_names)
+        if cfg.data.cache_decoded:
+            base = base.materialize()
     return base.map_batches(
         expand_for_epoch, fn_kwargs={"store": store, "seed": cfg.seed}
     ).map_batches(

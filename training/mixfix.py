@@ -1,4 +1,4 @@
-"""MixFix training core (METHOD.md section 4), pure torch/numpy: no Ray here.
+"""MixFix training core (docs/method.md, "MixFix"), pure torch/numpy: no Ray here.
 
 One MixFix epoch, as the Ray Train loop drives it:
 
@@ -221,7 +221,7 @@ def update_selection(
     clip_k: int = 1,
     warmup_epochs: int = 0,
 ) -> MixFixUpdate:
-    """Next epoch's selection from the predictions on every training sample (METHOD.md 4).
+    """Next epoch's selection from the predictions on every training sample (docs/method.md, "MixFix").
 
     With p_m = pred_prob_max, y_m = pred_label and y_i the ORIGINAL label:
     - absorb: p_m >= theta_r and y_m == y_i (sample joins with label y_i);

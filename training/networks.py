@@ -1,4 +1,4 @@
-"""Classifier networks trained by MixFix (METHOD.md section 4, "Paper settings").
+"""Classifier networks trained by MixFix (docs/method.md, "Settings").
 
 `build_network(name, num_classes, pretrained_path=...)` returns a freshly initialised
 network, optionally warm-started from a local (or s3://, file://) state-dict file:

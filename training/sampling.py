@@ -1,4 +1,4 @@
-"""Class-balanced sampling over the selected set (METHOD.md section 4): which sample indices
+"""Class-balanced sampling over the selected set (docs/method.md, "MixFix"): which sample indices
 one MixFix epoch trains on. Pure numpy/torch: no Ray here."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch
 def iterations_per_epoch(num_total: int, batch_size: int) -> int:
     """Iterations of one epoch: N_total // batch_size (floor), at least 1.
 
-    N_total counts every training sample, selected or not (METHOD.md: N_total / batch size);
+    N_total counts every training sample, selected or not (docs/method.md, "MixFix": N_total / batch size);
     the floor keeps all batches full, which DDP and BatchNorm prefer.
     """
     if batch_size < 1:

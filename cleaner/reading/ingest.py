@@ -14,7 +14,7 @@ import time
 
 import yaml
 
-from cleaner.classes import ClassSpec
+from cleaner.classes import ClassSpec, shipped_spec_path
 from cleaner.config import ConfigError, MakeShardsConfig
 from cleaner.reading import uri as uri_lib
 from cleaner.reading.layouts import LayoutOptions, Listing, list_dataset
@@ -23,6 +23,19 @@ from cleaner.reasons import group_reasons
 
 REPORT_FILE = "make_shards_report.json"
 CLASSES_FILE = "classes.yaml"
+
+
+def listing_spec_yaml(listing: Listing, dataset: str) -> str:
+    """The class spec written beside the shards: the shipped one the listing's classes come
+    from (names, templates and features), else a bare one from the listing's names."""
+    if listing.spec is None:
+        return class_spec_yaml(listing.class_names, dataset)
+    path = shipped_spec_path(listing.spec)
+    header = (
+        f"# Written by jobs.make_shards: the class spec shipped as cleaner/specs/{path.name}\n"
+        f"# (also usable as data.classes={listing.spec}).\n"
+    )
+    return header + path.read_text()
 
 
 def class_spec_yaml(names: list[str], dataset: str) -> str:
@@ -48,6 +61,13 @@ def list_for(cfg: MakeShardsConfig) -> Listing:
         return list_dataset(cfg.layout, cfg.input, options)
     except ValueError as err:
         raise ConfigError(str(err)) from None
+
+
+def shard_plans(cfg: MakeShardsConfig, listing: Listing) -> list[dict]:
+    """The shards this config writes: the listing spread over them (unless spread_classes
+    is false), shard_size images each, named `<prefix>-NNNNNN.tar`."""
+    seed = cfg.seed if cfg.spread_classes else None
+    return plan_shards(listing.entries, cfg.shard_size, cfg.prefix or cfg.split, seed=seed)
 
 
 def _write_row(row: dict, **kwargs) -> dict:
@@ -98,9 +118,13 @@ def make_shards(cfg: MakeShardsConfig, log=print) -> dict:
     t0 = time.perf_counter()
     listing = list_for(cfg)
     prefix = cfg.prefix or cfg.split
-    plans = plan_shards(listing.entries, cfg.shard_size, prefix)
+    plans = shard_plans(cfg, listing)
     dataset = cfg.dataset_name or f"{cfg.layout}-{cfg.split}"
-    spec_text = class_spec_yaml(listing.class_names, dataset)
+    spec_text = listing_spec_yaml(listing, dataset)
+    if listing.spec is not None:
+        log(f"[make_shards] class spec: the shipped {listing.spec!r} (names, templates, features)")
+    elif listing.note:
+        log(f"[make_shards] class spec: {listing.note}")
     log(
         f"[make_shards] {cfg.layout} {cfg.split}: {len(listing.entries)} images, "
         f"{len(listing.class_names)} classes, {len(listing.problems)} unusable list entries"

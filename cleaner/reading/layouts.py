@@ -12,6 +12,10 @@ Each reader lists a dataset as it is distributed, without touching the images:
                where a train image also has a clean label it becomes the true label
 - animal10n:   `training/` and `testing/` with the label in the file name (`<label>_<id>.jpg`)
 
+For webvision, clothing1m and animal10n the classes are those of the matching class spec
+shipped in cleaner/specs/ (imagenet1k or mini-webvision, clothing1m, animal10n), unless
+`class_names` gives others; jobs.make_shards then writes that spec beside the shards.
+
 Lines that cannot be used are not dropped: they become problems with a reason.
 """
 
@@ -21,20 +25,16 @@ import posixpath
 import re
 from dataclasses import dataclass, field
 
+from cleaner.classes import ClassSpec, shipped_spec_path
 from cleaner.reading import uri as uri_lib
 
 LAYOUTS = ("imagefolder", "labellist", "webvision", "clothing1m", "animal10n")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 MINI_WEBVISION_CLASSES = 50
-CLOTHING1M_CLASSES = [
-    "T-Shirt", "Shirt", "Knitwear", "Chiffon", "Sweater", "Hoodie", "Windbreaker",
-    "Jacket", "Downcoat", "Suit", "Shawl", "Dress", "Vest", "Underwear",
-]  # fmt: skip
-# ANIMAL-10N's label order (Song et al., SELFIE, ICML 2019): five confusable pairs.
-ANIMAL10N_CLASSES = [
-    "cat", "lynx", "wolf", "coyote", "cheetah",
-    "jaguar", "chimpanzee", "orangutan", "hamster", "guinea pig",
-]  # fmt: skip
+# The class specs shipped for the native layouts (cleaner/specs/): their classes are the
+# listing's, and jobs.make_shards writes the spec beside the shards.
+LAYOUT_SPECS = {"clothing1m": "clothing1m", "animal10n": "animal10n"}
+WEBVISION_SPEC, MINI_WEBVISION_SPEC = "imagenet1k", "mini-webvision"
 _ANIMAL10N_NAME = re.compile(r"^(\d+)_[^/]*$")
 
 
@@ -55,6 +55,8 @@ class Listing:
     class_names: list[str]
     problems: list[dict] = field(default_factory=list)  # {"path"|"line": ..., "reason": ...}
     excluded: int = 0  # entries outside a chosen subset (mini-WebVision), by design
+    spec: str | None = None  # the shipped class spec these classes are (cleaner/specs/)
+    note: str | None = None  # how the class names were found, when that needs saying
 
     def problem(self, where: str, reason: str, kind: str = "line") -> None:
         self.problems.append({kind: where, "reason": reason})
@@ -190,18 +192,46 @@ def list_labellist(root: str, options: LayoutOptions) -> Listing:
     return listing
 
 
-def _synset_names(root: str) -> list[str] | None:
-    """WebVision/ImageNet class names from info/synsets.txt (`n01440764 tench, Tinca tinca`)."""
+def shipped_spec(name: str) -> ClassSpec:
+    """A class spec that ships with the package (cleaner/specs/<name>.yaml)."""
+    path = shipped_spec_path(name)
+    if path is None:
+        raise ValueError(f"no shipped class spec {name!r}")
+    return ClassSpec.load(path)
+
+
+def _synsets(root: str) -> list[tuple[str, str]] | None:
+    """(WordNet id, first name) rows of WebVision's info/synsets.txt, or None without it."""
     target = uri_lib.join(root, "info", "synsets.txt")
     if not uri_lib.exists(target):
         return None
     rows = [line.strip().split(None, 1) for line in _read_lines(target) if line.strip()]
-    first = [(r[0], (r[1] if len(r) > 1 else r[0]).split(",")[0].strip()) for r in rows]
+    return [(r[0], (r[1] if len(r) > 1 else r[0]).split(",")[0].strip()) for r in rows]
+
+
+def _webvision_classes(root: str, options: LayoutOptions, listing: Listing) -> None:
+    """The class names of a WebVision listing: the user's file, else the shipped ImageNet
+    spec (mini: mini-WebVision's) when info/synsets.txt is absent or lists the same WordNet
+    ids in the same order, else the names in info/synsets.txt."""
+    num = MINI_WEBVISION_CLASSES if options.mini else 1000
+    if options.class_names:
+        listing.class_names = read_class_names(options.class_names)[:num]
+        return
+    spec = shipped_spec(MINI_WEBVISION_SPEC if options.mini else WEBVISION_SPEC)
+    rows = _synsets(root)
+    if rows is None or [wnid for wnid, _ in rows[:num]] == spec.keys[:num]:
+        listing.class_names, listing.spec = spec.names, spec.name
+        return
     counts: dict[str, int] = {}
-    for _, name in first:
+    for _, name in rows:
         counts[name] = counts.get(name, 0) + 1
     # ImageNet repeats a few names (crane, maillot): the synset id tells them apart.
-    return [f"{name} ({wnid})" if counts[name] > 1 else name for wnid, name in first]
+    names = [f"{name} ({wnid})" if counts[name] > 1 else name for wnid, name in rows]
+    listing.class_names = names[:num]
+    listing.note = (
+        "info/synsets.txt does not list the ImageNet classes in their standard order: its "
+        "names, without prompt features, make the class spec"
+    )
 
 
 def list_webvision(root: str, options: LayoutOptions) -> Listing:
@@ -225,12 +255,17 @@ def list_webvision(root: str, options: LayoutOptions) -> Listing:
                 listing.excluded += 1
             else:
                 pairs.append((path, label))
-    names = read_class_names(options.class_names) if options.class_names else _synset_names(root)
-    num = MINI_WEBVISION_CLASSES if options.mini else 1000
-    names = (names or [f"class_{i}" for i in range(num)])[:num]
-    listing.class_names = names
+    _webvision_classes(root, options, listing)
     _labelled(listing, pairs, "filelist", prefix)
     return listing
+
+
+def _with_spec_classes(options: LayoutOptions, layout: str) -> Listing:
+    """An empty listing with the user's class names, else the layout's shipped spec's."""
+    if options.class_names:
+        return Listing([], read_class_names(options.class_names))
+    spec = shipped_spec(LAYOUT_SPECS[layout])
+    return Listing([], spec.names, spec=spec.name)
 
 
 def list_clothing1m(root: str, options: LayoutOptions) -> Listing:
@@ -239,11 +274,7 @@ def list_clothing1m(root: str, options: LayoutOptions) -> Listing:
     def annotation(name: str) -> str:
         return _first_existing(root, name, f"annotations/{name}")
 
-    listing = Listing([], [])
-    if options.class_names:
-        listing.class_names = read_class_names(options.class_names)
-    else:
-        listing.class_names = list(CLOTHING1M_CLASSES)
+    listing = _with_spec_classes(options, "clothing1m")
     num = len(listing.class_names)
 
     def kv(name: str) -> dict[str, int]:
@@ -284,8 +315,7 @@ def list_animal10n(root: str, options: LayoutOptions) -> Listing:
     folder = {"train": "training", "test": "testing"}.get(options.split)
     if folder is None:
         raise ValueError("animal10n: split must be train or test")
-    listing = Listing([], read_class_names(options.class_names) if options.class_names else [])
-    listing.class_names = listing.class_names or list(ANIMAL10N_CLASSES)
+    listing = _with_spec_classes(options, "animal10n")
     num = len(listing.class_names)
     base = uri_lib.join(root, folder)
     prefix = uri_lib.resolve(base)[1].rstrip("/") + "/"

@@ -1,7 +1,8 @@
 """Writing WebDataset shards from a dataset listing: deterministic names, atomic, resumable.
 
 Shard i holds entries [i * shard_size, (i + 1) * shard_size) of the listing (which is in a
-deterministic order), as `<key>.jpg`, `<key>.cls` (the label) and `<key>.json` (the
+deterministic order), by default after a seeded permutation that spreads every class over
+the shards, as `<key>.jpg`, `<key>.cls` (the label) and `<key>.json` (the
 original relative path, label, class name and, when known, the true label). The key is
 the relative path without its extension (dots in it become `_`). A JPEG that needs no
 resize is copied byte for byte; other images are re-encoded. An image that cannot be read
@@ -18,6 +19,7 @@ import tarfile
 import time
 from dataclasses import dataclass
 
+import numpy as np
 from PIL import Image
 
 from cleaner.reading import uri as uri_lib
@@ -66,8 +68,23 @@ def encode_image(data: bytes, options: WriteOptions) -> tuple[bytes, bool]:
     return buf.getvalue(), True
 
 
-def plan_shards(entries: list[Entry], shard_size: int, prefix: str) -> list[dict]:
-    """One plan row per shard: name, entries, and a fingerprint of what decides its bytes."""
+def spread_order(count: int, seed: int) -> list[int]:
+    """A seeded permutation of `count` listing positions: the same for the same seed, so a
+    rerun plans the same shards (and skips the finished ones)."""
+    return [int(i) for i in np.random.default_rng([seed, count]).permutation(count)]
+
+
+def plan_shards(
+    entries: list[Entry], shard_size: int, prefix: str, seed: int | None = None
+) -> list[dict]:
+    """One plan row per shard: name, entries, and a fingerprint of what decides its bytes.
+
+    seed: spread the entries over the shards in a seeded random order (spread_order), so
+    that a class-ordered listing (ImageFolder, WebVision) does not give one-class shards;
+    None keeps the listing's order.
+    """
+    if seed is not None:
+        entries = [entries[i] for i in spread_order(len(entries), seed)]
     plans = []
     keys = unique_keys([e.path for e in entries])
     for index, start in enumerate(range(0, len(entries), shard_size)):

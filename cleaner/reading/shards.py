@@ -226,7 +226,10 @@ def parse_label(value, class_names: list[str]) -> tuple[int, str | None]:
         if text.lstrip("-").isdigit():
             label = int(text)
         elif text in class_names:
-            return class_names.index(text), None
+            label = class_names.index(text)
+            if text in class_names[label + 1 :]:  # ImageNet's two "missile"s: by number only
+                return MISSING_LABEL, f"class name {text!r} names several classes: label by number"
+            return label, None
         else:
             return MISSING_LABEL, f"label {text!r} is neither an integer nor a known class name"
     else:

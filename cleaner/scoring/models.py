@@ -108,14 +108,31 @@ def resolve_quick_gelu(
         flag = stored_quick_gelu(checkpoint)
         if flag is not None:
             return flag, f"the quick_gelu flag stored with {pretrained}"
+        warn_if_openai_architecture(name, pretrained)
         return None, "the model config (no quick_gelu flag stored with the checkpoint)"
     if pretrained:
         tag_cfg = open_clip.get_pretrained_cfg(name, pretrained)
-        if tag_cfg:
-            return bool(
-                tag_cfg.get("quick_gelu", False)
-            ), f"open_clip's config of tag {pretrained!r}"
+        if tag_cfg and "quick_gelu" in tag_cfg:
+            return bool(tag_cfg["quick_gelu"]), f"open_clip's config of tag {pretrained!r}"
+        if tag_cfg:  # a tag that says nothing keeps the model config's own (roberta-ViT-B-32)
+            return None, f"the model config (open_clip's tag {pretrained!r} sets no quick_gelu)"
     return None, "the model config"
+
+
+def warn_if_openai_architecture(name: str, pretrained: str | None) -> None:
+    """Warn that a checkpoint without a stored flag gets GELU where OpenAI's weights for the
+    same architecture were trained with QuickGELU (the scores would be quietly worse)."""
+    builds_quick_gelu = (open_clip.get_model_config(name) or {}).get("quick_gelu", False)
+    if builds_quick_gelu or "openai" not in open_clip.list_pretrained_tags_by_model(name):
+        return
+    log.warning(
+        "model %s from %s: no quick_gelu flag is stored with the checkpoint, so it gets the "
+        "model config's GELU; OpenAI's %s weights were trained with QuickGELU. If these are "
+        "OpenAI's weights set model.quick_gelu=true (or store the flag with the checkpoint)",
+        name,
+        pretrained,
+        name,
+    )
 
 
 def uses_quick_gelu(model: torch.nn.Module) -> bool:

@@ -133,16 +133,21 @@ def decoded_samples(
     max_readers: int | None = None,
     reader_memory_mb: int = 768,
     resize: dict | None = None,
+    source=None,
 ):
     """Ray Dataset of the samples of `shards`, decoded in CPU tasks (one task per shard).
 
     Columns: key, shard, shard_pos, label, true_label, image (uint8 [S, S, 3]), status,
     reason, shard_total (see cleaner.reading.shards.read_shard).
+    source: a Dataset of {"shard": uri} rows to read instead of `shards` in their order
+    (training reads them in a new order each epoch: training.data.epoch_ordered_samples).
     """
     import ray
     from ray.data import TaskPoolStrategy
 
-    ds = ray.data.from_items([{"shard": s} for s in shards], override_num_blocks=len(shards))
+    ds = source
+    if ds is None:
+        ds = ray.data.from_items([{"shard": s} for s in shards], override_num_blocks=len(shards))
     return ds.map_batches(
         read_shards_udf,
         batch_size=1,

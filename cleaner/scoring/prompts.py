@@ -1,4 +1,4 @@
-"""Prompt-ensemble zero-shot classifier maths (METHOD.md section 1).
+"""Prompt-ensemble zero-shot classifier maths (docs/method.md, "Prompt ensemble").
 
 P_zs(y=k | x) is proportional to sum_j exp(cos(g(x), h(P_kj)) / tau), normalised over k.
 Text features are encoded once per job into a padded [K, J_max, D] tensor plus a mask.

@@ -27,15 +27,16 @@ class TextFeatures:
 
 
 def encode_text_features_here(model_config: dict, prompts: list[list[str]]) -> TextFeatures:
-    """Load the CLIP (GPU if this process has one) and encode the prompts; in-process."""
+    """Load the CLIP and encode the prompts, in this process: on the GPU this Ray task
+    reserved, on CPU when it reserved none (even where CUDA is visible), and outside Ray on
+    a GPU if there is one (cleaner.scoring.devices.select_device)."""
     import ray
-    import torch
 
+    from cleaner.scoring.devices import select_device
     from cleaner.scoring.models import load_clip
     from cleaner.scoring.prompts import encode_prompts
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    clip = load_clip(ModelConfig(**model_config), device=device)
+    clip = load_clip(ModelConfig(**model_config), device=select_device())
     bank = encode_prompts(clip.model, clip.tokenizer, prompts, device=clip.device)
     gpu_ids: tuple[str, ...] = ()
     node_id = None

@@ -1,4 +1,4 @@
-"""Clean-sample selection (METHOD.md sections 2-3): the EM engine, the library API, the
+"""Clean-sample selection (docs/method.md, "Linear probe" and "Selection"): the EM engine, the library API, the
 linear probe, the in-memory and Ray Data fits of the job, and the manifest.
 
 The library API is re-exported here (as before the package split):

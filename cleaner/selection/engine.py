@@ -3,7 +3,7 @@
 The library (`cleaner.selection.select`), the job's in-memory fit and its Ray Data fit
 (`cleaner.selection.fit_ray`) all run `run_fit` here, with a different `Runner`: one
 in-memory batch in chunks (`local_runner`), or the blocks of a `ray.data.Dataset`
-(`fit_ray.block_tasks_runner`). METHOD.md section 3, fitted in passes; the driver only
+(`fit_ray.block_tasks_runner`). docs/method.md, "Selection", fitted in passes; the driver only
 holds per-class
 arrays (K values, K x INIT_BINS for the initialisation) and, for the backfill, at most
 m candidates per empty class. Only the label, p_label / max_p and key columns are read.

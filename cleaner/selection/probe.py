@@ -1,4 +1,4 @@
-"""Visual linear probe (METHOD.md section 2): P_lr(y | x) from logistic regression.
+"""Visual linear probe (docs/method.md, "Linear probe"): P_lr(y | x) from logistic regression.
 
 A class-balanced multinomial logistic regression on the L2-normalised image embeddings,
 trained on the noisy labels.

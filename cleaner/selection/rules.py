@@ -1,4 +1,4 @@
-"""The selection's rules and inputs (METHOD.md section 3): validation, constants,
+"""The selection's rules and inputs (docs/method.md, "Selection"): validation, constants,
 consistency, and the result types; the mixtures are fitted by `engine.py`.
 
 Per probability source (zero-shot, probe):

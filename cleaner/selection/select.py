@@ -1,4 +1,4 @@
-"""The library API of the selection (METHOD.md section 3) on in-memory arrays.
+"""The library API of the selection (docs/method.md, "Selection") on in-memory arrays.
 
 `select_clean(labels, zeroshot_probs, probe_probs=None, ...)` -> bool[N] mask, and
 `select_from_scores` on the compact per-source columns (p(label), max p). Both run the EM
