@@ -115,6 +115,26 @@ class ClassSpec:
             feature_template=str(data.get("feature_template", FEATURE_TEMPLATE)),
         )
 
+    def to_dict(self) -> dict:
+        """The mapping `from_dict` reads back into an equal spec (for YAML)."""
+        classes: list = []
+        for info in self.classes:
+            if not info.features and info.similar_to is None:
+                classes.append(info.name)
+                continue
+            entry: dict = {"name": info.name}
+            if info.features:
+                entry["features"] = list(info.features)
+            if info.similar_to is not None:
+                entry["similar_to"] = info.similar_to
+            classes.append(entry)
+        return {
+            "name": self.name,
+            "templates": list(self.templates),
+            "feature_template": self.feature_template,
+            "classes": classes,
+        }
+
     @classmethod
     def from_yaml_text(cls, text: str) -> ClassSpec:
         return cls.from_dict(yaml.safe_load(text))

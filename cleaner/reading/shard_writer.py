@@ -114,7 +114,8 @@ def shard_fingerprint(plan: dict, options: WriteOptions, class_names: list[str])
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    """A regular file member with fixed metadata (mtime 0, mode 644): same input, same bytes."""
     info = tarfile.TarInfo(name)
     info.size, info.mtime, info.mode = len(data), _MTIME, 0o644
     tar.addfile(info, io.BytesIO(data))
@@ -167,9 +168,9 @@ def write_shard(
             meta = {"path": path, "label": int(label), "class": class_names[int(label)]}
             if int(truth) >= 0:
                 meta["true_label"] = int(truth)
-            _add(tar, f"{key}.jpg", image)
-            _add(tar, f"{key}.cls", str(int(label)).encode())
-            _add(tar, f"{key}.json", json.dumps(meta, sort_keys=True).encode())
+            add_member(tar, f"{key}.jpg", image)
+            add_member(tar, f"{key}.cls", str(int(label)).encode())
+            add_member(tar, f"{key}.json", json.dumps(meta, sort_keys=True).encode())
             written += 1
             reencoded += int(changed)
     record = {

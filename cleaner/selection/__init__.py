@@ -12,6 +12,7 @@ from cleaner.selection.rules import (
     SourceScores,
     SourceSelection,
 )
+from cleaner.selection.issues import label_issues
 from cleaner.selection.select import select_clean, select_clean_result, select_from_scores
 
 __all__ = [
@@ -20,6 +21,7 @@ __all__ = [
     "SelectionResult",
     "SourceScores",
     "SourceSelection",
+    "label_issues",
     "select_clean",
     "select_clean_result",
     "select_from_scores",
