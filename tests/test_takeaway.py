@@ -16,15 +16,14 @@ import pyarrow.parquet as pq
 import pytest
 
 import cleaner
-from cleaner.classes import DEMO_CLASS_SPEC, ClassSpec
 from cleaner.config import ConfigError, ExportShardsConfig, load_config
 from cleaner.demo.dataset import write_demo_shards
-from cleaner.reading.shards import iter_tar_samples, read_shard
+from cleaner.reading.shards import iter_tar_samples
 from jobs.clean import run_clean
 from jobs.export_shards import run_export
 from jobs.predict import run_predict, summary_uri
 from jobs.train import train_in_process
-from tests.conftest import clean_config, jpeg, make_bucket, upload_folder, write_tar
+from tests.conftest import clean_config, decoded_split, jpeg, make_bucket, upload_folder, write_tar
 from training import load_model
 from training.config import PredictConfig, TrainJobConfig
 
@@ -77,19 +76,6 @@ def run(local_ray, demo_shards, tmp_path_factory) -> Run:
     return Run(root, summary, history)
 
 
-def decoded_test_split(folder: Path, image_size: int) -> tuple[np.ndarray, np.ndarray]:
-    names = ClassSpec.load(DEMO_CLASS_SPEC).names
-    images, labels = [], []
-    for shard in sorted(folder.glob("*.tar")):
-        for batch in read_shard(
-            str(shard), class_names=names, image_size=image_size, extensions=["jpg"]
-        ):
-            ok = batch["status"] == "ok"
-            images.append(batch["image"][ok])
-            labels.append(batch["label"][ok])
-    return np.concatenate(images), np.concatenate(labels)
-
-
 def test_moved_shards_train_and_the_model_loads_with_one_call(run, s3_endpoint):
     manifest = pq.read_table(run.root / "clean" / "manifest.parquet")
     shards = set(manifest.column("shard").to_pylist())
@@ -100,7 +86,9 @@ def test_moved_shards_train_and_the_model_loads_with_one_call(run, s3_endpoint):
     model = load_model(str(run.model))  # the run folder; its model/ folder works too
     assert model.info["run"]["test_accuracy"] == run.history[-1]["test_accuracy"]
     assert model.class_names == run.clean["class_names"]
-    images, labels = decoded_test_split(run.root / "test", model.preprocessing.image_size)
+    images, labels = decoded_split(
+        run.root / "test", model.class_names, model.preprocessing.image_size
+    )
     found = model.predict(images)
     accuracy = float((found.labels == labels).mean())
     assert abs(accuracy - run.history[-1]["test_accuracy"]) <= 0.005

@@ -92,7 +92,6 @@ def test_a_saved_model_loads_and_predicts_as_the_network(tmp_path):
     )
     # encoded bytes, PIL images, arrays of another size and paths are resized alike
     data = jpeg(size=(48, 40))
-
     (tmp_path / "a.jpg").write_bytes(data)
     as_pil = Image.open(io.BytesIO(data))
     batches = [

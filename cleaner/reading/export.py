@@ -29,7 +29,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from cleaner.reading import uri as uri_lib
-from cleaner.reading.shard_writer import add_member
+from cleaner.reading.shard_writer import add_member, commit_shard, matching_record
 from cleaner.reading.shards import RawSample, iter_tar_samples
 from cleaner.reasons import stable_reason
 
@@ -209,11 +209,9 @@ def write_export_shard(plan: dict, output: str, resume: bool = True) -> dict:
     shard_uri = uri_lib.join(output, plan["name"])
     record_uri = uri_lib.join(output, RECORDS_DIR, plan["name"] + ".json")
     expected = sum(len(s["positions"]) for s in plan["segments"])
-    if resume and uri_lib.exists(record_uri):
-        record = json.loads(uri_lib.read_text(record_uri))
-        done = record.get("written") == expected and uri_lib.exists(shard_uri)
-        if record.get("fingerprint") == fingerprint and done:
-            return {**record, "skipped": True}
+    record = matching_record(record_uri, fingerprint) if resume else None
+    if record is not None and record.get("written") == expected and uri_lib.exists(shard_uri):
+        return {**record, "skipped": True}
     started = time.perf_counter()
     buf = io.BytesIO()
     written = 0
@@ -231,10 +229,7 @@ def write_export_shard(plan: dict, output: str, resume: bool = True) -> dict:
         "problems": problems,
         "seconds": round(time.perf_counter() - started, 3),
     }
-    if written:
-        uri_lib.write_bytes(shard_uri, buf.getvalue())  # atomic: temp + rename, or one PUT
-    uri_lib.write_text(record_uri, json.dumps(record) + "\n")
-    return {**record, "skipped": False}
+    return commit_shard(shard_uri, record_uri, buf.getvalue(), record)
 
 
 def export_batch(batch: dict[str, np.ndarray], output: str, resume: bool) -> dict:

@@ -5,6 +5,7 @@ The library API is re-exported here (as before the package split):
 `from cleaner.selection import select_clean`.
 """
 
+from cleaner.selection.issues import label_issues
 from cleaner.selection.rules import (
     DEFAULT_REG_COVAR,
     DIVIDEMIX_REG_COVAR,
@@ -12,7 +13,6 @@ from cleaner.selection.rules import (
     SourceScores,
     SourceSelection,
 )
-from cleaner.selection.issues import label_issues
 from cleaner.selection.select import select_clean, select_clean_result, select_from_scores
 
 __all__ = [
