@@ -32,7 +32,7 @@ def classes_location(cfg: ExportShardsConfig, manifest: str) -> str:
     """cfg.classes, else the class spec the clean run used (its config.yaml's data.classes)."""
     if cfg.classes is not None:
         return cfg.classes
-    run_config = manifest.rsplit("/", 1)[0] + "/config.yaml"
+    run_config = uri_lib.join(uri_lib.parent(manifest), "config.yaml")
     if uri_lib.exists(run_config):
         recorded = yaml.safe_load(uri_lib.read_text(run_config)) or {}
         classes = (recorded.get("config") or {}).get("data", {}).get("classes")

@@ -16,7 +16,6 @@ when they have them, config, versions, timings).
 
 from __future__ import annotations
 
-import os
 import time
 
 from cleaner.config import ConfigError, load_config
@@ -28,12 +27,6 @@ from training.config import PredictConfig
 def summary_uri(output: str) -> str:
     """FILE.summary.json beside FILE.parquet."""
     return output.removesuffix(".parquet") + ".summary.json"
-
-
-def output_folder(output: str) -> str:
-    if uri_lib.is_s3(output):
-        return output.rsplit("/", 1)[0]
-    return os.path.dirname(os.path.abspath(output.removeprefix("file://")))
 
 
 def run_predict(cfg: PredictConfig) -> dict:
@@ -49,7 +42,7 @@ def run_predict(cfg: PredictConfig) -> dict:
     from training.saved_model import preprocessing_of, read_model_info
 
     started = time.perf_counter()
-    check_io([cfg.input, cfg.model], [output_folder(cfg.output)])
+    check_io([cfg.input, cfg.model], [uri_lib.parent(cfg.output)])
     try:
         info = read_model_info(cfg.model)
     except ValueError as err:

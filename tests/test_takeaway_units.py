@@ -25,6 +25,7 @@ from cleaner.reading.shard_roots import match_shards, relative_to_root, shard_ro
 from cleaner.reading.shards import RawSample, read_shard
 from tests.conftest import jpeg, write_tar
 from training.networks import build_network
+from training.predict import ModelPredictor, PredictionCounts, predictions_table
 from training.saved_model import Preprocessing, load_model, write_model
 
 
@@ -222,3 +223,41 @@ def test_label_issues_rejects_bad_input():
         cleaner.label_issues(labels, zero_shot, suggest_min_confidence=1.5)
     with pytest.raises(ValueError, match="labels"):
         cleaner.label_issues(labels[:-1], zero_shot)
+
+
+def test_the_predictor_keeps_failed_rows_and_counts_complete_shards(tmp_path):
+    torch.manual_seed(1)
+    spec = ClassSpec.load(DEMO_CLASS_SPEC)
+    network = build_network("tiny_cnn", spec.num_classes)
+    pre = Preprocessing(image_size=16, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    write_model(
+        str(tmp_path / "m"),
+        network.state_dict(),
+        network="tiny_cnn",
+        class_spec=spec,
+        preprocessing=pre,
+    )
+    predictor = ModelPredictor(str(tmp_path / "m"), top_k=3, amp="auto")
+    images = np.random.default_rng(0).integers(0, 256, (3, 16, 16, 3), dtype=np.uint8)
+    batch = {
+        "key": np.array(["a", "b", "c"], dtype=object),
+        "shard": np.array(["s1", "s1", "s2"], dtype=object),
+        "shard_pos": np.array([0, 1, 0]),
+        "status": np.array(["ok", "failed", "ok"], dtype=object),
+        "reason": np.array(["", "image decode error: x", ""], dtype=object),
+        "shard_total": np.array([-1, 2, 1]),
+        "label": np.array([4, -1, -1]),
+        "image": images,
+    }
+    out = predictor(batch)
+    expected = predictor.model.predict(images[[0, 2]], top_k=3)
+    assert list(out["predicted_label"]) == [expected.labels[0], -1, expected.labels[1]]
+    table = predictions_table(out, spec.names).to_pydict()
+    assert table["predicted_name"][1] is None and table["given_name"] == ["triangle", None, None]
+    assert table["top_labels"][1] == [-1, -1, -1] and len(table["top_probs"][0]) == 3
+    counts = PredictionCounts()
+    assert counts.add(out) == 2  # both shards complete
+    summary = counts.as_dict()
+    assert summary["failed_by_reason"] == {"image decode error: x": 1}
+    assert summary["with_given_label"] == 1
+    assert summary["accuracy_vs_given_labels"] == float(expected.labels[0] == 4)

@@ -112,14 +112,18 @@ class PredictionCounts:
             (np.asarray(batch["predicted_label"])[labelled] == given[labelled]).sum()
         )
         self.failed_reasons.extend(str(r) for r in np.asarray(batch["reason"])[~ok])
+        names = np.asarray(batch["shard"]).astype(str)
+        shards, inverse, rows = np.unique(names, return_inverse=True, return_counts=True)
+        totals = np.full(len(shards), -1, dtype=np.int64)  # a shard's last row carries it
+        np.maximum.at(totals, inverse, np.asarray(batch["shard_total"], dtype=np.int64))
         completed = 0
-        for shard, total in zip(batch["shard"], batch["shard_total"], strict=True):
-            shard = str(shard)
-            self.seen[shard] = self.seen.get(shard, 0) + 1
-            if int(total) > 0:
-                self.totals[shard] = int(total)
-            if self.seen[shard] == self.totals.get(shard):
-                completed += 1
+        for shard, count, total in zip(
+            shards.tolist(), rows.tolist(), totals.tolist(), strict=True
+        ):
+            self.seen[shard] = self.seen.get(shard, 0) + count
+            if total > 0:
+                self.totals[shard] = total
+            completed += int(self.seen[shard] == self.totals.get(shard))
         return completed
 
     def as_dict(self) -> dict:
