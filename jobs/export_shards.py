@@ -41,28 +41,12 @@ def classes_location(cfg: ExportShardsConfig, manifest: str) -> str:
     raise ConfigError(f"no class spec recorded beside {manifest}: give classes=<spec>")
 
 
-def remove_stale_shards(output: str, prefix: str, count: int) -> list[str]:
-    """Delete `<prefix>-NNNNNN.tar` shards (and their records) numbered `count` on: left by
-    an earlier export into this folder that wrote more shards."""
-    from cleaner.reading.export import RECORDS_DIR, SHARD_NAME
-
-    removed = []
-    index = count
-    while uri_lib.exists(
-        shard := uri_lib.join(output, SHARD_NAME.format(prefix=prefix, index=index))
-    ):
-        uri_lib.remove(shard)
-        uri_lib.remove(uri_lib.join(output, RECORDS_DIR, uri_lib.basename(shard) + ".json"))
-        removed.append(uri_lib.basename(shard))
-        index += 1
-    return removed
-
-
 def run_export(cfg: ExportShardsConfig) -> dict:
     """Export the clean (and relabelled) samples; returns the summary it writes. Raises
     RuntimeError when the count check fails (the summary says which samples are missing)."""
     from cleaner.progress import ProgressLog, configure_ray_data_progress
-    from cleaner.reading.export import export_batch, plan_export, select_rows
+    from cleaner.reading.export import RECORDS_DIR, export_batch, plan_export, select_rows
+    from cleaner.reading.ingest import remove_stale_shards
     from cleaner.reading.preflight import check_io
     from cleaner.reading.shard_roots import absolute_shard, match_shards
     from cleaner.selection.manifest import manifest_file, read_shard_root
@@ -100,7 +84,9 @@ def run_export(cfg: ExportShardsConfig) -> dict:
         flush=True,
     )
     uri_lib.makedirs(cfg.output)
-    removed = remove_stale_shards(cfg.output, cfg.prefix, len(plans))
+    removed = remove_stale_shards(
+        cfg.output, cfg.prefix, {plan["name"] for plan in plans}, records_dir=RECORDS_DIR
+    )
     records: list[dict] = []
     if plans:
         import ray
