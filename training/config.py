@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from cleaner.config import ActorPoolConfig, RayConfig, StrictModel
 
@@ -161,8 +161,9 @@ class PredictConfig(StrictModel):
     )
     ray: RayConfig = RayConfig()
 
-    @model_validator(mode="after")
-    def _parquet_output(self) -> PredictConfig:
-        if not self.output.endswith(".parquet"):
-            raise ValueError(f"output must be a .parquet file, got {self.output!r}")
-        return self
+    @field_validator("output")
+    @classmethod
+    def _parquet_output(cls, v: str) -> str:
+        if not v.endswith(".parquet"):
+            raise ValueError(f"must be a .parquet file, got {v!r}")
+        return v
