@@ -7,6 +7,8 @@ import io
 import json
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
@@ -23,6 +25,12 @@ from cleaner.reading.export import (
 )
 from cleaner.reading.shard_roots import match_shards, relative_to_root, shard_root
 from cleaner.reading.shards import RawSample, read_shard
+from cleaner.selection.manifest import (
+    ManifestWriter,
+    manifest_file,
+    read_shard_root,
+    with_relative_shards,
+)
 from tests.conftest import jpeg, write_tar
 from training.networks import build_network
 from training.predict import ModelPredictor, PredictionCounts, predictions_table
@@ -261,3 +269,21 @@ def test_the_predictor_keeps_failed_rows_and_counts_complete_shards(tmp_path):
     assert summary["failed_by_reason"] == {"image decode error: x": 1}
     assert summary["with_given_label"] == 1
     assert summary["accuracy_vs_given_labels"] == float(expected.labels[0] == 4)
+
+
+def test_manifest_parts_record_their_root_once(tmp_path):
+    root = str(tmp_path / "in")
+    parts = [
+        pa.table({"key": ["a", "b"], "shard": [f"{root}/x.tar", f"{root}/x.tar"]}),
+        pa.table({"key": ["c"], "shard": [f"{root}/sub/y.tar"]}),
+    ]
+    target = str(tmp_path / "run" / "manifest.parquet")
+    with ManifestWriter(target) as writer:
+        for part in parts:
+            writer.write(with_relative_shards(part, root))
+    assert pq.read_table(target).column("shard").to_pylist() == ["x.tar", "x.tar", "sub/y.tar"]
+    assert read_shard_root(target) == root
+    assert manifest_file(str(tmp_path / "run")) == target
+    old = str(tmp_path / "old.parquet")
+    pq.write_table(with_relative_shards(parts[1], None), old)  # no root: paths as they were
+    assert read_shard_root(old) is None
