@@ -64,8 +64,9 @@ class ModelConfig(StrictModel):
     )
 
 
-class ScoringConfig(StrictModel):
-    """The Ray Data scoring stage."""
+class ActorPoolConfig(StrictModel):
+    """A Ray Data stage of model actors (GPUs when the cluster has them) fed by shard readers:
+    the CLIP scorers of the clean job, the classifier of the predict job."""
 
     batch_size: int = Field(default=256, gt=0)
     min_actors: int = Field(default=1, gt=0)
@@ -94,8 +95,6 @@ class ScoringConfig(StrictModel):
         default=None, gt=0, description="shard-reader tasks at once (None: as resources allow)"
     )
     reader_memory_mb: int = Field(default=768, gt=0, description="memory of one shard-reader task")
-    tau: float = Field(default=0.07, gt=0)
-    top_k: int = Field(default=5, gt=0)
 
     @field_validator("gpus_per_actor")
     @classmethod
@@ -115,6 +114,13 @@ class ScoringConfig(StrictModel):
         if v < low:
             raise ValueError(f"max_actors ({v}) must be >= min_actors ({low})")
         return v
+
+
+class ScoringConfig(ActorPoolConfig):
+    """The Ray Data scoring stage."""
+
+    tau: float = Field(default=0.07, gt=0)
+    top_k: int = Field(default=5, gt=0)
 
 
 class SelectionConfig(StrictModel):
@@ -300,3 +306,38 @@ class MakeShardsConfig(StrictModel):
     resume: bool = Field(default=True, description="skip shards already written with this plan")
     dry_run: bool = Field(default=False, description="list and report, write no shard")
     ray: RayConfig = RayConfig()
+
+
+class ExportShardsConfig(StrictModel):
+    """The export-shards job: the clean samples of a manifest as WebDataset shards."""
+
+    manifest: str = Field(description="the clean job's manifest.parquet, or its output folder")
+    output: str = Field(description="folder for the exported shards (local, file:// or s3://)")
+    relabel: bool = Field(
+        default=False,
+        description="also export the noisy samples that have a suggested label, under it "
+        "(.cls rewritten; the given label kept in the .json as given_label)",
+    )
+    input: str | list[str] | None = Field(
+        default=None,
+        description="where the manifest's shards are now (folder, s3:// prefix, pattern or "
+        "list); default: where the clean job read them",
+    )
+    shard_size: int | None = Field(
+        default=None, gt=0, description="samples per output shard (default: one per input shard)"
+    )
+    prefix: str = Field(default="clean", description="output shards are <prefix>-000000.tar, ...")
+    classes: str | None = Field(
+        default=None,
+        description="class spec copied beside the shards as classes.yaml (default: the clean "
+        "run's data.classes, from its config.yaml)",
+    )
+    resume: bool = Field(default=True, description="skip output shards already written alike")
+    ray: RayConfig = RayConfig()
+
+    @field_validator("prefix")
+    @classmethod
+    def _plain_prefix(cls, v: str) -> str:
+        if not v or "/" in v:
+            raise ValueError(f"prefix must be a non-empty name without '/', got {v!r}")
+        return v

@@ -3,7 +3,8 @@
     python -m jobs.clean --config configs/demo.yaml [key=value ...]
 
 Outputs under `output`: scores/<shard>.parquet (one per input shard, reused on rerun),
-manifest.parquet (one row per input sample), summary.json, config.yaml, report.html.
+manifest.parquet (one row per input sample; shards named relative to the input root, which
+summary.json records as shard_root), summary.json, config.yaml, report.html.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from cleaner.config import CleanJobConfig, ConfigError, load_config
 from cleaner.progress import configure_ray_data_progress
 from cleaner.reading import uri as uri_lib
 from cleaner.reading.preflight import check_clean_job_io, check_labels_match_spec
+from cleaner.reading.shard_roots import absolute_shard, shard_root
 from cleaner.reading.shards import fetch_thumbnails
 from cleaner.report import checks_thumbnail_keys, top_noisy_keys, write_report
 from cleaner.scoring.columns import SCORE_FORMAT
@@ -34,7 +36,7 @@ from cleaner.scoring.text_features import encode_text_features
 from cleaner.selection.fit_in_memory import fit_and_build_manifest
 from cleaner.selection.fit_plan import choose_mode
 from cleaner.selection.fit_ray import fit_and_write_manifest_distributed
-from cleaner.selection.manifest import read_manifest_for_report
+from cleaner.selection.manifest import read_manifest_for_report, with_relative_shards
 from cleaner.selection.score_table import read_scores
 from cleaner.versions import package_versions
 from jobs.common import (
@@ -138,12 +140,14 @@ def run_clean(cfg: CleanJobConfig) -> dict:
         flush=True,
     )
     manifest_uri = uri_lib.join(cfg.output, "manifest.parquet")
+    root = shard_root(shards)  # the manifest names shards relative to it (portable)
     if plan.mode == "in_memory":
         table = read_scores(scores_uri, [names[s] for s in shards], with_embeddings=True)
         manifest, parts = fit_and_build_manifest(
             table, cfg.selection, spec.names, bank, cfg.scoring.tau, seed=cfg.seed, finish=finish
         )
         del table
+        manifest = with_relative_shards(manifest, root)
         uri_lib.write_bytes(manifest_uri, table_to_parquet_bytes(manifest))
     else:
         parts = fit_and_write_manifest_distributed(
@@ -156,6 +160,7 @@ def run_clean(cfg: CleanJobConfig) -> dict:
             manifest_uri,
             seed=cfg.seed,
             finish=finish,
+            shard_root=root,
         )
         manifest = read_manifest_for_report(manifest_uri)
     parts["fit"] = plan.as_dict()
@@ -167,6 +172,7 @@ def run_clean(cfg: CleanJobConfig) -> dict:
         "output": cfg.output,
         "run_fingerprint": run_fingerprint,
         "shards": len(shards),
+        "shard_root": root,
         "scoring": {
             "shards_scored": stats.shards_scored,
             "shards_skipped": stats.shards_skipped,
@@ -194,7 +200,7 @@ def run_clean(cfg: CleanJobConfig) -> dict:
             manifest,
             summary,
             uri_lib.join(cfg.output, "report.html"),
-            thumbnails=report_thumbnails(manifest, cfg.data.image_extensions),
+            thumbnails=report_thumbnails(manifest, cfg.data.image_extensions, root),
             test_thumbnails=test_thumbnails(checks, cfg.data.image_extensions),
         )
     except Exception as err:  # the report must not fail a job whose manifest is written
@@ -219,15 +225,16 @@ def finished_run_fingerprint(cfg: CleanJobConfig, shards: list[str], spec) -> st
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def report_thumbnails(manifest, extensions: list[str]) -> dict[str, bytes]:
-    """Thumbnails of the samples the report lists, read back from their shards."""
+def report_thumbnails(manifest, extensions: list[str], root: str | None) -> dict[str, bytes]:
+    """Thumbnails of the samples the report lists, read back from their shards (the
+    manifest's shard paths are relative to root)."""
     keys = set(top_noisy_keys(manifest)) | set(checks_thumbnail_keys(manifest))
     by_shard: dict[str, list[str]] = {}
     for key, shard in zip(
         manifest.column("key").to_pylist(), manifest.column("shard").to_pylist(), strict=True
     ):
         if key in keys:
-            by_shard.setdefault(shard, []).append(key)
+            by_shard.setdefault(absolute_shard(shard, root), []).append(key)
     return fetch_thumbnails(by_shard, extensions)
 
 

@@ -4,7 +4,8 @@
 
 Outputs under `run.storage`/`run.name`: Ray Train's checkpoints (model, optimiser,
 scheduler, epoch, selection, labels, history), metrics.json (one entry per epoch),
-summary.json, config.yaml and report.html (curves). Rerunning the same run name resumes
+summary.json, config.yaml, report.html (curves) and model/ (the trained network: weights,
+network config, class spec and preprocessing; `training.load_model`). Rerunning the same run name resumes
 from its latest checkpoint; a worker that dies mid-run is replaced and the run resumes
 from its last checkpoint (run.max_failures).
 """
@@ -15,13 +16,15 @@ import functools
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from cleaner.classes import ClassSpec
 from cleaner.config import ConfigError, load_config
 from cleaner.progress import configure_ray_data_progress
 from cleaner.reading import uri as uri_lib
 from cleaner.reading.preflight import check_train_job_io
+from cleaner.reading.shard_roots import match_shards
+from cleaner.selection.manifest import manifest_file, read_shard_root
 from cleaner.versions import package_versions
 from jobs.common import (
     connect_ray,
@@ -43,11 +46,6 @@ from training.report import write_training_report
 from training.restarts import fit_resuming
 
 
-def manifest_uri(location: str) -> str:
-    """The manifest file itself, or manifest.parquet inside a clean run's output folder."""
-    return location if location.endswith(".parquet") else uri_lib.join(location, "manifest.parquet")
-
-
 def storage_for_ray(storage: str):
     """(storage_path, storage_filesystem) for RunConfig; S3 through our configured client."""
     if uri_lib.is_s3(storage):
@@ -67,21 +65,28 @@ class TrainingInputs:
 
 def training_inputs(cfg: TrainJobConfig) -> TrainingInputs:
     """The class spec, the manifest's sample index and the test shards of a run, checked:
-    storage reachable and writable, the manifest's shards among data.input, its labels
-    within the class spec. Errors are ConfigErrors that name the problem."""
+    storage reachable and writable, the manifest's shards found among data.input (where
+    they are now: see cleaner.reading.shard_roots), its labels within the class spec.
+    Errors are ConfigErrors that name the problem."""
     check_train_job_io(cfg)  # S3 unreachable, no bucket, denied, storage not writable
     spec = load_class_spec(cfg.data.classes)
     guard_k = cfg.mixfix.clip_k if cfg.mixfix.mode == "mixfix_clip" else 0
+    manifest = manifest_file(cfg.data.manifest)
     try:
-        index = load_sample_index(manifest_uri(cfg.data.manifest), zeroshot_topk=guard_k)
+        index = load_sample_index(manifest, zeroshot_topk=guard_k)
     except ValueError as error:
         raise ConfigError(f"mixfix.mode={cfg.mixfix.mode}: {error}") from None
-    shards = uri_lib.expand_shard_spec(cfg.data.input)
-    missing = sorted(set(index.shards) - set(shards))
-    if missing:
-        raise ConfigError(
-            f"the manifest names shards that data.input does not: {', '.join(missing[:3])}"
+    try:
+        where = match_shards(
+            index.shards, read_shard_root(manifest), uri_lib.expand_shard_spec(cfg.data.input)
         )
+    except ValueError as error:
+        raise ConfigError(f"data.input: {error}") from None
+    index = replace(
+        index,
+        shards=[where[s] for s in index.shards],
+        offsets={where[s]: offset for s, offset in index.offsets.items()},
+    )
     labels_seen = index.labels[index.trainable]
     if labels_seen.size and labels_seen.max() >= spec.num_classes:
         raise ConfigError(
@@ -95,15 +100,34 @@ def train_in_process(cfg: TrainJobConfig) -> list[dict]:
     """One run of `cfg` in this process with training.local (no Ray): the same input checks,
     data and MixFix core as run_train, for small datasets; returns the per-epoch history."""
     from training.local import run_local
+    from training.saved_model import write_run_model
 
     inputs = training_inputs(cfg)
+
+    def keep_model(model, history: list[dict]) -> None:
+        target = write_run_model(cfg, inputs.spec, model.state_dict(), history, "in_process")
+        print(f"[local] model written to {target}", flush=True)
+
     return run_local(
         cfg,
         inputs.index,
         inputs.spec.names,
         inputs.test_shards,
         log=lambda message: print(f"[local] {message}", flush=True),
+        on_finished=keep_model,
     )
+
+
+def write_final_model(cfg: TrainJobConfig, spec: ClassSpec, checkpoint_dir: str, history) -> str:
+    """The last checkpoint's weights as the run's model folder (training.saved_model)."""
+    import torch
+
+    from training.saved_model import write_run_model
+
+    weights = torch.load(
+        os.path.join(checkpoint_dir, "model.pt"), map_location="cpu", weights_only=True
+    )
+    return write_run_model(cfg, spec, weights, history, "ray_train")
 
 
 def run_train(cfg: TrainJobConfig) -> dict:
@@ -156,11 +180,10 @@ def run_train(cfg: TrainJobConfig) -> dict:
     result = fit_resuming(make_trainer, cfg.run.max_failures)
     if result.checkpoint is None:
         raise RuntimeError(f"training finished without a checkpoint: {result.error}")
-    with (
-        result.checkpoint.as_directory() as directory,
-        open(os.path.join(directory, "history.json")) as f,
-    ):
-        history = json.load(f)
+    with result.checkpoint.as_directory() as directory:
+        with open(os.path.join(directory, "history.json")) as f:
+            history = json.load(f)
+        model_dir = write_final_model(cfg, spec, directory, history)
     out = uri_lib.join(cfg.run.storage, cfg.run.name)
     summary = {
         "job": "train",
@@ -170,6 +193,7 @@ def run_train(cfg: TrainJobConfig) -> dict:
         "final": history[-1] if history else {},
         "history": history,
         "checkpoint": result.checkpoint.path,
+        "model": model_dir,
         "seconds": round(time.perf_counter() - started, 2),
         "config": cfg.model_dump(mode="json"),
         "versions": package_versions(),

@@ -187,3 +187,20 @@ def pytest_runtest_logreport(report):
             f.write(
                 f"{report.duration:8.1f}s {report.when:8s} {report.outcome:7s} {report.nodeid}\n"
             )
+
+
+def decoded_split(folder: Path, class_names: list[str], image_size: int):
+    """(uint8 images, labels) of the usable samples of a folder's shards, as the jobs decode."""
+    import numpy as np
+
+    from cleaner.reading.shards import read_shard
+
+    images, labels = [], []
+    for shard in sorted(folder.glob("*.tar")):
+        for batch in read_shard(
+            str(shard), class_names=class_names, image_size=image_size, extensions=["jpg"]
+        ):
+            ok = batch["status"] == "ok"
+            images.append(batch["image"][ok])
+            labels.append(batch["label"][ok])
+    return np.concatenate(images), np.concatenate(labels)

@@ -18,6 +18,8 @@ import pytest
 from cleaner.config import load_config
 from jobs.clean import run_clean
 from jobs.train import run_train, train_in_process
+from tests.conftest import decoded_split
+from training import load_model
 from training.config import TrainJobConfig
 
 pytestmark = pytest.mark.integration
@@ -148,3 +150,12 @@ def test_mixfix_survives_a_killed_worker_resumes_on_rerun_and_beats_noisy_traini
     assert mixfix_acc > noisy_acc
     for name in ("summary.json", "config.yaml", "report.html"):
         assert (run_dir / name).exists()
+
+    # the model the run leaves loads with one call and reproduces the reported accuracy
+    model = load_model(str(run_dir))
+    assert model.info["run"]["engine"] == "ray_train" and model.info["run"]["epochs"] == EPOCHS
+    images, labels = decoded_split(
+        cleaned / "test", model.class_names, model.preprocessing.image_size
+    )
+    accuracy = float((model.predict(images).labels == labels).mean())
+    assert abs(accuracy - mixfix_acc) <= 0.005, (accuracy, mixfix_acc)

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from cleaner.config import RayConfig, StrictModel
+from cleaner.config import ActorPoolConfig, RayConfig, StrictModel
 
 
 class TrainDataConfig(StrictModel):
@@ -171,3 +171,37 @@ class TrainJobConfig(StrictModel):
                 f"scaling.num_workers ({self.scaling.num_workers})"
             )
         return self
+
+
+class PredictConfig(StrictModel):
+    """The predict job: a trained model (training.load_model) over WebDataset shards."""
+
+    model: str = Field(
+        description="the trained model: a training run's output folder or its model/ folder "
+        "(local, file:// or s3://)"
+    )
+    input: str | list[str] = Field(
+        description="shards to predict: folder, s3:// prefix, brace pattern or list of these"
+    )
+    output: str = Field(description="the predictions file, FILE.parquet (local, file:// or s3://)")
+    top_k: int = Field(
+        default=5, gt=0, description="classes listed per sample, most probable first"
+    )
+    image_extensions: list[str] = Field(
+        default_factory=lambda: ["jpg", "jpeg", "png", "webp", "bmp"]
+    )
+    amp: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        default="auto", description="autocast on GPU actors (auto: bf16 where native, else fp16)"
+    )
+    scoring: ActorPoolConfig = Field(
+        default_factory=ActorPoolConfig,
+        description="the classifier actors and shard readers, as the clean job's scorers",
+    )
+    ray: RayConfig = RayConfig()
+
+    @field_validator("output")
+    @classmethod
+    def _parquet_output(cls, v: str) -> str:
+        if not v.endswith(".parquet"):
+            raise ValueError(f"must be a .parquet file, got {v!r}")
+        return v

@@ -61,11 +61,13 @@ def run_local(
     test_shards: list[str],
     log: Callable[[dict], None] = print,
     threads: int = 1,
+    on_finished: Callable[[torch.nn.Module, list[dict]], None] | None = None,
 ) -> list[dict]:
     """Train one run in-process; returns its per-epoch metrics (the job's keys).
 
     threads: torch intra-op threads (1 by default: on small shared CPUs OpenMP spinning
-    makes more threads slower).
+    makes more threads slower). on_finished(model, history) is called after the last
+    epoch (jobs.train writes the model folder there).
     """
     torch.set_num_threads(threads)
     torch.manual_seed(cfg.seed)
@@ -152,4 +154,6 @@ def run_local(
         metrics["epoch_seconds"] = time.perf_counter() - started
         history.append(metrics)
         log(metrics)
+    if on_finished is not None:
+        on_finished(model, history)
     return history

@@ -94,8 +94,11 @@ def write_all(cfg: MakeShardsConfig, plans: list[dict], class_names: list[str]):
         yield json.loads(row["record"])
 
 
-def remove_stale_shards(output: str, prefix: str, keep: set[str]) -> list[str]:
-    """Delete `<prefix>-NNNNNN.tar` shards (and records) this plan does not name."""
+def remove_stale_shards(
+    output: str, prefix: str, keep: set[str], records_dir: str = RECORDS_DIR
+) -> list[str]:
+    """Delete `<prefix>-NNNNNN.tar` shards (and their records under records_dir) this plan
+    does not name (jobs.export_shards reuses it for its own shards and records)."""
     try:
         present = uri_lib.list_files(output, ".tar")
     except FileNotFoundError:
@@ -106,7 +109,7 @@ def remove_stale_shards(output: str, prefix: str, keep: set[str]) -> list[str]:
     for uri in present:
         name = uri_lib.basename(uri)
         if pattern.fullmatch(name) and name not in keep:
-            for target in (uri, uri_lib.join(output, RECORDS_DIR, name + ".json")):
+            for target in (uri, uri_lib.join(output, records_dir, name + ".json")):
                 if uri_lib.exists(target):
                     fs.delete_file(uri_lib.resolve(target)[1])
             removed.append(name)

@@ -131,7 +131,8 @@ def shard_fingerprint(plan: dict, options: WriteOptions, class_names: list[str])
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    """A regular file member with fixed metadata (mtime 0, mode 644): same input, same bytes."""
     info = tarfile.TarInfo(name)
     info.size, info.mtime, info.mode = len(data), _MTIME, 0o644
     tar.addfile(info, io.BytesIO(data))
@@ -153,11 +154,9 @@ def write_shard(
     fingerprint = shard_fingerprint(plan, options, class_names)
     shard_uri = uri_lib.join(output, plan["name"])
     record_uri = uri_lib.join(output, RECORDS_DIR, plan["name"] + ".json")
-    if resume and uri_lib.exists(record_uri):
-        record = json.loads(uri_lib.read_text(record_uri))
-        done = record.get("written") == 0 or uri_lib.exists(shard_uri)
-        if record.get("fingerprint") == fingerprint and done:
-            return {**record, "skipped": True}
+    record = matching_record(record_uri, fingerprint) if resume else None
+    if record is not None and (record.get("written") == 0 or uri_lib.exists(shard_uri)):
+        return {**record, "skipped": True}
     started = time.perf_counter()
     buf = io.BytesIO()
     failures: list[dict] = []
@@ -184,9 +183,9 @@ def write_shard(
             meta = {"path": path, "label": int(label), "class": class_names[int(label)]}
             if int(truth) >= 0:
                 meta["true_label"] = int(truth)
-            _add(tar, f"{key}.jpg", image)
-            _add(tar, f"{key}.cls", str(int(label)).encode())
-            _add(tar, f"{key}.json", json.dumps(meta, sort_keys=True).encode())
+            add_member(tar, f"{key}.jpg", image)
+            add_member(tar, f"{key}.cls", str(int(label)).encode())
+            add_member(tar, f"{key}.json", json.dumps(meta, sort_keys=True).encode())
             written += 1
             reencoded += int(changed)
     record = {
@@ -198,7 +197,21 @@ def write_shard(
         "failures": failures,
         "seconds": round(time.perf_counter() - started, 3),
     }
-    if written:
-        uri_lib.write_bytes(shard_uri, buf.getvalue())  # atomic: temp + rename, or one PUT
+    return commit_shard(shard_uri, record_uri, buf.getvalue(), record)
+
+
+def matching_record(record_uri: str, fingerprint: str) -> dict | None:
+    """The record of an earlier write of a shard, when it was made from the same plan."""
+    if not uri_lib.exists(record_uri):
+        return None
+    record = json.loads(uri_lib.read_text(record_uri))
+    return record if record.get("fingerprint") == fingerprint else None
+
+
+def commit_shard(shard_uri: str, record_uri: str, tar_bytes: bytes, record: dict) -> dict:
+    """Write the shard (when it holds a sample), then its record: each atomically (temp +
+    rename, or one PUT), so a record never names a shard that is not complete."""
+    if record["written"]:
+        uri_lib.write_bytes(shard_uri, tar_bytes)
     uri_lib.write_text(record_uri, json.dumps(record) + "\n")
     return {**record, "skipped": False}

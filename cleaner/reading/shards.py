@@ -33,11 +33,13 @@ MISSING_LABEL = -1
 
 @dataclass
 class RawSample:
-    """The members of one sample: extension (lower case) -> bytes."""
+    """The members of one sample: extension (lower case) -> bytes, and -> the member's name
+    in the tar (without `./` prefixes), so that a sample can be written out unchanged."""
 
     key: str
     members: dict[str, bytes] = field(default_factory=dict)
     problem: str | None = None
+    names: dict[str, str] = field(default_factory=dict)
 
 
 def normalise_member_name(name: str) -> str:
@@ -198,6 +200,7 @@ def iter_tar_samples(
                 if ext in sample.members and sample.problem is None:
                     sample.problem = f"two members of this key with extension {ext!r}"
                 sample.members[ext] = data
+                sample.names[ext] = normalise_member_name(member.name)
                 sizes[key] += len(data)
                 waiting += len(data)
                 while waiting > pending_bytes and len(pending) > 1:
@@ -282,12 +285,23 @@ def decode_image(
     interpolation 'bicubic' or 'bilinear' ('random' means bicubic at inference, as in
     open_clip). The geometry matches torchvision's Resize/CenterCrop pixel for pixel.
     """
-    if resize_mode not in ("shortest", "squash", "longest"):
-        raise ValueError(f"unknown resize_mode {resize_mode!r} (shortest, squash or longest)")
-    resample = RESAMPLING.get(interpolation, Image.Resampling.BICUBIC)
     with Image.open(io.BytesIO(data)) as img:
         img.load()
         rgb = img.convert("RGB")
+    return resize_image(rgb, size, resize_mode, interpolation, fill_color)
+
+
+def resize_image(
+    rgb: Image.Image,
+    size: int,
+    resize_mode: str = "shortest",
+    interpolation: str = "bicubic",
+    fill_color: int = 0,
+) -> np.ndarray:
+    """An RGB image resized as `decode_image` does (see there): uint8 HxWx3."""
+    if resize_mode not in ("shortest", "squash", "longest"):
+        raise ValueError(f"unknown resize_mode {resize_mode!r} (shortest, squash or longest)")
+    resample = RESAMPLING.get(interpolation, Image.Resampling.BICUBIC)
     width, height = rgb.size
     if width < 1 or height < 1:
         raise ValueError("empty image")
@@ -364,12 +378,15 @@ def read_shard(
     resize_mode: str = "shortest",
     interpolation: str = "bicubic",
     fill_color: int = 0,
+    require_label: bool = True,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Yield column batches of decoded samples of one shard; the last batch carries the total.
 
     Every sample of the shard appears exactly once, failed ones with a reason; a shard
     that cannot be opened or is truncated adds one failure row keyed SHARD_ERROR_PREFIX, and
     members that belong to no sample (hidden files, links) one keyed SHARD_SKIPPED_PREFIX.
+    require_label=False (prediction): a missing or unreadable label is no failure, the
+    sample is decoded with label -1.
     """
     builder = _BatchBuilder(shard, image_size)
     blank = np.zeros((image_size, image_size, 3), dtype=np.uint8)
@@ -381,7 +398,7 @@ def read_shard(
             for sample in iter_tar_samples(stream, skipped):
                 total += 1
                 label, true_label, problem = sample_labels(sample, class_names)
-                problem = sample.problem or problem
+                problem = sample.problem or (problem if require_label else None)
                 image = blank
                 if problem is None:
                     data = find_image(sample, extensions)

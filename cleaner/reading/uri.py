@@ -81,6 +81,13 @@ def basename(uri: str) -> str:
     return posixpath.basename(uri.rstrip("/"))
 
 
+def parent(uri: str) -> str:
+    """The folder (or S3 prefix) a file is in: `s3://b/p/x.parquet` -> `s3://b/p`."""
+    if is_s3(uri):
+        return uri.rstrip("/").rsplit("/", 1)[0]
+    return os.path.dirname(os.path.abspath(_strip_file_scheme(uri)))
+
+
 def exists(uri: str) -> bool:
     fs, path = resolve(uri)
     return fs.get_file_info(path).type != pafs.FileType.NotFound

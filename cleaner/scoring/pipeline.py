@@ -134,11 +134,12 @@ def decoded_samples(
     reader_memory_mb: int = 768,
     resize: dict | None = None,
     source=None,
+    require_label: bool = True,
 ):
     """Ray Dataset of the samples of `shards`, decoded in CPU tasks (one task per shard).
 
     Columns: key, shard, shard_pos, label, true_label, image (uint8 [S, S, 3]), status,
-    reason, shard_total (see cleaner.reading.shards.read_shard).
+    reason, shard_total (see cleaner.reading.shards.read_shard, also for require_label).
     source: a Dataset of {"shard": uri} rows to read instead of `shards` in their order
     (training reads them in a new order each epoch: training.data.epoch_ordered_samples).
     """
@@ -161,6 +162,7 @@ def decoded_samples(
             "image_size": image_size,
             "extensions": list(extensions),
             "batch_size": read_batch_size,
+            "require_label": require_label,
             **(resize or {}),
         },
     )

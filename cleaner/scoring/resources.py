@@ -33,11 +33,19 @@ import logging
 import os
 import time
 from dataclasses import asdict, dataclass
+from typing import Protocol
 
-from cleaner.config import CleanJobConfig
+from cleaner.config import ActorPoolConfig, RayConfig
 
 log = logging.getLogger(__name__)
 READER_CPUS = 1.0  # one shard-reader task (decoding) must always find a CPU
+
+
+class PooledJobConfig(Protocol):
+    """A job config with a model-actor stage: the clean job's scorers, the predict job's."""
+
+    scoring: ActorPoolConfig
+    ray: RayConfig
 
 
 class SchedulingError(RuntimeError):
@@ -61,7 +69,7 @@ class ScorerPlan:
         return asdict(self)
 
 
-def joined_existing_cluster(cfg: CleanJobConfig) -> bool:
+def joined_existing_cluster(cfg: PooledJobConfig) -> bool:
     """True when the job runs on a cluster it did not start (as under `ray job submit`)."""
     return bool(cfg.ray.address or os.environ.get("RAY_ADDRESS"))
 
@@ -186,8 +194,9 @@ def wait_for_probe(
         ray.kill(probe)
 
 
-def plan_scorers(cfg: CleanJobConfig, shards_to_score: int) -> ScorerPlan:
+def plan_scorers(cfg: PooledJobConfig, shards_to_score: int) -> ScorerPlan:
     """Resolve the scorers' resources and pool size for this cluster; bounded in time.
+    (The predict job plans its classifier actors with the same rules.)
 
     Raises SchedulingError when the scorers' resources cannot be had within
     scoring.schedule_timeout_s.

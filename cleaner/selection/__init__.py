@@ -5,6 +5,7 @@ The library API is re-exported here (as before the package split):
 `from cleaner.selection import select_clean`.
 """
 
+from cleaner.selection.issues import label_issues
 from cleaner.selection.rules import (
     DEFAULT_REG_COVAR,
     DIVIDEMIX_REG_COVAR,
@@ -20,6 +21,7 @@ __all__ = [
     "SelectionResult",
     "SourceScores",
     "SourceSelection",
+    "label_issues",
     "select_clean",
     "select_clean_result",
     "select_from_scores",

@@ -38,7 +38,7 @@ from cleaner.reading.shards import STATUS_OK
 from cleaner.scoring.prompts import PromptBank
 from cleaner.selection.engine import BlockPass, Runner, check_rows, make_spec, run_fit
 from cleaner.selection.fitted import DEFAULT_BATCH_ROWS, Batch, FittedSelection, SelectionSpec
-from cleaner.selection.manifest import ManifestWriter, build_manifest
+from cleaner.selection.manifest import ManifestWriter, build_manifest, with_relative_shards
 from cleaner.selection.probe_streaming import StreamingProbe, fit_probe_streaming, stable_hash
 from cleaner.selection.rules import DEFAULT_REG_COVAR, GmmMode
 from cleaner.selection.score_table import (
@@ -314,10 +314,12 @@ def fit_and_write_manifest_distributed(
     manifest_uri: str,
     seed: int = 0,
     finish: Callable[[pa.Table, int], pa.Table] | None = None,
+    shard_root: str | None = None,
 ) -> dict:
     """The distributed global fit; writes manifest_uri and returns the summary parts.
 
-    score_uris[i] holds the scores of shards[i]; the manifest lists them in that order.
+    score_uris[i] holds the scores of shards[i]; the manifest lists them in that order,
+    relative to shard_root (`manifest.with_relative_shards`).
     finish(part, first manifest row), when given, adds columns to each part on the driver
     before it is written (the embedding checks: cleaner/checks/manifest_columns.py).
     """
@@ -395,7 +397,7 @@ def fit_and_write_manifest_distributed(
             if finish is not None:
                 part = finish(part, rows_written)
             rows_written += part.num_rows
-            writer.write(part)
+            writer.write(with_relative_shards(part, shard_root))
             for name in SUMMARY_COLUMNS:
                 kept[name].append(part.column(name).to_numpy(zero_copy_only=False))
             written += 1

@@ -1,5 +1,9 @@
 """The manifest: one row per input sample (clean / noisy / failed with its reason), the
 suggested labels and their explanations; `ManifestWriter` streams it to Parquet.
+
+Its `shard` column names each shard relative to the input root, recorded once in the
+Parquet metadata (`SHARD_ROOT_KEY`; cleaner.reading.shard_roots): moved shards are found
+again from wherever they are given next. Manifests without the key name absolute paths.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import pyarrow.parquet as pq
 
 from cleaner.config import SelectionConfig
 from cleaner.reading import uri as uri_lib
+from cleaner.reading.shard_roots import relative_to_root
 from cleaner.reading.shards import STATUS_FAILED
 from cleaner.scoring.prompts import PromptBank
 from cleaner.scoring.writing import fixed_size_list_array
@@ -201,6 +206,37 @@ def spread_rows(values: np.ndarray, fill, n: int, rows: np.ndarray) -> np.ndarra
     out = np.full((n, values.shape[1]), fill, dtype=values.dtype)
     out[rows] = values
     return out
+
+
+SHARD_ROOT_KEY = b"clipcleaner.shard_root"
+MANIFEST_FILE = "manifest.parquet"
+
+
+def manifest_file(location: str) -> str:
+    """The manifest file itself, or manifest.parquet inside a clean run's output folder."""
+    return location if location.endswith(".parquet") else uri_lib.join(location, MANIFEST_FILE)
+
+
+def with_relative_shards(table: pa.Table, root: str | None) -> pa.Table:
+    """Manifest rows whose shard column is relative to `root`, with root in the metadata
+    (unchanged when root is None: the shards share no root)."""
+    if root is None:
+        return table
+    shards = table.column("shard").to_pylist()
+    relative: dict[str, str] = {s: relative_to_root(s, root) for s in set(shards)}
+    index = table.schema.get_field_index("shard")
+    table = table.set_column(index, "shard", pa.array([relative[s] for s in shards], pa.string()))
+    metadata = {**(table.schema.metadata or {}), SHARD_ROOT_KEY: root.encode()}
+    return table.replace_schema_metadata(metadata)
+
+
+def read_shard_root(manifest_uri: str) -> str | None:
+    """The input root a manifest's shard paths are relative to; None for absolute paths."""
+    fs, path = uri_lib.resolve(manifest_uri)
+    with fs.open_input_file(path) as f:
+        metadata = pq.read_schema(f).metadata or {}
+    root = metadata.get(SHARD_ROOT_KEY)
+    return root.decode() if root is not None else None
 
 
 def read_manifest_for_report(manifest_uri: str) -> pa.Table:
