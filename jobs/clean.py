@@ -13,13 +13,11 @@ import json
 import logging
 import time
 
-from cleaner.config import CleanJobConfig, ConfigError, load_config
+from cleaner.config import CleanJobConfig
 from cleaner.progress import configure_ray_data_progress
 from cleaner.reading import uri as uri_lib
 from cleaner.reading.preflight import check_clean_job_io, check_labels_match_spec
 from cleaner.reading.shards import fetch_thumbnails
-from cleaner.report import top_noisy_keys, write_report
-from cleaner.scoring.models import check_model_config
 from cleaner.scoring.pipeline import (
     SCORES_DIR,
     score_shards,
@@ -34,20 +32,19 @@ from cleaner.selection.fit_ray import fit_and_write_manifest_distributed
 from cleaner.selection.manifest import read_manifest_for_report
 from cleaner.selection.score_table import read_scores
 from cleaner.versions import package_versions
-from jobs.common import (
-    connect_ray,
-    load_class_spec,
-    parse_job_args,
-    run_main,
-    write_json,
-    write_yaml,
-)
+from jobs.cli import COMMANDS
+from jobs.command import run_command, run_main
+from jobs.common import connect_ray, load_class_spec, write_json, write_yaml
 
 log = logging.getLogger(__name__)
 
 
 def run_clean(cfg: CleanJobConfig) -> dict:
     """Run the whole cleaning job for a validated config; returns the summary it writes."""
+    # torch and open_clip load here, after the config was validated (jobs/command.py)
+    from cleaner.report import write_report
+    from cleaner.scoring.models import check_model_config
+
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     check_clean_job_io(cfg)  # S3 unreachable, no bucket, denied, output not writable: stop now
@@ -188,6 +185,8 @@ def finished_run_fingerprint(cfg: CleanJobConfig, shards: list[str], spec) -> st
 
 def report_thumbnails(manifest, extensions: list[str]) -> dict[str, bytes]:
     """Thumbnails of the noisy samples the report lists, read back from their shards."""
+    from cleaner.report import top_noisy_keys
+
     keys = set(top_noisy_keys(manifest))
     by_shard: dict[str, list[str]] = {}
     for key, shard in zip(
@@ -218,12 +217,7 @@ def print_summary(summary: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_job_args("Clean the labels of WebDataset shards with CLIP.", argv)
-    if args.config is None and not args.overrides:
-        raise ConfigError("give --config <yaml> and/or key=value overrides")
-    cfg = load_config(args.config, args.overrides, CleanJobConfig)
-    run_clean(cfg)
-    return 0
+    return run_command(COMMANDS["clean"], argv, prog="python -m jobs.clean")
 
 
 if __name__ == "__main__":

@@ -1,12 +1,12 @@
-"""Shared plumbing of the job entry points: argument parsing, Ray connection, outputs."""
+"""Shared plumbing of the job entry points: Ray connection, class specs, outputs.
+
+The command line (arguments, config loading, exit statuses) is in jobs/command.py.
+"""
 
 from __future__ import annotations
 
-import argparse
 import json
-import logging
 import os
-import sys
 from pathlib import Path
 
 import yaml
@@ -14,14 +14,6 @@ import yaml
 from cleaner.classes import DEMO_CLASS_SPEC, ClassSpec
 from cleaner.config import ConfigError, RayConfig
 from cleaner.reading import uri as uri_lib
-
-
-def parse_job_args(description: str, argv: list[str] | None = None) -> argparse.Namespace:
-    """`--config <yaml> [key=value ...]`."""
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--config", help="job config YAML")
-    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides")
-    return parser.parse_args(argv)
 
 
 def connect_ray(cfg: RayConfig) -> None:
@@ -54,18 +46,6 @@ def write_json(target: str, payload: dict) -> None:
 
 def write_yaml(target: str, payload: dict) -> None:
     uri_lib.write_text(target, yaml.safe_dump(payload, sort_keys=False))
-
-
-def run_main(main) -> None:
-    """Run a job's main; configuration errors exit 2 with a one-line message, not a trace."""
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    try:
-        sys.exit(main())
-    except (ConfigError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
 
 
 def repo_root() -> Path:
