@@ -74,6 +74,18 @@ def inspect_interrupted(cfg) -> str:
     return "inspect writes nothing but its report; rerun the same command"
 
 
+def predict_interrupted(cfg) -> str:
+    return f"predictions are not resumed: rerun the same command to write {cfg.output} anew"
+
+
+def export_interrupted(cfg) -> str:
+    kept = _count_files(cfg.output, ".tar")
+    return (
+        f"{kept} exported shard(s) kept in {cfg.output}; rerun the same command to skip the "
+        f"finished ones and write the rest (resume=true)"
+    )
+
+
 COMMANDS: dict[str, JobCommand] = {
     c.name: c
     for c in (
@@ -161,17 +173,21 @@ COMMANDS: dict[str, JobCommand] = {
             summary="Run a trained model (the train job's model/ folder) on shards: key, "
             "predicted label and name, confidence, top-5, as Parquet.",
             module="jobs.predict",
-            config=None,
+            config="training.config:PredictConfig",
+            run="jobs.predict:run_predict",
             flags={"--model": "model", "--input": "input", "--output": "output"},
+            interrupted=predict_interrupted,
         ),
         JobCommand(
             name="export-shards",
             summary="Write the clean samples of a manifest as WebDataset shards (original "
             "members byte for byte); --relabel adds the noisy ones under their suggestion.",
             module="jobs.export_shards",
-            config=None,
+            config="cleaner.config:ExportShardsConfig",
+            run="jobs.export_shards:run_export",
             flags={"--manifest": "manifest", "--output": "output", "--input": "input"},
             switches={"--relabel": "relabel"},
+            interrupted=export_interrupted,
         ),
     )
 }

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import logging
 import re
 import sys
@@ -54,9 +53,9 @@ class JobCommand:
     summary: str
     module: str
     """`python -m <module>` runs the same command"""
-    config: str | None
-    """the pydantic config model; None: the module's own main(argv) parses and validates"""
-    run: str | None = None
+    config: str
+    """the pydantic config model"""
+    run: str
     """the function called with the validated config (an int result is the exit status)"""
     flags: Mapping[str, str] = field(default_factory=dict)
     """value flags and the key each sets: {"--input": "data.input"}"""
@@ -95,20 +94,22 @@ def resolve(target: str) -> Any:
 
 
 def config_model(command: JobCommand):
-    return resolve(command.config) if command.config else None
+    """The command's config model; a ConfigError when this install lacks it."""
+    try:
+        return resolve(command.config)
+    except (ModuleNotFoundError, AttributeError) as err:
+        raise ConfigError(
+            f"`clipcleaner {command.name}` needs {command.config}, which this install lacks ({err})"
+        ) from None
 
 
 def build_parser(command: JobCommand, prog: str | None = None) -> argparse.ArgumentParser:
     """The argparse parser of a command; its --help lists every config key."""
-    model = config_model(command)
     epilog = [command.notes] if command.notes else []
-    if model is not None:
-        epilog.append(
-            "config keys (in the --config YAML, or key=value, which wins over the file and\n"
-            "the flags):\n" + wrap_help(format_config_keys(model))
-        )
-    else:
-        epilog.append(f"config keys: see `python -m {command.module} --help`")
+    epilog.append(
+        "config keys (in the --config YAML, or key=value, which wins over the file and\n"
+        "the flags):\n" + wrap_help(format_config_keys(config_model(command)))
+    )
     parser = argparse.ArgumentParser(
         prog=prog or f"clipcleaner {command.name}",
         description=command.summary,
@@ -180,9 +181,6 @@ def run_command(command: JobCommand, argv: list[str] | None = None, prog: str | 
 
     Raises ConfigError for a bad config, JobInterrupted on Ctrl-C during the job."""
     parsed = parse_command_args(command, argv, prog)
-    if command.config is None:  # the module's own main parses and validates again
-        main = resolve(f"{command.module}:main")
-        return main(_canonical_argv(parsed))
     cfg = load_command_config(command, parsed)
     run = resolve(command.run)
     try:
@@ -254,14 +252,6 @@ def _base_config(command: JobCommand) -> str | None:
     if command.base_config is None:
         return None
     return str(Path(__file__).resolve().parent.parent / command.base_config)
-
-
-def _canonical_argv(parsed: ParsedArgs) -> list[str]:
-    """The parsed arguments as `--config FILE key=value ...` for a module's own main."""
-    argv = ["--config", parsed.config] if parsed.config else []
-    # JSON is YAML: a quoted string stays a string ("007", "true"), lists stay lists
-    argv.extend(f"{key}={json.dumps(value)}" for key, value in parsed.values)
-    return argv + parsed.overrides
 
 
 def _dest(flag: str) -> str:

@@ -6,6 +6,7 @@ The command line (arguments, config loading, exit statuses) is in jobs/command.p
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -14,6 +15,35 @@ import yaml
 from cleaner.classes import DEMO_CLASS_SPEC, ClassSpec
 from cleaner.config import ConfigError, RayConfig
 from cleaner.reading import uri as uri_lib
+from jobs.command import parse_job_args, run_main
+
+# the command line lives in jobs/command.py; these two names are kept here for job modules
+__all__ = [
+    "connect_ray",
+    "load_class_spec",
+    "parse_job_args",
+    "run_main",
+    "write_json",
+    "write_yaml",
+]
+
+
+RAY_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
+DEFAULT_TOKEN_AUTH_NOTICE = "Token authentication is enabled for this Ray cluster"
+
+
+class DefaultTokenAuthNotice(logging.Filter):
+    """Drops Ray's warning that a new local instance has token authentication on.
+
+    Ray 2.60 turns token authentication on for every instance that `ray.init` starts and
+    warns that it did, naming RAY_AUTH_MODE=disabled as the way out. For a job's own local
+    instance that is the setting we want, so the line asks nothing of the user. (Setting
+    RAY_AUTH_MODE=token ourselves would also silence it, but Ray caches the mode when it is
+    imported, and a mode set later makes its GCS require a token the driver never made.)
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(DEFAULT_TOKEN_AUTH_NOTICE)
 
 
 def connect_ray(cfg: RayConfig) -> None:
@@ -25,9 +55,15 @@ def connect_ray(cfg: RayConfig) -> None:
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=True)
-    else:
+        return
+    notice = DefaultTokenAuthNotice()
+    auth_log = logging.getLogger(RAY_AUTH_LOGGER)
+    auth_log.addFilter(notice)
+    try:
         # "local": a new instance of our own, never a cluster that happens to run here.
         ray.init(address="local", num_cpus=cfg.num_cpus, log_to_driver=True)
+    finally:
+        auth_log.removeFilter(notice)
 
 
 def load_class_spec(location: str) -> ClassSpec:

@@ -95,11 +95,7 @@ def test_help_lists_every_config_key_with_its_default(name, capsys):
     assert text.startswith(f"usage: clipcleaner {name}")
     for flag in (*command.flags, *command.switches, *command.section_files, "--config"):
         assert flag in text
-    model = config_model(command)
-    if model is None:  # predict / export-shards: the module's own main lists its keys
-        assert f"python -m {command.module} --help" in text
-        return
-    for key in config_keys(model):
+    for key in config_keys(config_model(command)):
         assert f"  {key.key}  (" in text, key.key
     if name == "clean":
         assert "  scoring.batch_size  (int; default 256; > 0)" in text
@@ -184,21 +180,6 @@ def test_pipeline_sections_come_from_files_and_train_reads_what_clean_wrote():
         load("pipeline", [f"--clean-config={REPO_ROOT / 'configs/demo.yaml'}"])
     with pytest.raises(ConfigError, match="selection"):
         load("pipeline", ["selection.theta_gmm=0.4"])  # a key outside both sections
-
-
-def test_delegated_commands_pass_flags_as_overrides(monkeypatch):
-    """predict / export-shards: their module's main(argv) gets `--config` and key=value."""
-    import types
-
-    from jobs.command import run_command
-
-    seen = []
-    module = types.ModuleType("jobs.predict")
-    module.main = lambda argv: seen.append(argv) or 0
-    monkeypatch.setitem(sys.modules, "jobs.predict", module)
-    argv = ["--model", "runs/t/model", "--input", "007", "--output", "p.parquet", "top_k=3"]
-    assert run_command(COMMANDS["predict"], argv) == 0
-    assert seen == [['model="runs/t/model"', 'input="007"', 'output="p.parquet"', "top_k=3"]]
 
 
 # --------------------------------------------------------------------------------------------
