@@ -182,6 +182,33 @@ def test_pipeline_sections_come_from_files_and_train_reads_what_clean_wrote():
         load("pipeline", ["selection.theta_gmm=0.4"])  # a key outside both sections
 
 
+def test_interrupt_lines_count_what_was_kept(tmp_path):
+    from jobs.cli import clean_interrupted, make_shards_interrupted, train_interrupted
+
+    cfg = load("clean", [f"--output={tmp_path / 'run'}", "--input=s", "data.classes=demo"])
+    scores = tmp_path / "run" / "scores"
+    assert clean_interrupted(cfg).startswith(f"0 shard score file(s) kept in {scores};")
+    (scores / "_parts").mkdir(parents=True)
+    for name in ("a.parquet", "b.parquet", "_parts/a-0.parquet", "notes.txt"):
+        (scores / name).write_bytes(b"x")
+    assert clean_interrupted(cfg) == (
+        f"2 shard score file(s) kept in {scores}; rerun the same command to reuse them and "
+        "score the rest (resume=true)"
+    )
+    train = load("train", ["--input=i", "--manifest=m", f"--storage={tmp_path}", "--name=r"])
+    for checkpoint in ("checkpoint_000000", "checkpoint_000001"):
+        (tmp_path / "r" / checkpoint).mkdir(parents=True)
+        (tmp_path / "r" / checkpoint / "history.json").write_text("[]")
+    assert train_interrupted(train) == (
+        f"2 checkpoint(s) kept in {tmp_path / 'r'}; rerun with the same run.name (r) to "
+        "resume from the last one"
+    )
+    shards = load("make-shards", ["--layout=imagefolder", "--input=i", f"--output={tmp_path}"])
+    (tmp_path / "_make_shards").mkdir()
+    (tmp_path / "_make_shards" / "train-000000.tar.json").write_text("{}")
+    assert make_shards_interrupted(shards).startswith(f"1 finished shard(s) kept in {tmp_path};")
+
+
 # --------------------------------------------------------------------------------------------
 # Config errors: exit status 2, one line, before torch or Ray is imported
 # --------------------------------------------------------------------------------------------
@@ -197,6 +224,8 @@ BAD = {
     ],
     "make-shards": ["--layout", "cifar", "--input", "i", "--output", "o"],
     "inspect": ["shards/", "threads=0"],
+    "predict": ["--model", "m", "--input", "i", "--output", "predictions.csv"],
+    "export-shards": ["--manifest", "m", "--output", "o", "prefix=a/b"],
 }
 HEAVY = ("torch", "ray", "open_clip", "torchvision", "matplotlib")
 PROBE = """
@@ -205,6 +234,7 @@ from cleaner.config import ConfigError
 from jobs.cli import COMMANDS
 from jobs.command import run_command
 import jobs.clean, jobs.train, jobs.pipeline, jobs.make_shards, jobs.inspect_shards
+import jobs.predict, jobs.export_shards
 errors = {}
 for name, argv in json.loads(sys.argv[1]).items():
     try:
@@ -231,6 +261,9 @@ def test_config_errors_come_before_torch_and_ray_are_imported():
     assert set(result["errors"]) == set(BAD), result
     assert "selection.theta_gmm" in result["errors"]["clean"]
     assert "train.mixfix.mode" in result["errors"]["pipeline"]
+    assert (
+        ".parquet" in result["errors"]["predict"] and "prefix" in result["errors"]["export-shards"]
+    )
     assert result["heavy"] == []
 
 
