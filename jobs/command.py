@@ -105,14 +105,14 @@ def config_model(command: JobCommand):
 
 def build_parser(command: JobCommand, prog: str | None = None) -> argparse.ArgumentParser:
     """The argparse parser of a command; its --help lists every config key."""
-    epilog = [command.notes] if command.notes else []
+    epilog = [textwrap.fill(command.notes, 88)] if command.notes else []
     epilog.append(
         "config keys (in the --config YAML, or key=value, which wins over the file and\n"
         "the flags):\n" + wrap_help(format_config_keys(config_model(command)))
     )
     parser = argparse.ArgumentParser(
         prog=prog or f"clipcleaner {command.name}",
-        description=command.summary,
+        description=textwrap.fill(command.summary, 88),
         epilog="\n\n".join(epilog),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
