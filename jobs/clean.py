@@ -41,10 +41,6 @@ log = logging.getLogger(__name__)
 
 def run_clean(cfg: CleanJobConfig) -> dict:
     """Run the whole cleaning job for a validated config; returns the summary it writes."""
-    # torch and open_clip load here, after the config was validated (jobs/command.py)
-    from cleaner.report import write_report
-    from cleaner.scoring.models import check_model_config
-
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     check_clean_job_io(cfg)  # S3 unreachable, no bucket, denied, output not writable: stop now
@@ -62,6 +58,9 @@ def run_clean(cfg: CleanJobConfig) -> dict:
             print(f"[clean] {cfg.output} is up to date with this config: nothing to do", flush=True)
             return previous
     check_labels_match_spec(shards, spec.names, f"class spec {cfg.data.classes!r}")
+    # torch and open_clip load here, after the config and the inputs were checked
+    from cleaner.scoring.models import check_model_config
+
     check_model_config(cfg.model)  # a bad model name stops here, before Ray starts
     import ray
 
@@ -155,6 +154,8 @@ def run_clean(cfg: CleanJobConfig) -> dict:
     }
     t3 = time.perf_counter()
     try:
+        from cleaner.report import write_report
+
         write_report(
             manifest,
             summary,

@@ -35,6 +35,7 @@ from cleaner.config_keys import format_config_keys
 OVERRIDE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*=")
 """A `key=value` argument: a dotted key, then `=` (a path such as s3://b/k=v is not one)."""
 
+PROJECT_LOGGERS = ("cleaner", "training", "jobs")
 EXIT_PROBLEMS = 1
 EXIT_CONFIG = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a Ctrl-C
@@ -204,8 +205,10 @@ def run_main(main: Callable[[], int | None]) -> None:
     """Run a job's main and exit: 2 with one line for a config error, 130 with one line
     for Ctrl-C, no stack trace for either."""
     logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    for ours in PROJECT_LOGGERS:  # the project's INFO lines; others' (matplotlib, boto) stay out
+        logging.getLogger(ours).setLevel(logging.INFO)
     try:
         code = main() or 0
     except JobInterrupted as stop:
