@@ -65,8 +65,7 @@ def make_shards_interrupted(cfg) -> str:
 
 
 def pipeline_interrupted(cfg) -> str:
-    if uri_lib.exists(uri_lib.join(cfg.clean.output, "manifest.parquet")):
-        return f"the clean job had finished ({cfg.clean.output}); " + train_interrupted(cfg.train)
+    """Ctrl-C while the clean job ran (jobs.pipeline says itself when training was)."""
     return clean_interrupted(cfg.clean) + "; training had not started"
 
 

@@ -186,6 +186,8 @@ def run_command(command: JobCommand, argv: list[str] | None = None, prog: str | 
     run = resolve(command.run)
     try:
         result = run(cfg)
+    except JobInterrupted:  # the job said itself what it kept
+        raise
     except KeyboardInterrupt:
         raise JobInterrupted(interrupted_line(command, cfg)) from None
     return result if type(result) is int else 0

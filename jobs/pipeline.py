@@ -14,8 +14,8 @@ from __future__ import annotations
 from typing import Any
 
 from cleaner.config import CleanJobConfig, StrictModel, set_key
-from jobs.cli import COMMANDS
-from jobs.command import run_command, run_main
+from jobs.cli import COMMANDS, train_interrupted
+from jobs.command import JobInterrupted, run_command, run_main
 from training.config import TrainJobConfig
 
 
@@ -47,7 +47,11 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     from jobs.train import run_train
 
     run_clean(cfg.clean)
-    return run_train(cfg.train)
+    try:
+        return run_train(cfg.train)
+    except KeyboardInterrupt:
+        line = train_interrupted(cfg.train)
+        raise JobInterrupted(f"the clean job had finished ({cfg.clean.output}); {line}") from None
 
 
 def main(argv: list[str] | None = None) -> int:

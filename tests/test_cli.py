@@ -3,7 +3,9 @@ config errors before any heavy import; flags that agree across jobs. No Ray here
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 import subprocess
 import sys
 import time
@@ -14,7 +16,16 @@ import pytest
 from cleaner.config import CleanJobConfig, ConfigError, MakeShardsConfig, load_config
 from cleaner.config_keys import config_keys
 from jobs.cli import COMMANDS, main
-from jobs.command import EXIT_CONFIG, config_model, load_command_config, parse_command_args
+from jobs.command import (
+    EXIT_CONFIG,
+    EXIT_INTERRUPTED,
+    JobInterrupted,
+    config_model,
+    load_command_config,
+    parse_command_args,
+    run_command,
+    run_main,
+)
 from training.config import TrainJobConfig
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -207,6 +218,35 @@ def test_interrupt_lines_count_what_was_kept(tmp_path):
     (tmp_path / "_make_shards").mkdir()
     (tmp_path / "_make_shards" / "train-000000.tar.json").write_text("{}")
     assert make_shards_interrupted(shards).startswith(f"1 finished shard(s) kept in {tmp_path};")
+
+
+def _ctrl_c(cfg):
+    raise KeyboardInterrupt
+
+
+def _ctrl_c_said(cfg):
+    raise JobInterrupted("training had 3 checkpoints")
+
+
+@pytest.mark.parametrize(
+    ("run", "line"),
+    [
+        ("tests.test_cli:_ctrl_c", "0 finished shard(s) kept in o; rerun the same command"),
+        ("tests.test_cli:_ctrl_c_said", "training had 3 checkpoints"),
+    ],
+)
+def test_ctrl_c_in_a_job_ends_with_its_line_and_status_130(run, line, capsys):
+    """run_command turns Ctrl-C into JobInterrupted with the job's line (a line the job
+    raised itself passes unchanged); run_main prints it alone and exits 130."""
+    command = dataclasses.replace(COMMANDS["make-shards"], run=run)
+    argv = ["--layout", "imagefolder", "--input", "i", "--output", "o"]
+    with pytest.raises(JobInterrupted, match=re.escape(line)):
+        run_command(command, argv)
+    with pytest.raises(SystemExit) as stop:
+        run_main(lambda: run_command(command, argv))
+    assert stop.value.code == EXIT_INTERRUPTED
+    err = capsys.readouterr().err
+    assert err.startswith(f"interrupted: {line}") and err.count("\n") == 1
 
 
 # --------------------------------------------------------------------------------------------
