@@ -48,8 +48,10 @@ browser:
 demo-data: $(INSTALLED)
 	$(PY) -m jobs.make_demo_data $(DEMO_ARGS)
 
-demo: demo-data
-	$(PY) -m jobs.clean --config configs/demo.yaml
+# `clipcleaner demo`: the demo data (make_demo_data's defaults, as DEMO_ARGS) unless already
+# there, then the clean job with configs/demo.yaml.
+demo: $(INSTALLED)
+	$(VENV)/bin/clipcleaner demo
 
 # The training half's value on noise that hurts (hard, 40%): the clean job once, then noisy
 # labels vs the CLIP clean set vs the recommended MixFix, same seed; table and accuracy

@@ -36,8 +36,8 @@ from benchmarks.train_modes import clean_once, train_once
 from cleaner.config import MakeShardsConfig, load_config
 from cleaner.reading.ingest import make_shards
 from cleaner.reading.shards import split_member_name
+from cleaner.selection.manifest import manifest_file
 from jobs.common import load_class_spec
-from jobs.train import manifest_uri
 from training.config import TrainJobConfig
 from training.data import (
     EpochStateStore,
@@ -104,7 +104,7 @@ def classes_per_batch(cfg: TrainJobConfig, names: list[str], epochs: int = 2) ->
     (clean_only's class-balanced repetition, the job's local shuffle buffer)."""
     import ray
 
-    index = load_sample_index(manifest_uri(cfg.data.manifest))
+    index = load_sample_index(manifest_file(cfg.data.manifest))
     store = ray.remote(EpochStateStore).options(num_cpus=0).remote()
     stream = training_stream(index, cfg, names, store)
     state = initial_state(index, "clean_only")

@@ -219,26 +219,63 @@ class CleanJobConfig(StrictModel):
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
+def set_key(data: dict[str, Any], key: str, value: Any) -> None:
+    """Set the dotted `key` (`scoring.batch_size`) of a nested mapping, in place."""
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise ConfigError("empty key")
+    node = data
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"{part!r} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply `a.b.c=value` overrides (values parsed as YAML) to a nested mapping, in place."""
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value")
         key, raw = item.split("=", 1)
-        parts = [p for p in key.strip().split(".") if p]
-        if not parts:
-            raise ConfigError(f"override {item!r} has an empty key")
-        node = data
-        for part in parts[:-1]:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise ConfigError(f"override {item!r}: {part!r} is not a section")
-            node = child
         try:
-            node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+            value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError as err:
             raise ConfigError(f"override {item!r}: value is not valid YAML: {err}") from None
+        try:
+            set_key(data, key, value)
+        except ConfigError as err:
+            raise ConfigError(f"override {item!r}: {err}") from None
     return data
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """A YAML config file as a mapping ({} when empty). Raises ConfigError naming the problem."""
+    try:
+        loaded = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {path} is a folder") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    return loaded or {}
+
+
+def validate_config(data: dict[str, Any], model: type[BaseModel] = CleanJobConfig):
+    """Validate a config mapping. Raises ConfigError naming every problem with its key."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}" for e in err.errors()
+        )
+        raise ConfigError(f"invalid config: {problems}") from None
 
 
 def load_config(
@@ -247,25 +284,9 @@ def load_config(
     model: type[BaseModel] = CleanJobConfig,
 ):
     """Load a YAML config, apply overrides, validate. Raises ConfigError naming each problem."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        try:
-            loaded = yaml.safe_load(Path(path).read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"config file not found: {path}") from None
-        except yaml.YAMLError as err:
-            raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"config file {path} must hold a mapping at the top level")
-        data = loaded or {}
+    data = read_config_file(path) if path is not None else {}
     apply_overrides(data, overrides or [])
-    try:
-        return model.model_validate(data)
-    except ValidationError as err:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}" for e in err.errors()
-        )
-        raise ConfigError(f"invalid config: {problems}") from None
+    return validate_config(data, model)
 
 
 class MakeShardsConfig(StrictModel):
@@ -341,3 +362,16 @@ class ExportShardsConfig(StrictModel):
         if not v or "/" in v:
             raise ValueError(f"prefix must be a non-empty name without '/', got {v!r}")
         return v
+
+
+class InspectConfig(StrictModel):
+    """The shard check: samples, keys, labels per shard, without decoding an image."""
+
+    input: str | list[str] = Field(
+        description="shard folders, s3:// prefixes, brace patterns or files (a list of these)"
+    )
+    classes: str | None = Field(
+        default=None, description="class spec YAML (default: classes.yaml beside the shards)"
+    )
+    json_output: str | None = Field(default=None, description="also write the result as JSON here")
+    threads: int = Field(default=8, gt=0, description="shards read at once")

@@ -52,6 +52,12 @@ def configure_ray_data_progress(show_bars: bool | None = None) -> bool:
     ctx.enable_operator_progress_bars = bars
     # tqdm_ray relays redrawn bars from workers to the driver's log: only on a terminal.
     ctx.use_ray_tqdm = bars
+    if not bars:
+        # Ray Data warns once per process that its bars are off and how to turn them on; the
+        # jobs print their own progress lines instead, so that warning asks nothing of anyone.
+        from ray.util.debug import log_once
+
+        log_once("ray_data_progress_manager_disabled")
     return bars
 
 

@@ -16,15 +16,13 @@ import time
 
 from cleaner.checks.manifest_columns import ManifestChecks, checks_summary
 from cleaner.checks.search import run_checks
-from cleaner.config import CleanJobConfig, ConfigError, load_config
+from cleaner.config import CleanJobConfig
 from cleaner.progress import configure_ray_data_progress
 from cleaner.reading import uri as uri_lib
 from cleaner.reading.preflight import check_clean_job_io, check_labels_match_spec
 from cleaner.reading.shard_roots import absolute_shard, shard_root
 from cleaner.reading.shards import fetch_thumbnails
-from cleaner.report import checks_thumbnail_keys, top_noisy_keys, write_report
 from cleaner.scoring.columns import SCORE_FORMAT
-from cleaner.scoring.models import check_model_config
 from cleaner.scoring.pipeline import (
     SCORES_DIR,
     score_shards,
@@ -39,14 +37,9 @@ from cleaner.selection.fit_ray import fit_and_write_manifest_distributed
 from cleaner.selection.manifest import read_manifest_for_report, with_relative_shards
 from cleaner.selection.score_table import read_scores
 from cleaner.versions import package_versions
-from jobs.common import (
-    connect_ray,
-    load_class_spec,
-    parse_job_args,
-    run_main,
-    write_json,
-    write_yaml,
-)
+from jobs.cli import COMMANDS
+from jobs.command import run_command, run_main
+from jobs.common import connect_ray, load_class_spec, write_json, write_yaml
 
 log = logging.getLogger(__name__)
 TEST_SCORES_DIR = "test_scores"
@@ -72,6 +65,9 @@ def run_clean(cfg: CleanJobConfig) -> dict:
             print(f"[clean] {cfg.output} is up to date with this config: nothing to do", flush=True)
             return previous
     check_labels_match_spec(shards, spec.names, f"class spec {cfg.data.classes!r}")
+    # torch and open_clip load here, after the config and the inputs were checked
+    from cleaner.scoring.models import check_model_config
+
     check_model_config(cfg.model)  # a bad model name stops here, before Ray starts
     import ray
 
@@ -196,6 +192,8 @@ def run_clean(cfg: CleanJobConfig) -> dict:
     }
     t3 = time.perf_counter()
     try:
+        from cleaner.report import write_report
+
         write_report(
             manifest,
             summary,
@@ -228,6 +226,8 @@ def finished_run_fingerprint(cfg: CleanJobConfig, shards: list[str], spec) -> st
 def report_thumbnails(manifest, extensions: list[str], root: str | None) -> dict[str, bytes]:
     """Thumbnails of the samples the report lists, read back from their shards (the
     manifest's shard paths are relative to root)."""
+    from cleaner.report import checks_thumbnail_keys, top_noisy_keys
+
     keys = set(top_noisy_keys(manifest)) | set(checks_thumbnail_keys(manifest))
     by_shard: dict[str, list[str]] = {}
     for key, shard in zip(
@@ -266,12 +266,7 @@ def print_summary(summary: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_job_args("Clean the labels of WebDataset shards with CLIP.", argv)
-    if args.config is None and not args.overrides:
-        raise ConfigError("give --config <yaml> and/or key=value overrides")
-    cfg = load_config(args.config, args.overrides, CleanJobConfig)
-    run_clean(cfg)
-    return 0
+    return run_command(COMMANDS["clean"], argv, prog="python -m jobs.clean")
 
 
 if __name__ == "__main__":

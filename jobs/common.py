@@ -1,12 +1,13 @@
-"""Shared plumbing of the job entry points: argument parsing, Ray connection, outputs."""
+"""Shared plumbing of the job entry points: Ray connection, class specs, outputs.
+
+The command line (arguments, config loading, exit statuses) is in jobs/command.py.
+"""
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
-import sys
 from pathlib import Path
 
 import yaml
@@ -14,14 +15,35 @@ import yaml
 from cleaner.classes import ClassSpec, ClassSpecError, shipped_spec_names, shipped_spec_path
 from cleaner.config import ConfigError, RayConfig
 from cleaner.reading import uri as uri_lib
+from jobs.command import parse_job_args, run_main
+
+# the command line lives in jobs/command.py; these two names are kept here for job modules
+__all__ = [
+    "connect_ray",
+    "load_class_spec",
+    "parse_job_args",
+    "run_main",
+    "write_json",
+    "write_yaml",
+]
 
 
-def parse_job_args(description: str, argv: list[str] | None = None) -> argparse.Namespace:
-    """`--config <yaml> [key=value ...]`."""
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--config", help="job config YAML")
-    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides")
-    return parser.parse_args(argv)
+RAY_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
+DEFAULT_TOKEN_AUTH_NOTICE = "Token authentication is enabled for this Ray cluster"
+
+
+class DefaultTokenAuthNotice(logging.Filter):
+    """Drops Ray's warning that a new local instance has token authentication on.
+
+    Ray 2.60 turns token authentication on for every instance that `ray.init` starts and
+    warns that it did, naming RAY_AUTH_MODE=disabled as the way out. For a job's own local
+    instance that is the setting we want, so the line asks nothing of the user. (Setting
+    RAY_AUTH_MODE=token ourselves would also silence it, but Ray caches the mode when it is
+    imported, and a mode set later makes its GCS require a token the driver never made.)
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(DEFAULT_TOKEN_AUTH_NOTICE)
 
 
 def connect_ray(cfg: RayConfig) -> None:
@@ -33,9 +55,15 @@ def connect_ray(cfg: RayConfig) -> None:
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=True)
-    else:
+        return
+    notice = DefaultTokenAuthNotice()
+    auth_log = logging.getLogger(RAY_AUTH_LOGGER)
+    auth_log.addFilter(notice)
+    try:
         # "local": a new instance of our own, never a cluster that happens to run here.
         ray.init(address="local", num_cpus=cfg.num_cpus, log_to_driver=True)
+    finally:
+        auth_log.removeFilter(notice)
 
 
 def load_class_spec(location: str) -> ClassSpec:
@@ -65,18 +93,6 @@ def write_json(target: str, payload: dict) -> None:
 
 def write_yaml(target: str, payload: dict) -> None:
     uri_lib.write_text(target, yaml.safe_dump(payload, sort_keys=False))
-
-
-def run_main(main) -> None:
-    """Run a job's main; configuration errors exit 2 with a one-line message, not a trace."""
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    try:
-        sys.exit(main())
-    except (ConfigError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
 
 
 def repo_root() -> Path:

@@ -3,53 +3,59 @@
     python -m jobs.pipeline --clean-config configs/demo.yaml --train-config configs/train-demo.yaml \
         [clean.key=value ...] [train.key=value ...]
 
-The training run reads the shards the clean job read and the manifest it wrote, so
-train.data.input and train.data.manifest are set from the clean config.
+The config has two sections, `clean` and `train` (one --config YAML holding both, or a
+file for each). The training run reads the shards the clean job read and the manifest it
+wrote, so train.data.input, train.data.manifest and train.data.classes come from the
+clean section.
 """
 
 from __future__ import annotations
 
-import argparse
+from typing import Any
 
-from cleaner.config import CleanJobConfig, ConfigError, load_config
-from jobs.clean import run_clean
-from jobs.common import run_main
-from jobs.train import run_train
+from cleaner.config import CleanJobConfig, StrictModel, set_key
+from jobs.cli import COMMANDS, train_interrupted
+from jobs.command import JobInterrupted, run_command, run_main
 from training.config import TrainJobConfig
 
 
-def split_overrides(overrides: list[str]) -> tuple[list[str], list[str]]:
-    """`clean.a=1 train.b=2` -> (['a=1'], ['b=2']); anything else is an error naming it."""
-    clean, train = [], []
-    for item in overrides:
-        head, _, rest = item.partition(".")
-        if head == "clean" and rest:
-            clean.append(rest)
-        elif head == "train" and rest:
-            train.append(rest)
-        else:
-            raise ConfigError(f"override {item!r} must start with 'clean.' or 'train.'")
-    return clean, train
+class PipelineConfig(StrictModel):
+    """The clean job's config, then the train job's."""
+
+    clean: CleanJobConfig
+    train: TrainJobConfig
+
+
+def link_train_to_clean(data: dict[str, Any]) -> None:
+    """Set train.data.{input,classes,manifest} from the clean section (before validation)."""
+    clean, train = data.get("clean"), data.setdefault("train", {})
+    if not isinstance(clean, dict) or not isinstance(train, dict):
+        return  # validation names the bad section
+    clean_data = clean.get("data") if isinstance(clean.get("data"), dict) else {}
+    linked = {
+        "data.input": clean_data.get("input"),
+        "data.classes": clean_data.get("classes"),
+        "data.manifest": clean.get("output"),
+    }
+    for key, value in linked.items():
+        if value is not None:
+            set_key(train, key, value)
+
+
+def run_pipeline(cfg: PipelineConfig) -> dict:
+    from jobs.clean import run_clean
+    from jobs.train import run_train
+
+    run_clean(cfg.clean)
+    try:
+        return run_train(cfg.train)
+    except KeyboardInterrupt:
+        line = train_interrupted(cfg.train)
+        raise JobInterrupted(f"the clean job had finished ({cfg.clean.output}); {line}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Clean the labels, then train on them.")
-    parser.add_argument("--clean-config", required=True)
-    parser.add_argument("--train-config", required=True)
-    parser.add_argument("overrides", nargs="*", help="clean.key=value / train.key=value")
-    args = parser.parse_args(argv)
-    clean_overrides, train_overrides = split_overrides(args.overrides)
-    clean_cfg = load_config(args.clean_config, clean_overrides, CleanJobConfig)
-    inputs = clean_cfg.data.input
-    linked = [
-        f"data.manifest={clean_cfg.output}",
-        f"data.classes={clean_cfg.data.classes}",
-        "data.input=" + (inputs if isinstance(inputs, str) else "[" + ", ".join(inputs) + "]"),
-    ]
-    train_cfg = load_config(args.train_config, [*train_overrides, *linked], TrainJobConfig)
-    run_clean(clean_cfg)
-    run_train(train_cfg)
-    return 0
+    return run_command(COMMANDS["pipeline"], argv, prog="python -m jobs.pipeline")
 
 
 if __name__ == "__main__":

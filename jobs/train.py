@@ -17,33 +17,24 @@ import json
 import os
 import time
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 from cleaner.classes import ClassSpec
-from cleaner.config import ConfigError, load_config
+from cleaner.config import ConfigError
 from cleaner.progress import configure_ray_data_progress
 from cleaner.reading import uri as uri_lib
 from cleaner.reading.preflight import check_train_job_io
 from cleaner.reading.shard_roots import match_shards
 from cleaner.selection.manifest import manifest_file, read_shard_root
 from cleaner.versions import package_versions
-from jobs.common import (
-    connect_ray,
-    load_class_spec,
-    parse_job_args,
-    run_main,
-    write_json,
-    write_yaml,
-)
+from jobs.cli import COMMANDS
+from jobs.command import run_command, run_main
+from jobs.common import connect_ray, load_class_spec, write_json, write_yaml
 from training.config import TrainJobConfig
-from training.data import (
-    SampleIndex,
-    load_sample_index,
-    start_epoch_state_store,
-    training_stream,
-)
-from training.loop import train_loop_per_worker
-from training.report import write_training_report
 from training.restarts import fit_resuming
+
+if TYPE_CHECKING:  # torch loads in the functions, after the config was validated
+    from training.data import SampleIndex
 
 
 def storage_for_ray(storage: str):
@@ -68,6 +59,8 @@ def training_inputs(cfg: TrainJobConfig) -> TrainingInputs:
     storage reachable and writable, the manifest's shards found among data.input (where
     they are now: see cleaner.reading.shard_roots), its labels within the class spec.
     Errors are ConfigErrors that name the problem."""
+    from training.data import load_sample_index
+
     check_train_job_io(cfg)  # S3 unreachable, no bucket, denied, storage not writable
     spec = load_class_spec(cfg.data.classes)
     guard_k = cfg.mixfix.clip_k if cfg.mixfix.mode == "mixfix_clip" else 0
@@ -135,6 +128,10 @@ def run_train(cfg: TrainJobConfig) -> dict:
     import ray
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
+
+    from training.data import start_epoch_state_store, training_stream
+    from training.loop import train_loop_per_worker
+    from training.report import write_training_report
 
     started = time.perf_counter()
     inputs = training_inputs(cfg)
@@ -215,11 +212,7 @@ def run_train(cfg: TrainJobConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_job_args("Train a classifier on the cleaned labels with MixFix (Ray Train).", argv)
-    if args.config is None and not args.overrides:
-        raise ConfigError("give --config <yaml> and/or key=value overrides")
-    run_train(load_config(args.config, args.overrides, TrainJobConfig))
-    return 0
+    return run_command(COMMANDS["train"], argv, prog="python -m jobs.train")
 
 
 if __name__ == "__main__":

@@ -7,8 +7,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from cleaner.config import ConfigError
-from jobs.pipeline import split_overrides
 from training.config import MixFixConfig
 from training.data import (
     _uniform_hash,
@@ -83,12 +81,6 @@ def test_epoch_hash_is_uniform_and_deterministic():
     assert ((u >= 0) & (u < 1)).all() and abs(u.mean() - 0.5) < 0.01
     assert np.array_equal(u, _uniform_hash(0, 3, ids))
     assert not np.array_equal(u, _uniform_hash(0, 4, ids))
-
-
-def test_pipeline_overrides_are_routed_by_prefix():
-    assert split_overrides(["clean.a=1", "train.b.c=2"]) == (["a=1"], ["b.c=2"])
-    with pytest.raises(ConfigError, match="must start with"):
-        split_overrides(["selection.theta_gmm=0.4"])
 
 
 def test_combined_predictions_do_not_depend_on_the_worker_split():

@@ -134,7 +134,8 @@ def test_mixfix_survives_a_killed_worker_resumes_on_rerun_and_beats_noisy_traini
     mixfix = run_train(train_config(cleaned, "mixfix"))
     # The baseline trains in this process (training.local: the same config, data and MixFix
     # core, without a third Ray Train start-up). The engines agree to half a point on noisy
-    # labels (README: 0.587 local, 0.590 Ray Train, hard 40%); MixFix's gap here is ~9 points.
+    # labels (docs/benchmarks.md, hard 40%: 0.587 local, 0.590 Ray Train); MixFix's gap here
+    # is ~9 points.
     noisy = train_in_process(train_config(cleaned, "noisy", "mixfix.mode=noisy"))[-1]
 
     history = json.loads((run_dir / "metrics.json").read_text())["epochs"]
