@@ -16,7 +16,7 @@ export UV_COMPILE_BYTECODE := 1
 DEMO_DATA := data/demo
 DEMO_ARGS := --out $(DEMO_DATA) --num-samples 6000 --test-samples 1000 --samples-per-shard 500 --noise symmetric --rate 0.4 --seed 0
 
-.PHONY: cluster-up cluster-down cluster-status install lock browser demo demo-data train-demo test test-fast lint format bench tiny-clip clean-runs
+.PHONY: cluster-up cluster-down cluster-status install lock browser demo demo-data train-demo test test-fast lint format bench mutate tiny-clip clean-runs
 
 install: $(INSTALLED)
 
@@ -72,6 +72,16 @@ test: $(INSTALLED) browser
 # The edit loop: the unit tests only (no Ray, no S3 endpoint, no browser).
 test-fast: $(INSTALLED)
 	$(PY) -m pytest -q -m "not integration and not e2e and not browser"
+
+# Mutation testing of the pure central modules (docs/testing.md), not part of `make test`:
+# mutmut mutates them ([tool.mutmut] in pyproject.toml), runs on each mutant the unit tests
+# that call its function, and tests.mutation_score prints the score on its last line.
+MUTATE_JOBS ?= 2
+mutate: $(INSTALLED)
+	$(UV) sync --locked --extra test --extra mutate
+	rm -rf mutants
+	-$(VENV)/bin/mutmut run --max-children $(MUTATE_JOBS)
+	$(PY) -m tests.mutation_score
 
 lint: $(INSTALLED)
 	$(VENV)/bin/ruff check .

@@ -8,7 +8,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 
 class ConfigError(ValueError):
@@ -107,13 +114,14 @@ class ActorPoolConfig(StrictModel):
             )
         return v
 
-    @field_validator("max_actors")
-    @classmethod
-    def _max_at_least_min(cls, v: int, info) -> int:
-        low = info.data.get("min_actors", 1)
-        if v < low:
-            raise ValueError(f"max_actors ({v}) must be >= min_actors ({low})")
-        return v
+    @model_validator(mode="after")
+    def _max_at_least_min(self) -> ScoringConfig:
+        # after the fields, so that a min_actors above the default max_actors is caught too
+        if self.max_actors < self.min_actors:
+            raise ValueError(
+                f"max_actors ({self.max_actors}) must be >= min_actors ({self.min_actors})"
+            )
+        return self
 
 
 class ScoringConfig(ActorPoolConfig):

@@ -23,7 +23,7 @@ from cleaner.selection.fit_ray import distributed_select, fit_selection
 from cleaner.selection.probe import fit_probe_probs
 from cleaner.selection.probe_streaming import fit_probe_streaming, fold_ids, stable_hash
 from cleaner.selection.rules import SourceScores
-from cleaner.selection.select import select_from_scores
+from cleaner.selection.select import select_clean, select_clean_result, select_from_scores
 
 SOURCE_COLUMNS = {"zeroshot": ("p_zs", "max_zs"), "probe": ("p_pr", "max_pr")}
 NUM_CLASSES = 12  # 0-7 realistic, 8 absent, 9 one sample, 10 all equal, 11 never consistent
@@ -37,20 +37,35 @@ def ray_local(local_ray):
     return local_ray
 
 
-def _realistic(
+def _probabilities(
     n: int, k: int, rng: np.random.Generator, noise: float = 0.4
-) -> tuple[np.ndarray, dict[str, tuple[np.ndarray, np.ndarray]]]:
-    """Noisy labels and (p_label, max_p) of two sources that mostly favour the true class."""
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Noisy labels and the [N, K] probabilities of two sources that mostly favour the
+    true class, each row divided by its sum (as the scorer's softmax rows)."""
     true = rng.integers(0, k, n)
     flip = rng.random(n) < noise
     labels = np.where(flip, (true + rng.integers(1, k, n)) % k, true)
-    columns = {}
+    matrices = {}
     for name, strength in (("zeroshot", 3.0), ("probe", 4.0)):
         logits = rng.normal(0.0, 1.0, (n, k))
         logits[np.arange(n), true] += strength + rng.normal(0.0, 1.0, n)
         probs = np.exp(logits - logits.max(axis=1, keepdims=True))
-        probs /= probs.sum(axis=1, keepdims=True)
-        columns[name] = (probs[np.arange(n), labels], probs.max(axis=1))
+        matrices[name] = probs / probs.sum(axis=1, keepdims=True)
+    return labels, matrices
+
+
+def _realistic(
+    n: int, k: int, rng: np.random.Generator, noise: float = 0.4
+) -> tuple[np.ndarray, dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """Noisy labels and (p_label, max_p) of two sources that mostly favour the true class."""
+    labels, matrices = _probabilities(n, k, rng, noise)
+    columns = {
+        name: (
+            probs[np.arange(n), labels] / probs.sum(axis=1),
+            probs.max(axis=1) / probs.sum(axis=1),
+        )
+        for name, probs in matrices.items()
+    }
     return labels, columns
 
 
@@ -111,16 +126,62 @@ def test_exact_group_sums_do_not_depend_on_the_partition() -> None:
 
 @pytest.mark.parametrize("gmm", ["per_class", "global"])
 def test_the_library_runs_the_job_engine(gmm: str) -> None:
-    """select_from_scores (behind select_clean) is the job's EM, bit for bit; parity with
-    the official scikit-learn selection is in tests/test_selection_parity.py."""
+    """select_clean on [N, K] probability matrices is the clean job's in-memory fit over
+    the scorer's columns (p(label), max p) with the probe the job fitted, bit for bit;
+    parity with the official scikit-learn selection is in tests/test_selection_parity.py."""
+    from cleaner.config import SelectionConfig
+    from cleaner.scoring.writing import fixed_size_list_array
+    from cleaner.selection.fit_in_memory import fit_in_memory
+    from cleaner.selection.manifest import build_manifest
+    from cleaner.selection.score_table import ScoreBatch
+    from tests.test_fit import make_bank
+
     rng = np.random.default_rng(3)
-    labels, columns = _realistic(3000, 8, rng)
-    sources = {name: SourceScores(p_label=p, max_p=m) for name, (p, m) in columns.items()}
-    ours = select_from_scores(labels, 8, sources, gmm=gmm)
-    library = select_from_scores(labels, 8, sources, gmm=gmm)
-    assert np.array_equal(ours.is_clean, library.is_clean)
-    for name in sources:
-        assert np.array_equal(ours.sources[name].gmm_p_clean, library.sources[name].gmm_p_clean)
+    n, k = 3000, 8
+    labels, matrices = _probabilities(n, k, rng)
+    zeroshot = matrices["zeroshot"]
+    sums = zeroshot.sum(axis=1)
+    bank = make_bank(rng, classes=k)
+    embeddings = (matrices["probe"] @ bank.features[:, 0]).astype(np.float16)
+    order = np.argsort(-zeroshot, axis=1)[:, :3]
+    scores = pa.table(  # the scorer's score-file columns
+        {
+            "key": [f"shard-{i // 500}/{i:06d}" for i in range(n)],  # sorted as the rows
+            "shard": [f"shard-{i // 500}.tar" for i in range(n)],
+            "shard_pos": np.arange(n) % 500,
+            "label": labels,
+            "true_label": labels,
+            "status": ["ok"] * n,
+            "reason": [""] * n,
+            "p_label": zeroshot[np.arange(n), labels] / sums,
+            "max_p": zeroshot.max(axis=1) / sums,
+            "argmax": order[:, 0],
+            "topk_labels": fixed_size_list_array(order),
+            "topk_probs": fixed_size_list_array(np.take_along_axis(zeroshot, order, axis=1)),
+            "embedding": fixed_size_list_array(embeddings),
+        }
+    )
+    batch = ScoreBatch(scores)
+    cfg = SelectionConfig(gmm=gmm, probe="insample")
+    fitted, probe_probs = fit_in_memory(batch, cfg, k)
+    names = [f"c{i}" for i in range(k)]
+    manifest = build_manifest(batch, fitted, probe_probs, cfg, names, bank, 0.07).to_pydict()
+
+    library = select_clean(labels, zeroshot, probe_probs, gmm=gmm)
+    assert 0.3 < library.mean() < 0.9  # a real selection, neither everything nor nothing
+    assert np.array_equal(manifest["is_clean"], library)
+    result = select_clean_result(labels, zeroshot, probe_probs, gmm=gmm)
+    assert np.array_equal(result.is_clean, library)
+    for name in ("zeroshot", "probe"):
+        for quantity in ("gmm_p_clean", "consistency", "loss_score"):
+            ours = getattr(result.sources[name], quantity).astype(np.float32)
+            theirs = np.asarray(manifest[f"{quantity}_{name}"])
+            if (name, quantity) == ("probe", "gmm_p_clean"):
+                # select_clean divides each probe row by its sum (1 to within 1e-16 from
+                # scikit-learn); the job takes the rows as they are: a float32 ulp apart
+                np.testing.assert_allclose(theirs, ours, rtol=0, atol=1e-7)
+            else:
+                assert np.array_equal(theirs, ours), (name, quantity)
 
 
 def test_in_memory_em_does_not_depend_on_chunking() -> None:
@@ -135,12 +196,19 @@ def test_in_memory_em_does_not_depend_on_chunking() -> None:
 def test_degenerate_and_absent_classes_follow_selection_rules() -> None:
     labels, sources = _scores()
     result = select_from_scores(labels, NUM_CLASSES, sources)
-    reference = select_from_scores(labels, NUM_CLASSES, sources)
-    for name in sources:
+    degenerate = np.isin(labels, [9, 10])
+    for name, scores in sources.items():
         ours = result.sources[name]
-        # the documented loss-score normalisation, bit for bit
-        assert np.array_equal(ours.loss_score, reference.sources[name].loss_score)
-        degenerate = np.isin(labels, [9, 10])
+        # the documented loss-score normalisation (docs/selection.md), computed here
+        log_p = np.log(np.clip(scores.p_label, 1e-12, None))
+        expected = np.ones(labels.shape[0])
+        for k in np.unique(labels[~degenerate]):
+            members = labels == k
+            low, high = log_p[members].min(), log_p[members].max()
+            expected[members] = (log_p[members] - low) / (high - low)
+        np.testing.assert_allclose(ours.loss_score, expected, rtol=0, atol=1e-15)
+        assert ours.loss_score[~degenerate].min() == 0.0  # each class's worst sample
+        assert ours.loss_score.max() == 1.0
         assert (ours.loss_score[degenerate] == 1.0).all()
         assert (ours.gmm_p_clean[degenerate] == 1.0).all()
     counts = result.counts()

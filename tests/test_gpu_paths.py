@@ -24,7 +24,13 @@ from training.devices import (
     maybe_sync_batchnorm,
 )
 from training.loop import epoch_batch_to_device
-from training.mixfix import MixFixState, make_optimizer, make_scheduler, train_one_epoch
+from training.mixfix import (
+    MixFixState,
+    make_optimizer,
+    make_scheduler,
+    train_one_epoch,
+    update_selection,
+)
 from training.networks import build_network
 
 CUDA = torch.device("cuda")
@@ -83,6 +89,50 @@ def test_device_follows_the_gpus_a_stage_was_granted(monkeypatch):
     assert _granted_gpu_ids() is None  # a driver (or no Ray) has no reservation to follow
 
 
+def mixfix_state_after_updates() -> MixFixState:
+    """A state three updates in: absorbed samples outside the initial clean set and
+    relabelled ones (initial-clean ones included), so that no field equals its initial
+    value or another field."""
+    initial_clean = np.array([1, 1, 0, 0, 1, 0, 0, 0], bool)
+    labels = np.array([0, 1, 2, 3, 0, 1, 2, 3])
+    state = MixFixState.initial(initial_clean, labels)
+    pred_prob = np.array([0.9, 0.95, 0.99, 0.2, 0.97, 0.1, 0.96, 0.3])
+    pred_label = np.array([0, 3, 2, 1, 2, 0, 0, 3])
+    for _ in range(3):
+        state = update_selection(state, pred_prob, pred_label, theta_r=0.8, theta_r2=0.9).state
+    return state
+
+
+def assert_same_mixfix_state(loaded: MixFixState, saved: MixFixState) -> None:
+    """Field by field: values and dtypes of every array, and the epoch."""
+    assert loaded.epoch == saved.epoch == 3
+    for name in ("initial_clean", "original_labels", "selected", "current_labels"):
+        ours, theirs = getattr(loaded, name), getattr(saved, name)
+        assert ours.dtype == theirs.dtype, name
+        np.testing.assert_array_equal(ours, theirs, err_msg=name)
+    # the absorbed (2) and relabelled (1, 4, 6) samples are what a resume must not lose
+    np.testing.assert_array_equal(saved.selected, [1, 1, 1, 0, 1, 0, 1, 0])
+    np.testing.assert_array_equal(saved.current_labels, [0, 3, 2, 3, 2, 1, 0, 3])
+
+
+def test_mixfix_state_round_trips_through_a_checkpoint_file(tmp_path):
+    """state.npz alone (what a resuming rank reads besides the torch states)."""
+    torch.manual_seed(0)
+    model = build_network("tiny_cnn", 4)
+    optimizer = make_optimizer(model, 0.1)
+    scheduler = make_scheduler(optimizer, [2])
+    state = mixfix_state_after_updates()
+    save_checkpoint(str(tmp_path), model, optimizer, scheduler, state, [])
+    assert not (tmp_path / "scaler.pt").exists()  # no GradScaler: no scaler file
+    loaded, history = load_checkpoint(
+        str(tmp_path), model, make_optimizer(model, 0.1), scheduler, CPU
+    )
+    assert history == []
+    assert_same_mixfix_state(loaded, state)
+    loaded.selected[0] = False  # the loaded state is the loader's own copy
+    assert state.selected[0]
+
+
 def test_checkpoint_loads_onto_the_rank_device_with_its_grad_scaler(tmp_path):
     """Saved on one device type, read onto another (meta stands in for another GPU):
     every tensor lands on the reader's device; a CPU resume restores all states."""
@@ -96,7 +146,7 @@ def test_checkpoint_loads_onto_the_rank_device_with_its_grad_scaler(tmp_path):
     scaler.step(optimizer)
     scaler.update(2.0**7)
     scheduler.step()
-    state = MixFixState.initial(np.ones(4, bool), np.arange(4))
+    state = mixfix_state_after_updates()
     save_checkpoint(str(tmp_path), model, optimizer, scheduler, state, [{"epoch": 1}], scaler)
 
     states = read_states(str(tmp_path), "meta")
@@ -110,8 +160,11 @@ def test_checkpoint_loads_onto_the_rank_device_with_its_grad_scaler(tmp_path):
     fresh_opt = make_optimizer(fresh, 0.1, 0.9, 5e-4)
     fresh_sched = make_scheduler(fresh_opt, [2], 0.1)
     fresh_scaler = torch.amp.GradScaler("cpu")
-    _, history = load_checkpoint(str(tmp_path), fresh, fresh_opt, fresh_sched, CPU, fresh_scaler)
+    loaded, history = load_checkpoint(
+        str(tmp_path), fresh, fresh_opt, fresh_sched, CPU, fresh_scaler
+    )
     assert history == [{"epoch": 1}]
+    assert_same_mixfix_state(loaded, state)
     assert fresh_scaler.get_scale() == 2.0**7
     for a, b in zip(model.state_dict().values(), fresh.state_dict().values(), strict=True):
         assert torch.equal(a, b)

@@ -29,11 +29,11 @@ def test_local_folder_every_sample_once_and_rerun_skips(local_ray, demo_shards, 
     assert score_files == sorted(p.stem + ".parquet" for p in demo_shards.glob("*.tar"))
     scoring = summary["scoring"]
     assert scoring["shards_scored"] == len(score_files)
-    # start-up (until the first shard was complete) and the streaming rate after it, apart
-    # (here the 4 shards' rows may all complete at the end: then start-up is all of it)
+    # start-up (until the first shard was complete) lies within the scoring time (here the
+    # 4 shards' rows may all complete at the end: then start-up is all of it); the steady
+    # rate against the overall one is benchmarks.throughput's (a timing, not a test)
     total_seconds = scoring["samples_scored"] / scoring["images_per_second"]
     assert 0 < scoring["startup_seconds"] <= total_seconds * 1.01
-    assert scoring["steady_images_per_second"] > scoring["images_per_second"]
     assert scoring["scorers"]["max_actors"] >= scoring["scorers"]["min_actors"] >= 1
     assert "detection" in summary and 0.0 <= summary["detection"]["precision"] <= 1.0
     for name in ("summary.json", "config.yaml"):

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import base64
 import io
+import math
 import re
+from collections import Counter
+from html.parser import HTMLParser
 
 import numpy as np
 import pyarrow as pa
@@ -133,6 +136,63 @@ def make_summary(manifest: pa.Table, class_names: list[str] | None = None) -> di
         summary["detection"] = {"precision": 0.93, "recall": 0.81, "f1": 0.866, "auroc": 0.95}
         summary["zero_shot_accuracy_vs_true_labels"] = 0.8
     return summary
+
+
+class SectionTables(HTMLParser):
+    """The tables of a report, by section id: {section: [table: [row: [cell]]]}, each cell
+    (tag, text, attributes); plus each section's notes (the <p class="note"> texts)."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.tables: dict[str, list[list[list[tuple[str, str, dict]]]]] = {}
+        self.notes: dict[str, list[str]] = {}
+        self._section = ""
+        self._cell: tuple[str, dict] | None = None
+        self._note: list[str] | None = None
+        self._text: list[str] = []
+        self.feed(text)
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        attributes = dict(attrs)
+        if tag == "section":
+            self._section = attributes.get("id") or ""
+        elif tag == "table":
+            self.tables.setdefault(self._section, []).append([])
+        elif tag == "tr":
+            self.tables[self._section][-1].append([])
+        elif tag in ("td", "th"):
+            self._cell, self._text = (tag, attributes), []
+        elif tag == "p" and attributes.get("class") == "note":
+            self._note = []
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in ("td", "th") and self._cell is not None:
+            cell_tag, attributes = self._cell
+            text = "".join(self._text).strip()
+            self.tables[self._section][-1][-1].append((cell_tag, text, attributes))
+            self._cell = None
+        elif tag == "p" and self._note is not None:
+            self.notes.setdefault(self._section, []).append("".join(self._note))
+            self._note = None
+
+    def handle_data(self, data: str) -> None:
+        if self._cell is not None:
+            self._text.append(data)
+        if self._note is not None:
+            self._note.append(data)
+
+    def rows(self, section: str) -> list[list[str]]:
+        """The cell texts of the section's only table, header row first."""
+        (table,) = self.tables[section]
+        return [[text for _, text, _ in row] for row in table]
+
+
+def count_text(value: int) -> str:
+    return f"{value:,}"
+
+
+def percent_text(num: int, den: int) -> str:
+    return f"{100.0 * num / den:.1f}%" if den else "—"
 
 
 def png_images(text: str) -> list[Image.Image]:
@@ -309,3 +369,118 @@ def test_mixture_curves_hold_the_class_count_and_skip_degenerate_classes() -> No
     assert _mixture_curves({}, "zeroshot", [0], totals) == {}
     global_fit = {"mixtures": {**summary["mixtures"], "gmm": "global"}}
     assert set(_mixture_curves(global_fit, "zeroshot", [0, 2], totals)) == {0, 2}
+
+
+# The tables against values computed here, row by row, from the manifest itself.
+
+
+@pytest.fixture(scope="module")
+def rendered() -> tuple[list[dict], dict, SectionTables]:
+    """A manifest (as rows), its summary, and its rendered report's tables."""
+    manifest = make_manifest(n=400, truth=True, probe=True, seed=4)
+    summary = make_summary(manifest)
+    return manifest.to_pylist(), summary, SectionTables(render_report(manifest, summary))
+
+
+def test_per_class_table_counts_each_class_from_the_manifest(rendered) -> None:
+    rows, summary, tables = rendered
+    names = summary["class_names"]
+    usable = [r for r in rows if r["status"] != "failed"]
+    expected = {}
+    for k, name in enumerate(names):
+        mine = [r for r in usable if r["label"] == k]
+        clean = [r for r in mine if r["is_clean"]]
+        truly_clean = [r for r in mine if r["label"] == r["true_label"]]
+        selected_truly_clean = [r for r in clean if r["label"] == r["true_label"]]
+        failed = sum(1 for r in rows if r["status"] == "failed" and r["label"] == k)
+        per_class = summary["selection"]["per_class"]
+        expected[name] = [
+            str(k),
+            name,
+            count_text(len(mine)),
+            count_text(len(clean)),
+            count_text(len(mine) - len(clean)),
+            percent_text(len(clean), len(mine)),
+            "0",
+            count_text(failed),
+            count_text(per_class["zeroshot_gmm"][k]),
+            count_text(per_class["zeroshot_consistency"][k]),
+            percent_text(len(mine) - len(truly_clean), len(mine)),
+            percent_text(len(selected_truly_clean), len(clean)),
+            percent_text(len(selected_truly_clean), len(truly_clean)),
+        ]
+    totals = [expected[name][2] for name in names]
+    assert len(set(totals)) == len(names)  # distinct: a permuted column cannot pass
+    header, everything, *class_rows = tables.rows("per-class")
+    assert header[:8] == [
+        "#",
+        "class",
+        "total",
+        "clean",
+        "noisy",
+        "clean %",
+        "backfilled",
+        "failed",
+    ]
+    assert header[-3:] == ["true noise %", "precision", "recall"]
+    assert {row[1]: row for row in class_rows} == expected
+    assert [row[1] for row in class_rows] == names  # in class order
+    assert everything[2:5] == [
+        count_text(len(usable)),
+        count_text(sum(1 for r in usable if r["is_clean"])),
+        count_text(sum(1 for r in usable if not r["is_clean"])),
+    ]
+
+
+def test_confusion_cells_count_given_rows_against_suggested_columns(rendered) -> None:
+    rows, summary, tables = rendered
+    names = summary["class_names"]
+    noisy = [r for r in rows if r["status"] == "noisy"]
+    pairs = Counter((r["label"], r["suggested_label"]) for r in noisy if r["suggested_label"] >= 0)
+    off_diagonal = [(g, s) for g, s in pairs if g != s]
+    assert any(pairs[g, s] != pairs[s, g] for g, s in off_diagonal)  # transposing shows
+    table = tables.tables["confusion"][0]
+    header = table[0]
+    assert header[0][1] == "given \\ suggested" and header[-1][1] == "all suggestions"
+    columns = [attributes["title"] for _, _, attributes in header[1:-1]]
+    assert columns == names  # every class is involved here
+    cells = {}
+    for row in table[1:]:
+        given = row[0][1]
+        assert row[0][0] == "th"
+        for column, (_, text, _) in zip(columns, row[1:-1], strict=True):
+            cells[given, column] = int(text.replace(",", "")) if text else 0
+        suggested_here = sum(n for (g, _), n in pairs.items() if names[g] == given)
+        assert row[-1][1] == count_text(suggested_here)
+    assert cells == {(names[g], names[s]): pairs[g, s] for g in range(5) for s in range(5)}
+    without = sum(1 for r in noisy if r["suggested_label"] < 0)
+    assert tables.notes["confusion"][0].startswith(
+        f"{sum(pairs.values()):,} noisy samples have a suggested label; {without:,} have none"
+    )
+
+
+def test_noisy_samples_are_listed_most_confident_first(rendered) -> None:
+    rows, summary, tables = rendered
+    names = summary["class_names"]
+    noisy = [(i, r) for i, r in enumerate(rows) if r["status"] == "noisy"]
+
+    def most_confident_first(item: tuple[int, dict]) -> tuple[float, int]:
+        confidence = item[1]["suggested_confidence"]
+        missing = confidence is None or math.isnan(confidence)
+        return (math.inf if missing else -confidence, item[0])
+
+    expected = sorted(noisy, key=most_confident_first)[:30]
+    assert len(noisy) > 30  # the cut is exercised
+    header, *listed = tables.rows("noisy")
+    assert header[:6] == ["key", "shard", "given label", "suggested", "confidence", "clean_score"]
+    assert [row[0] for row in listed] == [r["key"] for _, r in expected]
+    for row, (_, r) in zip(listed, expected, strict=True):
+        assert row[1] == r["shard"].rsplit("/", 1)[1]
+        assert row[2] == names[r["label"]]
+        assert row[3] == names[r["suggested_label"]]
+        assert row[4] == f"{r['suggested_confidence']:.4f}"
+        assert row[6].removesuffix(" ✓") == names[r["true_label"]]
+        assert row[6].endswith("✓") == (r["true_label"] == r["suggested_label"])
+    confidences = [float(row[4]) for row in listed]
+    assert confidences == sorted(confidences, reverse=True)
+    assert top_noisy_keys(pa.Table.from_pylist(rows), 30) == [row[0] for row in listed]

@@ -53,8 +53,14 @@ def test_checkpoint_is_small_fp16() -> None:
     assert TINY_CLIP_CHECKPOINT.stat().st_size < 8 * 1024 * 1024
     state = torch.load(TINY_CLIP_CHECKPOINT, map_location="cpu", weights_only=True)
     assert {v.dtype for v in state.values() if v.is_floating_point()} == {torch.float16}
+
+
+def test_the_committed_metrics_describe_the_shipped_checkpoint(shipped) -> None:
+    model, _, _ = shipped
     metrics = json.loads(TINY_CLIP_METRICS.read_text())
-    assert metrics["zero_shot_accuracy"] >= 0.85
+    assert metrics["checkpoint_bytes"] == TINY_CLIP_CHECKPOINT.stat().st_size
+    assert metrics["parameters"] == sum(p.numel() for p in model.parameters())
+    assert metrics["checkpoint"] == TINY_CLIP_CHECKPOINT.name
 
 
 def test_tokenizer_is_local_with_context_16(shipped) -> None:
@@ -83,10 +89,14 @@ def test_preprocess_and_feature_shapes(shipped) -> None:
     assert 3_000_000 < sum(p.numel() for p in model.parameters()) < 4_000_000
 
 
-def test_zero_shot_accuracy_well_above_chance(shipped, spec) -> None:
+def test_zero_shot_accuracy_is_what_the_metrics_file_says(shipped, spec) -> None:
+    """Measured here on 300 fresh images (0.897 with the shipped checkpoint), against the
+    committed 2,000-image figure (0.902): within 3 standard errors of 300 draws (0.052)."""
     model, preprocess, tokenizer = shipped
     accuracy = zero_shot_accuracy(model, tokenizer, preprocess, 300, seed=12345, spec=spec)
-    assert accuracy >= 0.7
+    committed = json.loads(TINY_CLIP_METRICS.read_text())["zero_shot_accuracy"]
+    assert accuracy >= 0.85
+    assert abs(accuracy - committed) <= 3 * (committed * (1 - committed) / 300) ** 0.5
 
 
 def test_caption_targets_follow_asserted_attributes() -> None:
