@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from benchmarks.chaos_watch import LogWatch, NodeView, Stored
 from cluster.local.localcluster import REPO_ROOT
 
-SCORING_WORK = ("ClipScorer", "read_shards_udf", "write_score_parts", "merge_shard_parts")
+SCORING_WORK = ("ClipScorer", "read_shards_udf")
 SCORING_DONE = "execution finished"  # Ray Data's line on the driver, once a dataset is done
 TRAIN_WORK = ("RayTrainWorker",)
 FIT_STEPS = (  # driver lines that open each step of the distributed fit, in order
@@ -100,9 +100,7 @@ class Stage:
 
 class Scoring(Stage):
     """Kill `delay_s` after the first scorer has loaded its model on a worker node: a node
-    then running a loaded scorer, a reader or a part writer, or, once the scoring dataset
-    is done, a shard merge. (The `[score] k/N shards` lines count merged shards, which can
-    lag the scorers by the whole stage.)"""
+    then running a loaded scorer (which also writes its shards' score files) or a reader."""
 
     name, work = "scoring", SCORING_WORK
 
@@ -116,11 +114,10 @@ class Scoring(Stage):
         return ctx.log.driver_has("[score] scorers:") and not ctx.log.driver_has("[fit] ")
 
     def candidates(self, view, ctx):
-        """While the scoring dataset runs: nodes of loaded scorers, readers and part
-        writers; after it, of the shard merges still writing score files."""
-        running = not ctx.log.driver_has_after("[score] scorers:", SCORING_DONE)
-        work = ("ClipScorer", "read_shards_udf", "write_score_parts") if running else ("merge_",)
-        busy = set()
+        """While the scoring dataset runs: nodes of loaded scorers and readers."""
+        if ctx.log.driver_has_after("[score] scorers:", SCORING_DONE):
+            return []
+        work, busy = SCORING_WORK, set()
         for node, titles in view.work.items():
             if node != ctx.head and any(
                 w in t and not t.endswith(".__init__") for t in titles.values() for w in work

@@ -56,6 +56,8 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.procstats import pss_kb, status_kb
+
 SOURCES = ("zeroshot", "probe")
 MODES = ("in_memory", "distributed", "plain")
 ROWS_PER_FILE = 500_000
@@ -134,33 +136,6 @@ def load_sources(folder: Path) -> tuple[np.ndarray, dict]:
 # --------------------------------------------------------------------------- memory
 
 
-def _status_kb(pid: int | str, field: str) -> int:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
-def _pss_kb(pid: int) -> tuple[int, int]:
-    """(PSS, its shared-memory part) of a process in kB: Ray's object store lives in
-    shared memory, so Pss_Shmem is the process's share of the store's touched pages."""
-    pss = shmem = 0
-    try:
-        with open(f"/proc/{pid}/smaps_rollup") as f:
-            for line in f:
-                if line.startswith("Pss:"):
-                    pss = int(line.split()[1])
-                elif line.startswith("Pss_Shmem:"):
-                    shmem = int(line.split()[1])
-    except OSError:
-        pass
-    return pss, shmem
-
-
 def _cpu_s(pid: int | str) -> float:
     """utime + stime of a process so far, in seconds (0 when it is gone)."""
     try:
@@ -213,7 +188,7 @@ class TreeSampler(threading.Thread):
         self._stop_event = threading.Event()
 
     def sample(self) -> int:
-        parts = {pid: _pss_kb(pid) for pid in descendants(os.getpid())}
+        parts = {pid: pss_kb(pid) for pid in descendants(os.getpid())}
         total = sum(pss for pss, _ in parts.values())
         self.last_kb = total
         if total > self.peak_kb:
@@ -410,7 +385,7 @@ def worker(args: argparse.Namespace) -> None:
     """Run one mode in this (fresh) process and write its result JSON."""
     folder = Path(args.folder)
     result = RUNNERS[args.worker](folder, args.k, args.cap, args.object_store_mb, args.block_mb)
-    result["peak_mb"] = _status_kb("self", "VmHWM") / 1024
+    result["peak_mb"] = status_kb("self", "VmHWM") / 1024
     Path(args.result).write_text(json.dumps(result))
 
 

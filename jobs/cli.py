@@ -32,10 +32,9 @@ def _count_files(folder: str, suffix: str, skip: str | None = None) -> int:
 
 def clean_interrupted(cfg) -> str:
     from cleaner.scoring.pipeline import SCORES_DIR
-    from cleaner.scoring.writing import PARTS_DIR
 
     scores = uri_lib.join(cfg.output, SCORES_DIR)
-    kept = _count_files(scores, ".parquet", skip=PARTS_DIR)
+    kept = _count_files(scores, ".parquet")
     return (
         f"{kept} shard score file(s) kept in {scores}; rerun the same command to reuse them "
         f"and score the rest (resume=true)"

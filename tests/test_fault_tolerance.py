@@ -14,7 +14,6 @@ import pyarrow.parquet as pq
 import pytest
 
 from cleaner.config import load_config
-from cleaner.scoring.writing import PARTS_DIR
 from jobs.clean import run_clean
 from tests.conftest import count_samples
 from tests.ray_processes import actors, live_actor_processes, process_title
@@ -68,15 +67,15 @@ def test_killed_scorer_actor_loses_and_duplicates_nothing(local_ray, tmp_path, c
     scores = out / "scores"
     kill: dict = {}
     while time.time() < deadline and thread.is_alive() and not kill:
-        # scored rows written so far: whole shards, and parts of the others (one per block)
+        # scored rows written so far: whole shards (a scorer writes a shard's file once it
+        # holds every row of it)
         complete = len(list(scores.glob("*.parquet")))
-        parts = len(list(scores.glob(f"{PARTS_DIR}/*/*.parquet")))
-        for pid, actor_id in live_actor_processes("ClipScorer") if complete + parts else []:
+        for pid, actor_id in live_actor_processes("ClipScorer") if complete else []:
             title = process_title(pid)
             if title.endswith(".submit"):  # scoring a batch right now
                 os.kill(pid, signal.SIGKILL)
                 kill = {"pid": pid, "actor": actor_id, "title": title}
-                kill |= {"complete": complete, "parts": parts}
+                kill["complete"] = complete
                 break
         time.sleep(0.02)
     assert kill, "no scorer actor of this Ray instance was scoring once rows were written"
@@ -87,10 +86,10 @@ def test_killed_scorer_actor_loses_and_duplicates_nothing(local_ray, tmp_path, c
     # The kill hit live work: the actor was scoring a batch, shards were left to score.
     print(
         f"\nkilled {kill['title']!r} (pid {kill['pid']}) with {kill['complete']}/{SHARDS} "
-        f"shards complete and {kill['parts']} parts of others written"
+        f"shards complete"
     )
     assert kill["title"] == "ray::MapWorker(MapBatches(ClipScorer)).submit"
-    assert kill["complete"] + kill["parts"] >= 1 and kill["complete"] < SHARDS
+    assert 1 <= kill["complete"] < SHARDS
     # The recovery: Ray restarted the same actor (Ray Data's pool actors may restart) in a
     # new process; nothing failed.
     restarted = next(a for a in actors("ClipScorer") if a["ActorID"] == kill["actor"])

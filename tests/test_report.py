@@ -307,16 +307,33 @@ def test_thumbnails_are_embedded_for_listed_noisy_samples() -> None:
     assert len(png_images(text)) == 4 + 1  # the plots plus the PNG thumbnail
 
 
-def test_large_class_count_is_capped(tmp_path) -> None:
+def test_large_class_count_lists_the_worst_classes_first_and_every_class_searchably(
+    tmp_path,
+) -> None:
+    """Many classes: no panel per class; the lowest clean fractions first (a table, and
+    the histogram panels), every class in one filterable table."""
     manifest = make_manifest(n=4000, num_classes=300, failed_every=50)
     target = tmp_path / "out" / "report.html"
     write_report(manifest, make_summary(manifest), str(target))
     text = target.read_text(encoding="utf-8")
     assert text.startswith("<!DOCTYPE html>")
-    assert "Showing the 50 largest of" in text
-    assert "Listing the 200 largest of" in text
+    assert "Showing the 50 classes with the lowest clean fraction, of 300 classes" in text
     assert "Showing the 30 most involved" in text
-    assert text.count("<tr>") < 400
+    worst_section = text.split('<section id="worst">')[1].split("</section>")[0]
+    per_class = text.split('<section id="per-class">')[1].split("</section>")[0]
+    assert 'input type="search" class="filter"' in per_class
+    assert "getElementById(&#x27;per-class-table&#x27;)" in per_class
+    assert '<table id="per-class-table">' in per_class
+    assert per_class.count("<tr>") == 1 + 1 + 300  # header, all classes, every class
+
+    rows = manifest.to_pylist()
+    usable = [r for r in rows if r["status"] != "failed"]
+    totals = Counter(r["label"] for r in usable)
+    cleans = Counter(r["label"] for r in usable if r["is_clean"])
+    expected = sorted(totals, key=lambda k: (cleans[k] / totals[k], -totals[k], k))[:50]
+    listed = [int(m) for m in re.findall(r'<tr><td class="num">(\d+)</td>', worst_section)]
+    assert listed == expected
+    assert len(text) < 2_000_000
 
 
 @pytest.mark.parametrize("drop", ["true_label", "loss_score_zeroshot", "clean_score", "status"])

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import tempfile
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -121,10 +122,37 @@ def epoch_batch_to_device(batch: dict[str, np.ndarray], epoch: int, device, mean
     return normalise(images, mean, std), targets
 
 
+@dataclass
+class BatchClasses:
+    """Distinct labels per training batch: how well the stream mixes the classes (a
+    class-sorted stream gives 1-3; uniform labels over K classes about K (1 - e^(-B/K)))."""
+
+    batches: int = 0
+    distinct: int = 0
+
+    def add(self, targets: np.ndarray) -> None:
+        self.batches += 1
+        self.distinct += int(np.unique(targets).size)
+
+    @property
+    def mean(self) -> float | None:
+        return self.distinct / self.batches if self.batches else None
+
+
 def epoch_batches(
-    shard, epoch: int, batch_size: int, device, mean, std, *, shuffle_buffer: int, shuffle_seed: int
+    shard,
+    epoch: int,
+    batch_size: int,
+    device,
+    mean,
+    std,
+    *,
+    shuffle_buffer: int,
+    shuffle_seed: int,
+    classes: BatchClasses | None = None,
 ):
-    """(normalised inputs, current labels) of this worker's split of the epoch stream."""
+    """(normalised inputs, current labels) of this worker's split of the epoch stream;
+    `classes` counts the distinct labels of each batch."""
     for batch in shard.iter_batches(
         batch_size=batch_size,
         batch_format="numpy",
@@ -133,6 +161,8 @@ def epoch_batches(
         local_shuffle_buffer_size=shuffle_buffer or None,
         local_shuffle_seed=shuffle_seed,
     ):
+        if classes is not None:
+            classes.add(np.asarray(batch["target"]))
         yield epoch_batch_to_device(batch, epoch, device, mean, std)
 
 
@@ -210,6 +240,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if world > 1:
             torch.distributed.barrier()
 
+        classes = BatchClasses()
         batches = epoch_batches(
             ray.train.get_dataset_shard("train"),
             epoch,
@@ -219,6 +250,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             std,
             shuffle_buffer=cfg.data.shuffle_buffer,
             shuffle_seed=cfg.seed * 1000 + epoch * 10 + rank,
+            classes=classes,
         )
         if rank == 0:  # one-line progress in the log; every rank runs at the same pace
             expected = max(1, len(index.labels) // world // per_worker_batch)
@@ -247,10 +279,17 @@ def train_loop_per_worker(loop_config: dict) -> None:
         metrics: dict = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"]}
         if resumed_from is not None and epoch == resumed_from:
             metrics["resumed_from_epoch"] = resumed_from
-        gathered = gather_objects((loss_sum, seen, train_seconds), world)
+        gathered = gather_objects(
+            (loss_sum, seen, train_seconds, classes.distinct, classes.batches), world
+        )
         metrics["loss"] = sum(g[0] for g in gathered) / max(1, sum(g[1] for g in gathered))
         metrics["train_samples"] = int(sum(g[1] for g in gathered))
         metrics["train_images_per_s"] = metrics["train_samples"] / max(g[2] for g in gathered)
+        batches_seen = sum(g[4] for g in gathered)
+        metrics["batch_distinct_classes_mean"] = (
+            sum(g[3] for g in gathered) / batches_seen if batches_seen else None
+        )
+        metrics["worker_batch_size"] = per_worker_batch
 
         # every rank predicts with rank 0's BatchNorm statistics: 1 or N workers alike
         broadcast_buffers(module, world)

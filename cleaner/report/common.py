@@ -12,13 +12,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-MAX_HIST_PANELS = 50  # classes in a histogram grid (the largest ones)
+MAX_HIST_PANELS = 50  # classes in a histogram grid (the lowest clean fraction first)
 
 
 MAX_BAR_CLASSES = 60  # bars in the clean-fraction chart (half lowest, half highest)
 
 
-MAX_TABLE_CLASSES = 200  # rows in the per-class table (the largest classes)
+MAX_TABLE_CLASSES = 2000  # rows in the per-class table (beyond: the largest classes)
+
+
+MAX_WORST_CLASSES = 50  # rows of the table of the classes with the lowest clean fraction
 
 
 MAX_CONFUSION_CLASSES = 30  # rows/columns of the confusion table (the most involved)
@@ -74,6 +77,7 @@ CURVE_HEADROOM = 1.5  # a curve may raise a panel's scale to this many times its
 
 SECTIONS = (
     ("summary", "Run summary"),
+    ("worst", "Classes with the lowest clean fraction"),
     ("histograms", "Per-class loss-score histograms"),
     ("clean-fraction", "Clean fraction per class"),
     ("per-class", "Per-class counts"),
@@ -286,7 +290,12 @@ def _kv_table(rows: Iterable[tuple[str, str]]) -> str:
     return f'<table class="kv">{body}</table>' if body else ""
 
 
-def _table(headers: Sequence[str], rows: Iterable[Sequence[str]], numeric: Sequence[bool]) -> str:
+def _table(
+    headers: Sequence[str],
+    rows: Iterable[Sequence[str]],
+    numeric: Sequence[bool],
+    table_id: str | None = None,
+) -> str:
     """An HTML table; `headers` are escaped here, cells must already be HTML."""
     head = "".join(
         f'<th class="num">{html.escape(h)}</th>' if num else f"<th>{html.escape(h)}</th>"
@@ -299,7 +308,30 @@ def _table(headers: Sequence[str], rows: Iterable[Sequence[str]], numeric: Seque
             for c, num in zip(row, numeric, strict=True)
         )
         body.append(f"<tr>{cells}</tr>")
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+    opening = f'<table id="{html.escape(table_id)}">' if table_id else "<table>"
+    return f"{opening}<thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+# The filter box's handler: hides the rows whose second cell does not contain the query.
+FILTER_HANDLER = (
+    "var q = this.value.toLowerCase(); "
+    "var rows = document.getElementById('{table}').tBodies[0].rows; "
+    "for (var i = 0; i < rows.length; i++) rows[i].style.display = "
+    "rows[i].cells[1].textContent.toLowerCase().indexOf(q) < 0 ? 'none' : '';"
+)
+
+
+def _searchable(table: str, table_id: str, what: str) -> str:
+    """A table in a scrolling box, under a box that filters its rows by their second cell
+    (an inline handler, no script element; without JavaScript every row stays, and the
+    browser's find searches them)."""
+    handler = html.escape(FILTER_HANDLER.format(table=table_id))
+    label = html.escape(f"filter by {what}")
+    box = (
+        f'<input type="search" class="filter" placeholder="{label}" aria-label="{label}" '
+        f'oninput="{handler}">'
+    )
+    return f'{box}<div class="scroll">{table}</div>'
 
 
 def _section(sid: str, *content: str) -> str:
@@ -324,6 +356,17 @@ def _get(mapping, *path):
 def _largest_classes(data: _ReportData, totals: np.ndarray, cap: int) -> list[int]:
     present = np.nonzero(totals > 0)[0]
     order = present[np.lexsort((present, -totals[present]))]
+    return [int(k) for k in order[:cap]]
+
+
+def _worst_classes(data: _ReportData, usable: np.ndarray, cap: int) -> list[int]:
+    """Up to `cap` classes with `usable` rows, lowest clean fraction (selected clean /
+    usable) first; ties: the larger class first, then the lower index."""
+    totals = data.per_class(usable)
+    cleans = data.per_class(usable & data.clean)
+    present = np.nonzero(totals > 0)[0]
+    fraction = cleans[present] / totals[present]
+    order = present[np.lexsort((present, -totals[present], fraction))]
     return [int(k) for k in order[:cap]]
 
 

@@ -3,8 +3,9 @@
     html_text = render_report(manifest, summary)          # pyarrow.Table, summary.json dict
     write_report(manifest, summary, "s3://bucket/run/report.html")
 
-The report needs no JavaScript and loads nothing from elsewhere. Sections: run summary,
-per-class loss-score histograms (selected clean vs not; truly clean vs noisy when true
+The report loads nothing from elsewhere and needs no JavaScript (a filter box over the
+per-class table uses an inline handler; without it the browser's find searches the table). Sections: run summary, the classes with the
+lowest clean fraction, per-class loss-score histograms (those classes first) (selected clean vs not; truly clean vs noisy when true
 labels are known), clean fraction per class, a per-class table, a given-vs-suggested
 label confusion table, ROC and precision-recall curves of `clean_score` (true labels
 only), failures, and the most confident noisy samples (with thumbnails when given).
@@ -32,6 +33,7 @@ from cleaner.report.tables import (
     _section_noisy,
     _section_per_class,
     _section_summary,
+    _section_worst,
 )
 
 __all__ = ["render_report", "top_noisy_keys", "write_report"]
@@ -63,6 +65,8 @@ img.thumb { max-width: 96px; max-height: 96px; display: block; }
 td.diag { outline: 2px solid #999; }
 code { background: #f3f4f6; padding: 0 3px; border-radius: 3px; }
 nav a { margin-right: 1em; font-size: 0.9em; }
+div.scroll { max-height: 36em; overflow-y: auto; display: inline-block; }
+input.filter { margin: 0.3em 0; padding: 3px 6px; width: 22em; }
 """
 
 
@@ -83,6 +87,7 @@ def render_report(
     data = _ReportData.from_manifest(manifest, summary)
     parts = [
         _section_summary(data, summary),
+        _section_worst(data),
         _section_histograms(data, summary),
         _section_clean_fraction(data),
         _section_per_class(data, summary),

@@ -32,12 +32,12 @@ from cleaner.report.common import (
     NAME_CHARS,
     SOURCES,
     _get,
-    _largest_classes,
     _note,
     _numeric,
     _ratio,
     _ReportData,
     _section,
+    _worst_classes,
 )
 
 
@@ -237,7 +237,7 @@ def _section_histograms(data: _ReportData, summary: Mapping) -> str:
         return _section("histograms", _note("The manifest has no loss_score column."))
     usable = data.ok & np.isfinite(data.loss_score) & (data.labels >= 0)
     totals = data.per_class(usable)
-    classes = _largest_classes(data, totals, MAX_HIST_PANELS)
+    classes = _worst_classes(data, usable, MAX_HIST_PANELS)
     if not classes:
         return _section("histograms", _note("No usable sample with a loss score."))
     source = data.loss_source
@@ -252,7 +252,12 @@ def _section_histograms(data: _ReportData, summary: Mapping) -> str:
     ]
     present = int((totals > 0).sum())
     if present > len(classes):
-        content.append(_note(f"Showing the {len(classes)} largest of {present} classes."))
+        content.append(
+            _note(
+                f"Showing the {len(classes)} classes with the lowest clean fraction, of "
+                f"{present} classes (lowest first)."
+            )
+        )
     counts = _binned_counts(
         data.labels[usable], data.loss_score[usable], data.clean[usable], data.num_classes
     )

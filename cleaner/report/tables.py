@@ -18,6 +18,7 @@ from cleaner.report.common import (
     MAX_FAILED_ROWS,
     MAX_NOISY_ROWS,
     MAX_TABLE_CLASSES,
+    MAX_WORST_CLASSES,
     SOURCES,
     THUMB_MAX_BYTES,
     THUMB_SIZE,
@@ -32,10 +33,12 @@ from cleaner.report.common import (
     _prob,
     _ratio,
     _ReportData,
+    _searchable,
     _section,
     _short,
     _table,
     _take_column,
+    _worst_classes,
 )
 
 
@@ -225,7 +228,7 @@ def _section_per_class(data: _ReportData, summary: Mapping) -> str:
         return cells
 
     listed = np.nonzero((totals > 0) | (failed > 0))[0]
-    notes = []
+    notes = [_note("Every class, in label order; the box above the table filters it by name.")]
     if len(listed) > MAX_TABLE_CLASSES:
         keep = _largest_classes(data, totals + failed, MAX_TABLE_CLASSES)
         notes.append(
@@ -249,7 +252,65 @@ def _section_per_class(data: _ReportData, summary: Mapping) -> str:
             )
         )
     )
-    return _section("per-class", *notes, _table(headers, rows, numeric))
+    table = _table(headers, rows, numeric, table_id="per-class-table")
+    return _section("per-class", *notes, _searchable(table, "per-class-table", "class name"))
+
+
+def _top_suggestions(data: _ReportData) -> dict[int, tuple[int, int]]:
+    """Per given label: (the label most often suggested for its noisy samples, how many
+    times); ties go to the lower label."""
+    k = data.num_classes
+    mask = data.noisy & (data.suggested >= 0) & (data.labels >= 0)
+    codes, counts = np.unique(data.labels[mask] * k + data.suggested[mask], return_counts=True)
+    if len(codes) == 0:
+        return {}
+    given, suggested = codes // k, codes % k
+    order = np.lexsort((suggested, -counts, given))
+    first = order[np.concatenate(([True], given[order][1:] != given[order][:-1]))]
+    return {
+        int(g): (int(s), int(c))
+        for g, s, c in zip(given[first], suggested[first], counts[first], strict=True)
+    }
+
+
+def _section_worst(data: _ReportData) -> str:
+    usable = data.ok & (data.labels >= 0)
+    worst = _worst_classes(data, usable, MAX_WORST_CLASSES)
+    if not worst:
+        return _section("worst", _note("No usable sample."))
+    totals = data.per_class(usable)
+    cleans = data.per_class(usable & data.clean)
+    suggestions = _top_suggestions(data)
+    headers = ["#", "class", "usable", "clean", "clean %", "most suggested instead", "times"]
+    numeric = [True, False, True, True, True, False, True]
+    if data.has_truth:
+        known = usable & (data.true_labels >= 0)
+        known_per_class = data.per_class(known)
+        noisy_per_class = data.per_class(known & (data.labels != data.true_labels))
+        headers.append("true noise %")
+        numeric.append(True)
+    rows = []
+    for k in worst:
+        suggested, times = suggestions.get(k, (-1, 0))
+        row = [
+            str(k),
+            html.escape(data.class_names[k]),
+            _fmt(int(totals[k])),
+            _fmt(int(cleans[k])),
+            _pct(_ratio(int(cleans[k]), int(totals[k]))),
+            html.escape(data.name(suggested)),
+            _fmt(times) if times else "",
+        ]
+        if data.has_truth:
+            row.append(_pct(_ratio(int(noisy_per_class[k]), int(known_per_class[k]))))
+        rows.append(row)
+    present = int((totals > 0).sum())
+    note = _note(
+        f"The {len(worst)} of {present} classes with the lowest share of their usable samples "
+        "selected clean, lowest first (ties: the larger class first). 'Most suggested "
+        "instead': the label most often suggested for the class's noisy samples."
+    )
+    return _section("worst", note, _table(headers, rows, numeric))
 
 
 def _section_confusion(data: _ReportData) -> str:

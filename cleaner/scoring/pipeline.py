@@ -1,10 +1,10 @@
 """Streaming the shards through CLIP on Ray Data, one score file per input shard.
 
-shards --(CPU tasks: read tar, parse labels, decode, resize)--> uint8 images
-       --(ClipScorer actor pool, GPUs when present)--> scores + embeddings
-       --(write tasks on the workers)--> part files; once a shard's parts hold all its rows,
-         a Ray task merges them into <scores>/<shard>.parquet (see cleaner.scoring.writing).
-The driver only counts which shard positions were written; it never holds score rows.
+shards --(CPU tasks: read tar, parse labels, decode, resize; one block per shard)--> images
+       --(ClipScorerWriter actor pool, GPUs when present)--> scores + embeddings, written
+         by the actor to <scores>/<shard>.parquet once it holds all the shard's rows
+         (see cleaner.scoring.writing)
+The driver only counts the shards written; it never holds score rows.
 A rerun skips shards whose score file exists (and was made by the same model and classes).
 """
 
@@ -27,19 +27,15 @@ from cleaner.scoring.columns import SCORE_OUTPUT_COLUMNS
 from cleaner.scoring.prompts import PromptBank
 from cleaner.scoring.resources import ScorerPlan, plan_scorers
 from cleaner.scoring.writing import (  # the Arrow helpers are re-exported for fit and jobs
-    PARTS_DIR,
-    ShardCompletion,
+    ClipScorerWriter,
     fixed_size_list_array,
-    merge_shard_parts,
     table_to_parquet_bytes,
-    write_score_parts,
 )
 
 __all__ = ["fixed_size_list_array", "table_to_parquet_bytes"]
 
 log = logging.getLogger(__name__)
 SCORES_DIR = "scores"
-WRITER_CPUS = 0.25  # part writes and shard merges are light I/O: they must not starve readers
 FINGERPRINT_FILE = "_fingerprint.json"
 
 
@@ -168,8 +164,12 @@ def decoded_samples(
     )
 
 
-def score_stage(ds, cfg: CleanJobConfig, bank_ref, plan: ScorerPlan):
-    """Append the ClipScorer actor pool (resources and size from `plan`) to a dataset."""
+def score_stage(ds, cfg: CleanJobConfig, bank_ref, plan: ScorerPlan, writer: dict | None = None):
+    """Append the ClipScorer actor pool (resources and size from `plan`) to a dataset.
+
+    writer: ClipScorerWriter's arguments (scores_uri, names, columns): the actors then
+    write each shard's score file and pass on one row per file (`score_shards`).
+    """
     from ray.data import ActorPoolStrategy
 
     # imported here: the readers' tasks unpickle this module, and must not pay for
@@ -177,7 +177,7 @@ def score_stage(ds, cfg: CleanJobConfig, bank_ref, plan: ScorerPlan):
     from cleaner.scoring.scorer import ClipScorer
 
     return ds.map_batches(
-        ClipScorer,
+        ClipScorer if writer is None else ClipScorerWriter,
         batch_size=cfg.scoring.batch_size,
         compute=ActorPoolStrategy(min_size=plan.min_actors, max_size=plan.max_actors),
         fn_constructor_kwargs={
@@ -188,23 +188,18 @@ def score_stage(ds, cfg: CleanJobConfig, bank_ref, plan: ScorerPlan):
             # as many torch threads as CPUs reserved: a scorer on a shared node (or a
             # simulated GPU node) must not take every core of the machine
             "num_threads": max(1, int(plan.num_cpus)),
+            **(writer or {}),
         },
         **plan.remote_args(),
     )
 
 
-def write_stage(ds, scores_uri: str, names: dict[str, str]):
-    """Append the part-writing tasks: score rows go to storage from the workers.
-
-    What flows on to the driver is one small row per part (shard, URI, positions).
-    """
-    columns = [c for c in SCORE_OUTPUT_COLUMNS if c != "shard_total"]
-    return ds.map_batches(
-        write_score_parts,
-        batch_size=None,
-        num_cpus=WRITER_CPUS,
-        fn_kwargs={"scores_uri": scores_uri, "names": names, "columns": columns},
-    )
+def one_block_per_task(ds):
+    """Ray Data's block shaping off for `ds` and the stages built on it: a task's output is
+    one block (a reader task's: one whole shard), and bundles of whole blocks are never
+    split, so one scorer actor scores all the rows of a shard in one task."""
+    ds.context.target_max_block_size = None
+    return ds
 
 
 def score_shards(
@@ -220,14 +215,13 @@ def score_shards(
 ) -> ScoringStats:
     """Score every shard not already scored; one parquet file per shard under scores_uri.
 
-    `bank_ref` is the PromptBank or an ObjectRef to it. Score rows are written on the
-    workers (see write_stage and cleaner.scoring.writing); the driver sees only positions.
+    `bank_ref` is the PromptBank or an ObjectRef to it. Score rows are written by the
+    scorer actors (cleaner.scoring.writing); the driver sees one row per shard written.
     """
     import ray
 
     start = time.perf_counter()
     uri_lib.makedirs(scores_uri)
-    uri_lib.remove_tree(uri_lib.join(scores_uri, PARTS_DIR))  # leftovers of a killed run
     names = shard_output_names(shards)
     reusable = check_fingerprint(scores_uri, fingerprint, cfg.resume)
     todo = [
@@ -253,44 +247,30 @@ def score_shards(
     )
     if isinstance(bank_ref, PromptBank):
         bank_ref = ray.put(bank_ref)
-    todo_names = {s: names[s] for s in todo}
-    ds = score_stage(read_stage(cfg, todo, class_names, image_size, resize), cfg, bank_ref, plan)
-    ds = write_stage(ds, scores_uri, todo_names)
-    merge = ray.remote(merge_shard_parts).options(num_cpus=WRITER_CPUS, max_retries=3)
-    merging: dict = {}  # ObjectRef of a merge task -> its shard
+    writer = {
+        "scores_uri": scores_uri,
+        "names": {s: names[s] for s in todo},
+        "columns": [c for c in SCORE_OUTPUT_COLUMNS if c != "shard_total"],
+    }
+    decoded = one_block_per_task(read_stage(cfg, todo, class_names, image_size, resize))
+    ds = score_stage(decoded, cfg, bank_ref, plan, writer=writer)
     progress = ProgressLog("score", total_units=len(todo), unit="shards", item="samples")
-
-    def collect(wait_for_all: bool) -> None:
-        while merging:
-            ready, _ = ray.wait(
-                list(merging),
-                num_returns=len(merging) if wait_for_all else 1,
-                timeout=None if wait_for_all else 0,
-            )
-            if not ready:
-                return
-            for ref in ready:
-                merging.pop(ref)
-                progress.update(units=1, items=ray.get(ref))
-                if not first_shard:
-                    first_shard.update(seconds=time.perf_counter() - start, samples=progress.items)
-
     first_shard: dict = {}  # when the first shard was complete, and its samples
-    completion = ShardCompletion()
+    written: set[str] = set()  # a retried block's shards are written (and passed on) again
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        for shard, part, positions, total in zip(
-            batch["shard"], batch["part"], batch["positions"], batch["shard_total"], strict=True
-        ):
-            complete = completion.add(str(shard), str(part), bytes(positions), int(total))
-            if complete is not None:
-                target = uri_lib.join(scores_uri, names[str(shard)])
-                merging[merge.remote(complete[0], target, complete[1])] = str(shard)
-        collect(wait_for_all=False)
-    if completion.unfinished():
-        raise RuntimeError(f"shards with missing rows after scoring: {completion.unfinished()}")
-    collect(wait_for_all=True)
+        for shard, rows in zip(batch["shard"], batch["rows"], strict=True):
+            if str(shard) in written:
+                continue
+            written.add(str(shard))
+            progress.update(units=1, items=int(rows))
+            if not first_shard:
+                first_shard.update(seconds=time.perf_counter() - start, samples=progress.items)
+    missing = sorted(set(todo) - written)
+    if missing:
+        raise RuntimeError(
+            f"{len(missing)} shard(s) with missing rows after scoring: {missing[:5]}"
+        )
     progress.finish()
-    uri_lib.remove_tree(uri_lib.join(scores_uri, PARTS_DIR))
     return ScoringStats(
         len(shards),
         skipped,

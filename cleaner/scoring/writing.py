@@ -1,12 +1,16 @@
-"""Writing score rows on the workers: part files per scored batch, one final file per shard.
+"""Writing score rows on the workers: one Parquet file per shard, written by the scorer
+actor that holds the shard's rows (no part files, no merge pass).
 
-The driver never holds score rows. A Ray Data stage after the scorers writes each batch's
-rows as part files (one per shard in the batch, named by the rows' shard positions, so a
-retried batch overwrites its own part) and passes on only where they went and which
-positions they hold. The driver counts positions per shard; once a shard is complete a Ray
-task merges its parts into `<scores>/<shard>.parquet` (atomic write, rows in shard order,
-duplicates from retries dropped) and deletes them. The final file records which process
-and node wrote it in its Parquet metadata.
+Each shard reaches the scorer pool as one block: the scoring dataset turns Ray Data's
+block shaping off (`one_block_per_task`), so a reader task's output, one shard, is one
+block, and Ray Data bundles whole blocks for the actors. One scorer actor thus scores
+every row of a shard within one task. The actor (`ClipScorerWriter`) gathers its output
+rows per shard (`ShardRowsWriter`) and writes `<scores>/<shard>.parquet` (atomically, rows
+in shard order) as soon as every position of the shard is in, with the writing process
+and node in the Parquet metadata. What flows on to the driver is one small row per shard
+written (shard, rows); the driver never holds score rows. A retried block (its actor
+died) rewrites the same file with the same rows, so each sample is in exactly one file
+once; the driver counts each shard once.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import io
 import json
 import os
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -22,9 +27,7 @@ import pyarrow.parquet as pq
 
 from cleaner.reading import uri as uri_lib
 
-PARTS_DIR = "_parts"
 WRITER_METADATA_KEY = b"clipcleaner.writer"
-PART_COLUMNS = ("shard", "part", "positions", "shard_total")
 
 
 def fixed_size_list_array(values: np.ndarray) -> pa.Array:
@@ -54,41 +57,6 @@ def table_to_parquet_bytes(table: pa.Table) -> bytes:
     return sink.getvalue()
 
 
-def parts_uri(scores_uri: str, name: str) -> str:
-    """The folder of one shard's part files (`name` is the shard's score-file name)."""
-    return uri_lib.join(scores_uri, PARTS_DIR, name.removesuffix(".parquet"))
-
-
-def write_score_parts(
-    batch: dict[str, np.ndarray], *, scores_uri: str, names: dict[str, str], columns: list[str]
-) -> dict[str, np.ndarray]:
-    """Ray Data UDF (on a worker): write a scored batch as one part file per shard in it.
-
-    Returns one small row per part: shard, part URI, the shard positions it holds (int64
-    bytes) and the shard's sample count when this part carries it (-1 otherwise).
-    """
-    shards = np.asarray(batch["shard"])
-    out: dict[str, list] = {name: [] for name in PART_COLUMNS}
-    for shard in np.unique(shards):
-        rows = np.nonzero(shards == shard)[0]
-        part = {k: np.asarray(v)[rows] for k, v in batch.items()}
-        positions = np.sort(part["shard_pos"].astype(np.int64))
-        name = f"{positions[0]:09d}-{positions[-1]:09d}-{len(positions)}.parquet"
-        target = uri_lib.join(parts_uri(scores_uri, names[str(shard)]), name)
-        uri_lib.write_bytes(target, table_to_parquet_bytes(scores_to_table(part, tuple(columns))))
-        totals = part["shard_total"][part["shard_total"] >= 0]
-        out["shard"].append(str(shard))
-        out["part"].append(target)
-        out["positions"].append(positions.tobytes())
-        out["shard_total"].append(int(totals[0]) if len(totals) else -1)
-    return {
-        "shard": np.array(out["shard"], dtype=object),
-        "part": np.array(out["part"], dtype=object),
-        "positions": np.array(out["positions"], dtype=object),
-        "shard_total": np.array(out["shard_total"], dtype=np.int64),
-    }
-
-
 def writer_identity() -> dict:
     """Which process and Ray node runs this code (recorded in each score file)."""
     import ray
@@ -97,37 +65,11 @@ def writer_identity() -> dict:
     return {"pid": os.getpid(), "node_id": node, "host": os.uname().nodename}
 
 
-def merge_shard_parts(parts: list[str], target: str, total: int) -> int:
-    """Merge a shard's part files into its score file (atomic), then delete the parts.
-
-    Rows come out in shard order, one per shard position (a retried batch may have written
-    the same rows twice). Raises if the parts do not hold exactly `total` positions.
-    Idempotent: parts are deleted only after the score file is written, so a retry that
-    finds some gone (its first attempt's node died while deleting) only finishes the job.
-    """
-    try:
-        tables = [pq.read_table(io.BytesIO(uri_lib.read_bytes(p))) for p in parts]
-    except OSError:
-        if not uri_lib.exists(target) or all(uri_lib.exists(p) for p in parts):
-            raise
-        for part in parts:
-            uri_lib.remove(part)
-        return total
-    table = pa.concat_tables(tables)
-    table = table.sort_by("shard_pos")
-    positions = table.column("shard_pos").to_numpy()
-    keep = np.ones(len(positions), dtype=bool)
-    keep[1:] = positions[1:] != positions[:-1]
-    if not keep.all():
-        table = table.filter(pa.array(keep))
-    if table.num_rows != total:
-        raise RuntimeError(f"{target}: {table.num_rows} distinct rows for {total} samples")
+def write_score_file(table: pa.Table, target: str) -> None:
+    """Write one shard's score rows (atomically), recording the writer in the metadata."""
     metadata = {WRITER_METADATA_KEY: json.dumps(writer_identity()).encode()}
     table = table.replace_schema_metadata({**(table.schema.metadata or {}), **metadata})
     uri_lib.write_bytes(target, table_to_parquet_bytes(table))
-    for part in parts:
-        uri_lib.remove(part)
-    return total
 
 
 def score_file_writer(path: str) -> dict | None:
@@ -138,41 +80,85 @@ def score_file_writer(path: str) -> dict | None:
 
 
 @dataclass
-class _Pending:
-    parts: dict[str, None] = field(default_factory=dict)  # ordered set of part URIs
-    positions: list[np.ndarray] = field(default_factory=list)
+class _Gathered:
+    """The score rows of one shard seen so far, and its sample count once known."""
+
+    parts: list[dict[str, np.ndarray]] = field(default_factory=list)
+    rows: int = 0
     total: int | None = None
+
+    def add(self, part: dict[str, np.ndarray]) -> None:
+        self.parts.append(part)
+        self.rows += len(part["shard_pos"])
+        totals = part["shard_total"][part["shard_total"] >= 0]
+        if len(totals):
+            self.total = int(totals[0])
+
+    def complete(self, shard: str) -> dict[str, np.ndarray] | None:
+        """All the shard's rows, one per position in shard order, once every position is
+        in (a retried batch may have sent some twice); None before."""
+        if self.total is None or self.rows < self.total:
+            return None
+        merged = {k: np.concatenate([p[k] for p in self.parts]) for k in self.parts[0]}
+        order = np.argsort(merged["shard_pos"], kind="stable")
+        positions = merged["shard_pos"][order]
+        first = np.concatenate(([True], positions[1:] != positions[:-1]))
+        if first.sum() < self.total:
+            return None
+        if first.sum() > self.total or positions[0] < 0 or positions[-1] >= self.total:
+            raise RuntimeError(f"shard {shard}: rows at positions outside 0..{self.total - 1}")
+        keep = order[first]
+        return {k: v[keep] for k, v in merged.items()}
 
 
 @dataclass
-class ShardCompletion:
-    """Driver-side bookkeeping: which shards have all their rows written as parts.
+class ShardRowsWriter:
+    """Gathers scored rows per shard; writes each shard's score file once it is complete.
 
-    Holds only positions (8 bytes a row) of shards still in flight, never score rows.
+    Holds the rows of the shards not yet complete (on the worker, never the driver).
     """
 
-    pending: dict[str, _Pending] = field(default_factory=dict)
+    scores_uri: str
+    names: dict[str, str]  # shard -> score-file name
+    columns: tuple[str, ...]
+    pending: dict[str, _Gathered] = field(default_factory=dict)
 
-    def add(
-        self, shard: str, part: str, positions: bytes, total: int
-    ) -> tuple[list[str], int] | None:
-        """Record one part; once every position is covered: (the shard's parts, its total)."""
-        state = self.pending.setdefault(shard, _Pending())
-        if part not in state.parts:
-            state.parts[part] = None
-            state.positions.append(np.frombuffer(positions, dtype=np.int64))
-        if total >= 0:
-            state.total = total
-        if state.total is None:
-            return None
-        seen = np.unique(np.concatenate(state.positions))
-        state.positions = [seen]
-        if len(seen) < state.total:
-            return None
-        if len(seen) > state.total or seen[0] < 0 or seen[-1] >= state.total:
-            raise RuntimeError(f"shard {shard}: rows at positions outside 0..{state.total - 1}")
-        del self.pending[shard]
-        return list(state.parts), state.total
+    def add(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Take a scored batch; returns one row (shard, rows) per score file written."""
+        shards = np.asarray(batch["shard"])
+        written: list[tuple[str, int]] = []
+        for shard in dict.fromkeys(shards.tolist()):
+            rows = np.nonzero(shards == shard)[0]
+            state = self.pending.setdefault(shard, _Gathered())
+            state.add({k: np.asarray(v)[rows] for k, v in batch.items()})
+            complete = state.complete(shard)
+            if complete is None:
+                continue
+            target = uri_lib.join(self.scores_uri, self.names[shard])
+            write_score_file(scores_to_table(complete, self.columns), target)
+            del self.pending[shard]
+            written.append((shard, state.total or 0))
+        return {
+            "shard": np.array([s for s, _ in written], dtype=object),
+            "rows": np.array([n for _, n in written], dtype=np.int64),
+        }
 
-    def unfinished(self) -> list[str]:
-        return sorted(self.pending)
+
+class ClipScorerWriter:
+    """Ray Data actor: a `ClipScorer` whose rows go to their shard's score file from here.
+
+    Its name keeps "ClipScorer" in the actor's process title (MapWorker(MapBatches(
+    ClipScorerWriter))), which the cluster tools look for.
+    """
+
+    def __init__(
+        self, *, scores_uri: str, names: dict[str, str], columns: list[str], **scorer: Any
+    ) -> None:
+        # imported here: this module is light (the driver and the readers import it)
+        from cleaner.scoring.scorer import ClipScorer
+
+        self.scorer = ClipScorer(**scorer)
+        self.writer = ShardRowsWriter(scores_uri, names, tuple(columns))
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self.writer.add(self.scorer(batch))

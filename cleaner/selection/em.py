@@ -1,8 +1,9 @@
 """The maths of the 2-component 1-D Gaussian mixtures: E-step terms, exact sums, M-step.
 
 Numpy only, no data movement: `cleaner.selection.engine` runs these on any partition of
-the rows. The E-step terms are rounded to fixed point and summed as integers
-(`exact_group_sums`), so any partition gives bit-identical sums (see engine.py).
+the rows. The E-step terms are rounded to fixed point and summed exactly
+(`exact_group_sums`, `grouped.segment_exact_sums`), so any partition gives bit-identical
+sums (see engine.py).
 """
 
 from __future__ import annotations
@@ -71,56 +72,78 @@ def to_fixed_point(values: np.ndarray, bits: np.ndarray) -> np.ndarray:
     return np.rint(np.ldexp(values, bits)).astype(np.int64)
 
 
-def _weighted_log_prob(
-    x: np.ndarray, groups: np.ndarray, means: np.ndarray, variances: np.ndarray, weights: np.ndarray
-) -> np.ndarray:
-    """float64[n, 2]: log w_c + log N(x | mu_c, var_c) for each sample's mixture."""
+def mixture_table(means: np.ndarray, variances: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """float64[6, G]: per mixture, mean, variance and log w - (log 2 pi + log variance) / 2
+    of component 0, then of component 1. Index its columns by each sample's mixture
+    (`table[:, groups]`, or np.repeat over grouped rows) for `log_posteriors`."""
     constant = np.log(weights) - 0.5 * (LOG_2PI + np.log(variances))
-    diff = x[:, None] - means[groups]
-    return constant[groups] - 0.5 * diff * diff / variances[groups]
+    return np.stack(
+        (means[:, 0], variances[:, 0], constant[:, 0], means[:, 1], variances[:, 1], constant[:, 1])
+    )
 
 
-def responsibilities(
-    x: np.ndarray, groups: np.ndarray, means: np.ndarray, variances: np.ndarray, weights: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """(responsibilities float64[n, 2], log-likelihood float64[n]) of the 2-component mixtures."""
-    log_prob = _weighted_log_prob(x, groups, means, variances, weights)
-    top = log_prob.max(axis=1)
-    loglik = top + np.log(np.exp(log_prob[:, 0] - top) + np.exp(log_prob[:, 1] - top))
-    return np.exp(log_prob - loglik[:, None]), loglik
-
-
-def _split_responsibilities(
-    x: np.ndarray, groups: np.ndarray, thresholds: np.ndarray
+def _component_log_prob(
+    x: np.ndarray, mean: np.ndarray, variance: np.ndarray, constant: np.ndarray
 ) -> np.ndarray:
-    """float64[n, 2] hard responsibilities of a 2-means split: upper component if x >= t."""
-    upper = (x >= thresholds[groups]).astype(np.float64)
-    return np.stack((1.0 - upper, upper), axis=1)
+    """float64[n]: log w + log N(x | mean, variance) of one component, per sample."""
+    diff = x - mean
+    out = 0.5 * diff
+    out *= diff
+    out /= variance
+    return np.subtract(constant, out, out=out)
 
 
-def estep_terms(
-    x: np.ndarray,
-    groups: np.ndarray,
-    means: np.ndarray,
-    variances: np.ndarray,
-    weights: np.ndarray,
-    thresholds: np.ndarray | None = None,
-) -> np.ndarray:
-    """int64[n, 7] fixed-point terms: r0, r0 x, r0 x^2, r1, r1 x, r1 x^2, log-likelihood.
+def log_posteriors(x: np.ndarray, params: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(log w_0 N_0, log w_1 N_1, log-likelihood), float64[n] each, of each sample's
+    2-component mixture (params: float64[6, n], its `mixture_table` column); the
+    responsibility of component c is exp(log w_c N_c - log-likelihood).
 
-    With thresholds (one per mixture) the responsibilities are the hard 2-means split
-    and the log-likelihood term is 0 (the initialisation passes)."""
-    if thresholds is not None:
-        resp, loglik = _split_responsibilities(x, groups, thresholds), np.zeros(x.shape[0])
-    else:
-        resp, loglik = responsibilities(x, groups, means, variances, weights)
-    terms = np.empty((x.shape[0], 7), dtype=np.float64)
-    for c in range(2):
-        terms[:, 3 * c] = resp[:, c]
-        terms[:, 3 * c + 1] = resp[:, c] * x
-        terms[:, 3 * c + 2] = resp[:, c] * x * x
-    terms[:, 6] = np.clip(loglik, -LOGLIK_LIMIT, LOGLIK_LIMIT)
-    return to_fixed_point(terms, TERM_BITS)
+    The log-sum-exp keeps only one exp: the larger term's exp(0) is 1 exactly, so
+    log(exp(a - top) + exp(b - top)) = log(1 + exp(min - top)), the same float.
+    """
+    first = _component_log_prob(x, params[0], params[1], params[2])
+    second = _component_log_prob(x, params[3], params[4], params[5])
+    top = np.maximum(first, second)
+    other = np.minimum(first, second)
+    other -= top
+    np.exp(other, out=other)
+    other += 1.0
+    np.log(other, out=other)
+    return first, second, np.add(top, other, out=other)
+
+
+def round_to_grid(values: np.ndarray, bits: int, signed: bool = False) -> np.ndarray:
+    """values rounded in place to the nearest multiple of 2^-bits, ties to even: the
+    floats of to_fixed_point(values, bits) * 2^-bits, without integers.
+
+    Adding and then subtracting C = 2^(52 - bits) (1.5 C for signed values) lets the
+    float64 addition round at the 2^-bits place; exact for 0 <= values < 2^(52 - bits)
+    (|values| < 2^(51 - bits) when signed), and its ties go to the even multiple, as
+    np.rint's do.
+    """
+    magic = math.ldexp(1.5 if signed else 1.0, 52 - bits)
+    values += magic
+    values -= magic
+    return values
+
+
+def estep_terms(x: np.ndarray, params: np.ndarray) -> np.ndarray:
+    """float64[7, n]: r0, r0 x, r0 x^2, r1, r1 x, r1 x^2 rounded to multiples of 2^-40 and
+    the log-likelihood (clipped at +-LOGLIK_LIMIT) to multiples of 2^-28, the E-step
+    terms of each sample (params as `log_posteriors`), one row per term."""
+    first, second, loglik = log_posteriors(x, params)
+    terms = np.empty((7, x.shape[0]))
+    for c, log_prob in enumerate((first, second)):
+        r = terms[3 * c]
+        np.exp(np.subtract(log_prob, loglik, out=log_prob), out=r)
+        np.multiply(r, x, out=terms[3 * c + 1])
+        np.multiply(terms[3 * c + 1], x, out=terms[3 * c + 2])  # (r x) x
+    if loglik.size and not -LOGLIK_LIMIT <= loglik.min() <= loglik.max() <= LOGLIK_LIMIT:
+        np.clip(loglik, -LOGLIK_LIMIT, LOGLIK_LIMIT, out=loglik)
+    terms[6] = loglik
+    round_to_grid(terms[:6], STAT_BITS)  # r, r x, r x^2 are in [0, 1]
+    round_to_grid(terms[6], LOGLIK_BITS, signed=True)
+    return terms
 
 
 def m_step(sums: np.ndarray, reg_covar: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -22,6 +22,10 @@ The passes (each a `BlockPass`: a function of a batch whose outputs fold exactly
    r*x^2 per component and of the log-likelihood; the driver does the M-step. Mixtures
    that converged (scikit-learn's rule: mean log-likelihood change below tol) are frozen
    and skipped;
+   passes 2 and 3 run on each chunk's loss scores, computed once after pass 1 and kept
+   grouped by mixture (`Runner.derive`, `cleaner.selection.grouped`): a pass reads only
+   the mixtures still fitting, sums contiguous segments, and a Lloyd pass after the
+   first reads only the samples that change side;
 4. count: per-class counts of every criterion and of the intersection, which give the
    empty classes and the backfill size m;
 5. top-m (only if a class is empty): each block's best m samples per empty class by
@@ -36,7 +40,7 @@ differs. Per-sample values are elementwise; counts, histograms, min / max and th
 (a total order: score descending, then key) are exact; the EM sums are made
 order-independent by fixed-point accumulation: each per-sample term is rounded to a
 multiple of 2^-40 (2^-28 for log-likelihoods), held as int64 and summed exactly
-(`exact_group_sums`). Integer addition is associative, so any partition gives
+(`em.exact_group_sums`, `grouped.segment_exact_sums`). Integer addition is associative, so any partition gives
 bit-identical sums, parameters, iteration counts and selections.
 
 The EM is our own deterministic numpy EM, not scikit-learn's `GaussianMixture`, but
@@ -58,18 +62,15 @@ the fitted parameters and the per-sample evaluation in `cleaner.selection.fitted
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
 import numpy as np
 
 from cleaner.selection.em import (
-    MAX_EXACT_ROWS,
     MIN_COMPONENT_MASS,
     TERM_BITS,
     combine_exact_sums,
-    estep_terms,
-    exact_group_sums,
     m_step,
     otsu_threshold,
     top_m_per_class,
@@ -83,60 +84,22 @@ from cleaner.selection.fitted import (
     as_labels,
     keys_of,
 )
+from cleaner.selection.grouped import (
+    GroupedEStepPass,
+    GroupedHistogramPass,
+    GroupScores,
+    SplitSumsPass,
+)
 from cleaner.selection.rules import DEGENERATE_RANGE, LOG_EPSILON, validate_thresholds
+from cleaner.selection.runners import BlockPass, Runner, check_rows, local_runner
 
-Runner = Callable[["BlockPass"], Batch]
+__all__ = ["BlockPass", "Runner", "check_rows", "local_runner", "make_spec", "run_fit"]
 
 
 INIT_BINS = 256  # histogram bins of the normalised loss score for the initialisation
 
 
 LLOYD_MAX_ITER = 100  # exact 2-means (Lloyd) passes that refine the histogram's split
-
-
-def _fold_stats(acc: Batch | None, part: Batch) -> Batch:
-    """Exact reduction of one-row statistics: min_* by minimum, max_* by maximum,
-    "columns" by union of comma-joined names, everything else (integers) by sum."""
-    out: Batch = {}
-    for name, values in part.items():
-        values = np.asarray(values)
-        previous = None if acc is None else acc.get(name)
-        if name == "columns":
-            names = {n for text in values for n in str(text).split(",") if n}
-            if previous is not None:
-                names |= set(str(previous[0]).split(","))
-            out[name] = np.array([",".join(sorted(names))])
-        elif name.startswith("min_"):
-            reduced = values.min(axis=0, keepdims=True)
-            out[name] = reduced if previous is None else np.minimum(previous, reduced)
-        elif name.startswith("max_"):
-            reduced = values.max(axis=0, keepdims=True)
-            out[name] = reduced if previous is None else np.maximum(previous, reduced)
-        else:
-            reduced = values.sum(axis=0, keepdims=True)
-            out[name] = reduced if previous is None else previous + reduced
-    return out
-
-
-class BlockPass:
-    """A function of a batch whose outputs fold exactly, in any order and grouping."""
-
-    def __call__(self, batch: Batch) -> Batch:
-        raise NotImplementedError
-
-    def fold(self, acc: Batch | None, part: Batch) -> Batch:
-        """Reduce a new output (one or more rows) into the accumulated one."""
-        return _fold_stats(acc, part)
-
-    def over_chunks(self, batch: Batch, chunk_rows: int) -> Batch:
-        """The folded output of a whole block, computed chunk by chunk (bounded memory)."""
-        num_rows = len(next(iter(batch.values())))
-        acc: Batch | None = None
-        for start in range(0, max(num_rows, 1), chunk_rows):
-            chunk = {name: values[start : start + chunk_rows] for name, values in batch.items()}
-            acc = self.fold(acc, self(chunk))
-        assert acc is not None
-        return acc
 
 
 @dataclass(frozen=True)
@@ -174,59 +137,6 @@ class _RangePass(BlockPass):
             np.maximum.at(maxs, labels, log_p)
             out[f"min_{i}"] = mins[None]
             out[f"max_{i}"] = maxs[None]
-        return out
-
-
-@dataclass(frozen=True, eq=False)
-class _HistogramPass(BlockPass):
-    """Per-block histograms (INIT_BINS bins) of the loss scores of every mixture."""
-
-    spec: SelectionSpec
-    sources: dict[str, SourceFit]
-
-    def __call__(self, batch: Batch) -> Batch:
-        labels = as_labels(batch[self.spec.label_column])
-        out: Batch = {}
-        size = self.spec.num_groups * INIT_BINS
-        for i, (name, p_column, _) in enumerate(self.spec.sources):
-            source = self.sources[name]
-            groups = source.group_ids(labels, self.spec.gmm)
-            rows = np.flatnonzero(groups >= 0)
-            p_label = np.asarray(batch[p_column], dtype=np.float64)[rows]
-            loss = source.loss_score(p_label, labels[rows])
-            bins = np.minimum((loss * INIT_BINS).astype(np.int64), INIT_BINS - 1)
-            cells = groups[rows] * INIT_BINS + bins
-            out[f"hist_{i}"] = np.bincount(cells, minlength=size).reshape(1, -1, INIT_BINS)
-        return out
-
-
-@dataclass(frozen=True, eq=False)
-class _EStepPass(BlockPass):
-    """One E-step over a block: exact per-mixture sums for every source still fitting."""
-
-    spec: SelectionSpec
-    sources: dict[str, SourceFit]
-    active: dict[str, np.ndarray]  # source -> bool[G], mixtures not yet converged
-    # source -> float64[G]: hard 2-means split at these thresholds instead of the E-step
-    thresholds: dict[str, np.ndarray] | None = None
-
-    def __call__(self, batch: Batch) -> Batch:
-        labels = as_labels(batch[self.spec.label_column])
-        out: Batch = {}
-        for i, (name, p_column, _) in enumerate(self.spec.sources):
-            active = self.active.get(name)
-            if active is None or not active.any():
-                continue
-            source = self.sources[name]
-            groups = source.group_ids(labels, self.spec.gmm)
-            rows = np.flatnonzero(groups >= 0)
-            rows = rows[active[groups[rows]]]
-            g = groups[rows]
-            p_label = np.asarray(batch[p_column], dtype=np.float64)[rows]
-            loss = source.loss_score(p_label, labels[rows])
-            split = None if self.thresholds is None else self.thresholds[name]
-            terms = estep_terms(loss, g, source.means, source.variances, source.weights, split)
-            out[f"em_{i}"] = exact_group_sums(g, terms, self.spec.num_groups)[None]
         return out
 
 
@@ -285,24 +195,6 @@ class _CandidatePass(BlockPass):
         return {name: np.asarray(values)[best] for name, values in merged.items()}
 
 
-def check_rows(chunk_rows: int) -> int:
-    if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, (int, np.integer)):
-        raise ValueError(f"chunk / batch rows must be a positive integer, got {chunk_rows!r}")
-    if not 1 <= chunk_rows <= MAX_EXACT_ROWS:
-        raise ValueError(f"chunk / batch rows must be in [1, {MAX_EXACT_ROWS}], got {chunk_rows}")
-    return int(chunk_rows)
-
-
-def local_runner(batch: Batch, chunk_rows: int) -> Runner:
-    """Runs a block pass on one in-memory batch, chunk by chunk (the in-memory path)."""
-    chunk_rows = check_rows(chunk_rows)
-
-    def run(fn: BlockPass) -> Batch:
-        return fn.over_chunks(batch, chunk_rows)
-
-    return run
-
-
 def _initial_sources(spec: SelectionSpec, scan: Batch) -> tuple[dict[str, SourceFit], np.ndarray]:
     """Source fits with ranges from the range pass and the deterministic initialisation."""
     counts = scan["counts"].sum(axis=0).astype(np.int64)
@@ -334,6 +226,51 @@ def _fit_counts(spec: SelectionSpec, source: SourceFit, counts: np.ndarray) -> n
     return fitted if spec.gmm == "per_class" else np.array([fitted.sum()])
 
 
+def _split_sums(
+    spec: SelectionSpec,
+    run: Runner,
+    moving: dict[str, np.ndarray],
+    thresholds: dict[str, np.ndarray],
+    kept: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]],
+) -> dict[str, np.ndarray]:
+    """float64[G, 7] per source with moving mixtures: the hard split's E-step sums (r, r x,
+    r x^2 of the lower, then the upper side; log-likelihood 0) at `thresholds`.
+
+    kept[name] = (exact sums of all samples, of the lower side, its thresholds) is updated
+    in place: the first pass sums everything; later passes add or remove only the samples
+    between a mixture's old and new threshold (those that changed side).
+    """
+    g = spec.num_groups
+    unbounded = np.full(g, np.inf)
+    ranges = {}
+    for i, (name, _, _) in enumerate(spec.sources):
+        if not moving[name].any():
+            continue
+        if name not in kept:
+            ranges[f"total_{i}"] = (i, moving[name], -unbounded, unbounded)
+            ranges[f"lower_{i}"] = (i, moving[name], -unbounded, thresholds[name])
+        else:
+            before = kept[name][2]
+            low = np.minimum(before, thresholds[name])
+            ranges[f"moved_{i}"] = (i, moving[name], low, np.maximum(before, thresholds[name]))
+    out = run(SplitSumsPass(g, ranges))
+    sums = {}
+    for i, (name, _, _) in enumerate(spec.sources):
+        if not moving[name].any():
+            continue
+        if name not in kept:
+            total, lower = out[f"total_{i}"].sum(axis=0), out[f"lower_{i}"].sum(axis=0)
+        else:
+            total, lower, before = kept[name]
+            # samples between the thresholds join the lower side if it moved up
+            sign = np.where(thresholds[name] > before, 1, -1)[None, :, None]
+            lower = lower + sign * out[f"moved_{i}"].sum(axis=0)
+        kept[name] = (total, lower, thresholds[name].copy())
+        parts = (lower, total - lower, np.zeros((2, g, 1), dtype=np.int64))
+        sums[name] = combine_exact_sums(np.concatenate(parts, axis=2)[None], TERM_BITS)
+    return sums
+
+
 def _split_init(
     spec: SelectionSpec, run: Runner, sources: dict[str, SourceFit], active: dict[str, np.ndarray]
 ) -> dict[str, SourceFit]:
@@ -343,9 +280,11 @@ def _split_init(
     each: a hard split's exact sums, then the threshold moves to the midpoint of the two
     means) until no sample changes side; the initial means, variances (+ reg_covar) and
     weights are the M-step of that final hard split. Deterministic, and on the scores'
-    1-D data the same 2-means partition that sklearn's KMeans reaches.
+    1-D data the same 2-means partition that sklearn's KMeans reaches. `run` runs on
+    the class-grouped loss scores (`cleaner.selection.grouped`): a Lloyd pass after the
+    first reads only the samples that change side.
     """
-    histograms = run(_HistogramPass(spec, sources))
+    histograms = run(GroupedHistogramPass(spec.num_groups, INIT_BINS))
     thresholds = {
         name: otsu_threshold(histograms[f"hist_{i}"].sum(axis=0))
         for i, (name, _, _) in enumerate(spec.sources)
@@ -353,15 +292,13 @@ def _split_init(
     lloyd = {name: a.copy() for name, a in active.items()}
     previous = {name: np.full(spec.num_groups, -1.0) for name in sources}
     split_sums: dict[str, np.ndarray] = {}
+    kept: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
     for _ in range(LLOYD_MAX_ITER):
         if not any(a.any() for a in lloyd.values()):
             break
-        out = run(_EStepPass(spec, sources, {n: a.copy() for n, a in lloyd.items()}, thresholds))
-        for i, (name, _, _) in enumerate(spec.sources):
+        out = _split_sums(spec, run, lloyd, thresholds, kept)
+        for name, sums in out.items():
             moving = lloyd[name]
-            if not moving.any():
-                continue
-            sums = combine_exact_sums(out[f"em_{i}"], TERM_BITS)
             keep = moving[:, None]
             split_sums[name] = np.where(keep, sums, split_sums.get(name, sums))
             lower = sums[:, 0]
@@ -391,16 +328,19 @@ def _split_init(
 def _run_em(
     spec: SelectionSpec, run: Runner, sources: dict[str, SourceFit], counts: np.ndarray
 ) -> dict[str, SourceFit]:
-    """EM for every mixture of every source, one pass over the data per iteration."""
+    """EM for every mixture of every source, one pass per iteration over the loss scores
+    of the mixtures still fitting (kept grouped by mixture: `run.derive(GroupScores)`)."""
     n_fit = {name: _fit_counts(spec, source, counts) for name, source in sources.items()}
     active = {name: n > 0 for name, n in n_fit.items()}
     lower_bound = {name: np.full(spec.num_groups, -np.inf) for name in sources}
-    if any(a.any() for a in active.values()):
-        sources = _split_init(spec, run, sources, active)
+    if not any(a.any() for a in active.values()):
+        return sources
+    grouped = run.derive(GroupScores(spec, sources))
+    sources = _split_init(spec, grouped, sources, active)
     for _ in range(spec.max_iter):
         if not any(a.any() for a in active.values()):
             break
-        out = run(_EStepPass(spec, sources, {n: a.copy() for n, a in active.items()}))
+        out = grouped(GroupedEStepPass(spec, sources, {n: a.copy() for n, a in active.items()}))
         for i, (name, _, _) in enumerate(spec.sources):
             fitting = active[name]
             if not fitting.any():

@@ -17,7 +17,7 @@ without gathering the score table on the driver:
 `fit_plan.choose_mode` picks between the two fits by the estimated in-memory size.
 
 `fit_selection` runs the engine's passes (`cleaner.selection.engine`) as Ray tasks over
-the materialised blocks of the selection's small columns (`block_tasks_runner`);
+the materialised blocks of the selection's small columns (`runners.block_tasks_runner`);
 `distributed_select` adds the selection columns to the Dataset.
 """
 
@@ -36,11 +36,12 @@ from cleaner.config import SelectionConfig
 from cleaner.reading import uri as uri_lib
 from cleaner.reading.shards import STATUS_OK
 from cleaner.scoring.prompts import PromptBank
-from cleaner.selection.engine import BlockPass, Runner, check_rows, make_spec, run_fit
-from cleaner.selection.fitted import DEFAULT_BATCH_ROWS, Batch, FittedSelection, SelectionSpec
+from cleaner.selection.engine import make_spec, run_fit
+from cleaner.selection.fitted import DEFAULT_BATCH_ROWS, FittedSelection, SelectionSpec
 from cleaner.selection.manifest import ManifestWriter, build_manifest, with_relative_shards
 from cleaner.selection.probe_streaming import StreamingProbe, fit_probe_streaming, stable_hash
 from cleaner.selection.rules import DEFAULT_REG_COVAR, GmmMode
+from cleaner.selection.runners import block_tasks_runner
 from cleaner.selection.score_table import (
     NOTHING_USABLE,
     SMALL_COLUMNS,
@@ -53,48 +54,6 @@ from cleaner.selection.summary import SUMMARY_COLUMNS, summary_with_fit
 
 if TYPE_CHECKING:
     import ray.data
-
-
-MAX_FIT_TASKS = 64  # tasks per EM pass, at most (each folds a group of blocks)
-
-
-def _fold_blocks(fn: BlockPass, chunk_rows: int, *blocks: pa.Table) -> Batch:
-    """One task of a pass: the folded output of `fn` over a group of blocks."""
-    from ray.data.block import BlockAccessor
-
-    acc: Batch | None = None
-    for block in blocks:
-        if block.num_rows:
-            batch = BlockAccessor.for_block(block).to_batch_format("numpy")
-            acc = fn.fold(acc, fn.over_chunks(batch, chunk_rows))
-    return acc or {}
-
-
-def block_tasks_runner(
-    ds: ray.data.Dataset, chunk_rows: int, max_tasks: int = MAX_FIT_TASKS
-) -> Runner:
-    """A Runner over a materialised Dataset's blocks: each pass is one Ray task per group
-    of blocks (at most one group per cluster CPU), reading its blocks from the object
-    store, folded on the driver. The EM's tens of passes then cost a few task launches
-    each on warm workers, instead of a Ray Data job each (or an actor start per fit)."""
-    import ray
-
-    chunk_rows = check_rows(chunk_rows)
-    refs = ds.to_arrow_refs()
-    cpus = int(ray.cluster_resources().get("CPU", 1))
-    count = max(1, min(len(refs), max_tasks, cpus))
-    groups = [refs[i::count] for i in range(count)]
-    task = ray.remote(_fold_blocks).options(num_cpus=1)
-
-    def run(fn: BlockPass) -> Batch:
-        fn_ref = ray.put(fn)
-        acc: Batch | None = None
-        for part in ray.get([task.remote(fn_ref, chunk_rows, *group) for group in groups]):
-            if part:
-                acc = fn.fold(acc, part)
-        return acc or {}
-
-    return run
 
 
 def selection_input(ds: ray.data.Dataset, spec: SelectionSpec) -> ray.data.Dataset:

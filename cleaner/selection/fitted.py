@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 
-from cleaner.selection.em import responsibilities
+from cleaner.selection.em import log_posteriors, mixture_table
 from cleaner.selection.rules import (
     CONSISTENCY_TOLERANCE,
     DEFAULT_REG_COVAR,
@@ -104,9 +104,10 @@ class SourceFit:
         p_clean = np.ones(loss.shape[0], dtype=np.float64)
         if rows.size:
             g = groups[rows]
-            resp, _ = responsibilities(loss[rows], g, self.means, self.variances, self.weights)
-            clean = np.argmax(self.means, axis=1)
-            p_clean[rows] = np.take_along_axis(resp, clean[g][:, None], axis=1)[:, 0]
+            table = mixture_table(self.means, self.variances, self.weights)
+            first, second, loglik = log_posteriors(loss[rows], table[:, g])
+            clean = np.argmax(self.means, axis=1)[g]  # the responsibility of this component
+            p_clean[rows] = np.exp(np.where(clean == 0, first, second) - loglik)
         return p_clean
 
 
