@@ -44,7 +44,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from benchmarks.cluster_e2e import environ_restored, submit, wait_job
+from benchmarks.cluster_rehearsal import environ_restored, submit, wait_job
 from benchmarks.procstats import command_line, pss_kb, status_kb
 from cluster.local.localcluster import LocalCluster, cluster_pids
 
