@@ -66,7 +66,11 @@ def training_inputs(cfg: TrainJobConfig) -> TrainingInputs:
     spec = load_class_spec(cfg.data.classes)
     guard_k = cfg.mixfix.clip_k if cfg.mixfix.mode == "mixfix_clip" else 0
     try:
-        index = load_sample_index(manifest_uri(cfg.data.manifest), zeroshot_topk=guard_k)
+        index = load_sample_index(
+            manifest_uri(cfg.data.manifest),
+            zeroshot_topk=guard_k,
+            sample_weights=cfg.mixfix.sample_weights,
+        )
     except ValueError as error:
         raise ConfigError(f"mixfix.mode={cfg.mixfix.mode}: {error}") from None
     shards = uri_lib.expand_shard_spec(cfg.data.input)

@@ -33,6 +33,13 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from cleaner.config import SelectionConfig
+from cleaner.detectors.apply import (
+    FittedDetectors,
+    apply_detectors,
+    calibration_part,
+    compare_detectors,
+    summary_columns,
+)
 from cleaner.reading import uri as uri_lib
 from cleaner.reading.shards import STATUS_OK
 from cleaner.scoring.prompts import PromptBank
@@ -258,8 +265,10 @@ def manifest_part(
     class_names: list[str],
     bank: PromptBank,
     tau: float,
+    detectors: FittedDetectors | None = None,
 ) -> pa.Table:
-    """One score file's manifest rows under the fitted probe and selection."""
+    """One score file's manifest rows under the fitted probe and selection (and the
+    fitted detectors of `selection.detector`, when not clipcleaner)."""
     fs, path = uri_lib.resolve(score_uri)
     with fs.open_input_file(path) as f:
         table = pq.read_table(f, columns=[*SMALL_COLUMNS, "embedding"])
@@ -273,7 +282,21 @@ def manifest_part(
         probe_probs = probe.predict_proba(
             batch.usable_embeddings, batch.keys[batch.ok_idx].astype(str)
         )
-    return build_manifest(batch, fitted, probe_probs, cfg, class_names, bank, tau)
+    manifest = build_manifest(batch, fitted, probe_probs, cfg, class_names, bank, tau)
+    if detectors is None:
+        return manifest
+    keys = batch.keys[batch.ok_idx]
+    return apply_detectors(
+        manifest, batch.ok_idx, batch.usable_embeddings, keys, detectors, class_names
+    )
+
+
+def calibration_of_part(*args) -> dict:
+    """manifest_part(*args) reduced to its ensemble calibration statistics."""
+    batch_table = manifest_part(*args)
+    detectors = args[-1]
+    ok_idx = np.flatnonzero(np.asarray(batch_table.column("status").to_pylist()) != "failed")
+    return calibration_part(batch_table, ok_idx, detectors)
 
 
 def ordered_results(task, argument_lists: Iterable[tuple], window: int) -> Iterator:
@@ -299,10 +322,12 @@ def fit_and_write_manifest_distributed(
     tau: float,
     manifest_uri: str,
     seed: int = 0,
+    detectors: FittedDetectors | None = None,
 ) -> dict:
     """The distributed global fit; writes manifest_uri and returns the summary parts.
 
     score_uris[i] holds the scores of shards[i]; the manifest lists them in that order.
+    detectors: as in fit_in_memory.fit_and_build_manifest.
     """
     import ray
 
@@ -357,26 +382,36 @@ def fit_and_write_manifest_distributed(
     task = ray.remote(manifest_part).options(num_cpus=1)
     window = max(2, PARTS_IN_FLIGHT_PER_CPU * int(ray.cluster_resources().get("CPU", 1)))
 
-    argument_lists = (
-        (
-            score_uri,
-            repeats.get(shard, []),
-            refs["fitted"],
-            refs["probe"],
-            cfg,
-            class_names,
-            refs["bank"],
-            tau,
+    def argument_lists(detectors_ref):
+        return (
+            (
+                score_uri,
+                repeats.get(shard, []),
+                refs["fitted"],
+                refs["probe"],
+                cfg,
+                class_names,
+                refs["bank"],
+                tau,
+                detectors_ref,
+            )
+            for score_uri, shard in zip(score_uris, shards, strict=True)
         )
-        for score_uri, shard in zip(score_uris, shards, strict=True)
-    )
 
-    kept: dict[str, list[np.ndarray]] = {name: [] for name in SUMMARY_COLUMNS}
+    if detectors is not None and detectors.needs_calibration:
+        calibrate = ray.remote(calibration_of_part).options(num_cpus=1)
+        parts = list(ordered_results(calibrate, argument_lists(ray.put(detectors)), window))
+        detectors = detectors.calibrated(parts)
+        print(f"[fit] ensemble calibrated over {len(parts)} parts ({elapsed()})", flush=True)
+    detectors_ref = ray.put(detectors)
+    kept: dict[str, list[np.ndarray]] = {
+        name: [] for name in [*SUMMARY_COLUMNS, *summary_columns(detectors)]
+    }
     written = 0
     with ManifestWriter(manifest_uri) as writer:
-        for part in ordered_results(task, argument_lists, window):
+        for part in ordered_results(task, argument_lists(detectors_ref), window):
             writer.write(part)
-            for name in SUMMARY_COLUMNS:
+            for name in kept:
                 kept[name].append(part.column(name).to_numpy(zero_copy_only=False))
             written += 1
             if written % 50 == 0 or written == len(score_uris):
@@ -384,4 +419,7 @@ def fit_and_write_manifest_distributed(
                     f"[fit] manifest: {written}/{len(score_uris)} shards ({elapsed()})", flush=True
                 )
     columns = {name: np.concatenate(parts) for name, parts in kept.items()}
-    return summary_with_fit(columns, fitted, class_names)
+    summary = summary_with_fit(columns, fitted, class_names)
+    if detectors is not None:
+        summary["detectors"] = compare_detectors(columns, detectors)
+    return summary
