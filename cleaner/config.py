@@ -168,7 +168,7 @@ class CleanNetConfig(StrictModel):
 
     num_ref: int = Field(default=32, gt=0, description="reference embeddings per class (k-means)")
     ref_sample: int = Field(
-        default=3200, gt=0, description="per-class sample the k-means runs on (at most)"
+        default=1000, gt=0, description="per-class sample the k-means runs on (at most)"
     )
     steps: int = Field(default=4000, gt=0)
     batch_verified: int = Field(default=32, gt=0)

@@ -105,9 +105,15 @@ def run_clean(cfg: CleanJobConfig) -> dict:
     names = shard_output_names(shards)
     score_uris = [uri_lib.join(scores_uri, names[s]) for s in shards]
     detectors = fit_detectors(
-        cfg, score_uris, spec.names, verified=verified, num_gpus=scorer_plan.num_gpus
+        cfg,
+        score_uris,
+        spec.names,
+        shards=shards,
+        verified=verified,
+        num_gpus=scorer_plan.num_gpus,
     )
-    timings["detectors_s"] = time.perf_counter() - t2
+    if detectors is not None:
+        timings["detectors_s"] = time.perf_counter() - t2
     plan = choose_mode(cfg.selection, score_uris, spec.num_classes)
     print(
         f"[fit] {plan.mode} global fit over {plan.samples} samples (in-memory estimate "

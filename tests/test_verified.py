@@ -86,7 +86,7 @@ def test_unknown_keys(tmp_path):
 
 def test_cleannet_needs_a_verified_source():
     base = ["data.input=x", "data.classes=demo", "output=o"]
-    with pytest.raises(ConfigError, match="detector=cleannet needs selection.verified"):
+    with pytest.raises(ConfigError, match=r"detector=cleannet needs selection\.verified"):
         load_config(None, [*base, "selection.detector=cleannet"])
     cfg = load_config(None, [*base, "selection.detector=cleannet", "selection.verified=shards"])
     assert cfg.selection.detector == "cleannet"

@@ -84,14 +84,21 @@ def _first_entries(table: pa.Table, name: str, fill, dtype) -> np.ndarray:
 
 
 def member_outputs(
-    detectors: FittedDetectors, embeddings: np.ndarray, labels: np.ndarray, keys: np.ndarray
+    detectors: FittedDetectors, batch, labels: np.ndarray
 ) -> dict[str, DetectorOutput]:
+    """Each member's verdict on the batch's usable rows (a ScoreBatch: ok_idx, keys,
+    shards, usable_embeddings; DeFT with a tuned image tower reads its own embeddings)."""
+    ok = batch.ok_idx
     out = {}
     for name, fitted in detectors.members.items():
         if name == "cleannet":
-            out[name] = fitted.evaluate(embeddings, labels, keys)
-        else:
+            out[name] = fitted.evaluate(batch.usable_embeddings, labels, batch.keys[ok])
+        elif getattr(fitted, "tuned", None):
+            positions = batch.table.column("shard_pos").to_numpy()[ok]
+            embeddings = fitted.tuned_embeddings(batch.shards[ok], positions)
             out[name] = fitted.evaluate(embeddings, labels)
+        else:
+            out[name] = fitted.evaluate(batch.usable_embeddings, labels)
     return out
 
 
@@ -183,21 +190,17 @@ def set_verdict(
 
 
 def apply_detectors(
-    table: pa.Table,
-    ok_idx: np.ndarray,
-    embeddings: np.ndarray,
-    keys: np.ndarray,
-    detectors: FittedDetectors,
-    class_names: list[str],
+    table: pa.Table, batch, detectors: FittedDetectors, class_names: list[str]
 ) -> pa.Table:
-    """A manifest part (one row per score row; `ok_idx` its usable rows, `embeddings` and
-    `keys` theirs) with the detectors' columns and the chosen one's verdict.
+    """A manifest part built from a ScoreBatch (one manifest row per batch row) with the
+    detectors' columns and the chosen one's verdict on the batch's usable rows.
 
     For the ensemble before calibration only the member columns are added (the
     calibration pass reads them)."""
+    ok_idx = batch.ok_idx
     labels = table.column("label").to_numpy(zero_copy_only=False).astype(np.int64)
     labels_ok = labels[ok_idx]
-    outputs = member_outputs(detectors, embeddings, labels_ok, keys)
+    outputs = member_outputs(detectors, batch, labels_ok)
     table = add_member_columns(table, ok_idx, outputs)
     if detectors.chosen == ENSEMBLE:
         if detectors.calibration is None:
@@ -284,10 +287,8 @@ def apply_in_memory(
 ) -> tuple[pa.Table, FittedDetectors]:
     """The whole run's manifest (one ScoreBatch) with the detectors applied; the ensemble
     is calibrated on it first. Returns (manifest, detectors as applied)."""
-    ok_idx = batch.ok_idx
-    embeddings, keys = batch.usable_embeddings, batch.keys[ok_idx]
-    table = apply_detectors(manifest, ok_idx, embeddings, keys, detectors, class_names)
+    table = apply_detectors(manifest, batch, detectors, class_names)
     if detectors.needs_calibration:
-        detectors = detectors.calibrated([calibration_part(table, ok_idx, detectors)])
-        table = apply_detectors(manifest, ok_idx, embeddings, keys, detectors, class_names)
+        detectors = detectors.calibrated([calibration_part(table, batch.ok_idx, detectors)])
+        table = apply_detectors(manifest, batch, detectors, class_names)
     return table, detectors

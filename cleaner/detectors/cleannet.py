@@ -81,7 +81,7 @@ def verified_rows(block: Block, verified: dict[str, int]) -> list[dict]:
     return [found, data]
 
 
-def concat_parts(items) -> dict:
+def concat_parts(*items) -> dict:
     """One dict of arrays from partition items (dicts, or lists of them)."""
     parts = [p for p in flatten(items) if len(next(iter(p.values())))]
     if not parts:
@@ -96,7 +96,7 @@ def class_samples_and_references(
     its k-means reference set; classes not in the group stay absent."""
     from sklearn.cluster import KMeans
 
-    rows = concat_parts(items)
+    rows = concat_parts(*items)
     out: dict = {"references": {}, "samples": {}}
     if not rows:
         return out
@@ -242,7 +242,8 @@ def train_cleannet(
         q_t = torch.from_numpy(np.concatenate(q))
         flag_t = torch.from_numpy(np.concatenate(flags))
         phi_q, recon = net.query(q_t)
-        phi_s = net.classes(refs_t)[torch.from_numpy(np.concatenate(y))]
+        present, where = np.unique(np.concatenate(y), return_inverse=True)
+        phi_s = net.classes(refs_t[torch.from_numpy(present)])[torch.from_numpy(where)]
         cos = torch.nn.functional.cosine_similarity(phi_q, phi_s, dim=1)
         pseudo = (cos.detach() >= cfg.unsupervised_threshold).float()
         supervised = relevance_loss(

@@ -123,9 +123,9 @@ def deft_partial(
             require_argmax=require_argmax,
         )
         (cls_sum + neg_sum).backward()
-        out["cls_sum"] += float(cls_sum)
+        out["cls_sum"] += float(cls_sum.detach())
         out["cls_count"] += cls_count
-        out["neg_sum"] += float(neg_sum)
+        out["neg_sum"] += float(neg_sum.detach())
         out["n"] += len(part)
         out["selected"] += int(selected.sum())
     zero = np.zeros(tuple(pos.shape), dtype=np.float32)
@@ -339,8 +339,29 @@ class FittedDeft:
     require_argmax: bool = False
     n_ctx: int = 0
     history: list | None = None
+    tuned: dict[str, str] | None = None  # shard -> its tuned-tower embeddings (image tuning)
 
     name = NAME
+
+    def tuned_embeddings(self, shards: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """The tuned image tower's embeddings of rows given by (shard, position)."""
+        import pyarrow.parquet as pq
+
+        from cleaner.reading import uri as uri_lib
+        from cleaner.selection.score_table import embeddings_of
+
+        out: np.ndarray | None = None
+        for shard in dict.fromkeys(shards.tolist()):
+            fs, path = uri_lib.resolve(self.tuned[shard])
+            with fs.open_input_file(path) as f:
+                table = pq.read_table(f, columns=["shard_pos", "embedding"])
+            row_of = {int(p): i for i, p in enumerate(table.column("shard_pos").to_pylist())}
+            values = embeddings_of(table)
+            if out is None:
+                out = np.zeros((len(shards), values.shape[1]), dtype=values.dtype)
+            mine = np.flatnonzero(shards == shard)
+            out[mine] = values[[row_of[int(p)] for p in positions[mine]]]
+        return out if out is not None else np.zeros((0, len(self.positive[0])), np.float16)
 
     def evaluate(self, embeddings: np.ndarray, labels: np.ndarray) -> DetectorOutput:
         """DeFT's verdict on rows: clean when p_yes[label] > 0.5 (pos beats neg)."""

@@ -67,10 +67,6 @@ def verified_from_shards(blocks, num_classes: int) -> VerifiedLabels:
 def fit_deft(blocks, cfg: CleanJobConfig, class_names, num_rows: int, num_gpus: float, log):
     """DeFT's prompts, trained by a PromptTrainer (a Ray actor, or here for LocalBlocks)."""
     settings = cfg.selection.deft
-    if settings.image_tuning != "none":
-        from cleaner.detectors.deft_images import fit_deft_images
-
-        return fit_deft_images(cfg, class_names, log=log)
     args = (cfg.model.model_dump(), class_names, settings.model_dump(), cfg.seed)
     if isinstance(blocks, LocalBlocks):
         handle = deft.Handle(deft.PromptTrainer(*args))
@@ -133,12 +129,14 @@ def fit_detectors(
     score_uris: list[str],
     class_names: list[str],
     *,
+    shards: list[str] | None = None,
     verified: VerifiedLabels | None = None,
     num_gpus: float = 0,
     blocks=None,
     log=print,
 ) -> FittedDetectors | None:
-    """Fit what `cfg.selection` asks for (None for clipcleaner); see the module docstring."""
+    """Fit what `cfg.selection` asks for (None for clipcleaner); see the module docstring.
+    score_uris[i] holds the scores of shards[i] (the shards: DeFT's image tuning reads them)."""
     selection = cfg.selection
     wanted = members_needed(selection)
     if selection.detector == CLIPCLEANER:
@@ -148,12 +146,18 @@ def fit_detectors(
     shapes = blocks.map(_shape)
     num_rows = int(sum(n for n, _ in shapes))
     dim = max((d for n, d in shapes if n), default=0)
-    if num_rows == 0:
-        raise ConfigError("no usable sample to fit the detectors on (every sample failed)")
+    if num_rows == 0:  # the manifest lists every sample as failed, with its reason
+        log("[detectors] no usable sample: nothing to fit; the manifest is CLIPCleaner's")
+        blocks.release()
+        return None
     log(f"[detectors] fitting {', '.join(wanted) or 'nothing'} on {num_rows} usable samples")
     members: dict = {}
     try:
-        if "deft" in wanted:
+        if "deft" in wanted and selection.deft.image_tuning != "none":
+            from cleaner.detectors.deft_images import fit_deft_images
+
+            members["deft"] = fit_deft_images(cfg, class_names, shards or [], log=log)
+        elif "deft" in wanted:
             members["deft"] = fit_deft(blocks, cfg, class_names, num_rows, num_gpus, log)
             log(f"[detectors] deft fitted ({time.perf_counter() - started:.1f} s)")
         if "cleannet" in wanted:

@@ -285,10 +285,7 @@ def manifest_part(
     manifest = build_manifest(batch, fitted, probe_probs, cfg, class_names, bank, tau)
     if detectors is None:
         return manifest
-    keys = batch.keys[batch.ok_idx]
-    return apply_detectors(
-        manifest, batch.ok_idx, batch.usable_embeddings, keys, detectors, class_names
-    )
+    return apply_detectors(manifest, batch, detectors, class_names)
 
 
 def calibration_of_part(*args) -> dict:
