@@ -131,6 +131,95 @@ class ScoringConfig(ActorPoolConfig):
     top_k: int = Field(default=5, gt=0)
 
 
+DETECTORS = ("clipcleaner", "deft", "cleannet", "ensemble")
+
+
+class DeftConfig(StrictModel):
+    """DeFT's learned positive/negative prompts (docs/method.md, "DeFT")."""
+
+    n_ctx: int = Field(
+        default=16,
+        gt=0,
+        description="learned context tokens per prompt (as the official code); lowered to "
+        "what the text tower's context length holds (the tiny CLIP's holds fewer)",
+    )
+    class_specific: bool = Field(
+        default=False, description="one context per class (CoOp's CSC); false: shared, as DeFT"
+    )
+    steps: int = Field(default=300, gt=0, description="optimiser steps")
+    warmup_steps: int = Field(
+        default=30, ge=0, description="steps of the warm-up loss (every sample, given labels)"
+    )
+    batch_size: int = Field(
+        default=32768, gt=0, description="usable rows drawn per step (all when fewer)"
+    )
+    lr: float = Field(default=0.002, gt=0)
+    weight_decay: float = Field(default=5e-4, ge=0)
+    init_std: float = Field(default=0.02, gt=0, description="context vectors ~ N(0, std)")
+    require_argmax: bool = Field(
+        default=False,
+        description="clean also needs the label to be the argmax of p(yes) (the official "
+        "code's real-data variant)",
+    )
+    image_tuning: Literal["none", "vpt", "lora"] = Field(
+        default="none",
+        description="none: prompts on the score files' embeddings (frozen image tower); "
+        "vpt / lora: the image tower adapted too, on images, with Ray Train",
+    )
+    vpt_len: int = Field(default=20, gt=0, description="image_tuning=vpt: prompt tokens/layer")
+    lora_rank: int = Field(default=8, gt=0, description="image_tuning=lora: rank of q/v updates")
+    image_epochs: int = Field(default=10, gt=0, description="image_tuning: epochs over images")
+    image_warmup_epochs: int = Field(default=1, ge=0)
+    image_batch_size: int = Field(default=64, gt=0, description="image_tuning: global batch")
+    image_lr: float = Field(default=0.03, gt=0, description="image_tuning: SGD lr (official)")
+    image_workers: int = Field(default=1, gt=0, description="image_tuning: Ray Train workers")
+    image_use_gpu: bool | Literal["auto"] = Field(
+        default="auto", description="image_tuning: GPU workers (auto: when the cluster has GPUs)"
+    )
+
+
+class CleanNetConfig(StrictModel):
+    """CleanNet's verified reference-set relevance (docs/method.md, "CleanNet")."""
+
+    num_ref: int = Field(default=32, gt=0, description="reference embeddings per class (k-means)")
+    ref_sample: int = Field(
+        default=1000, gt=0, description="per-class sample the k-means runs on (at most)"
+    )
+    steps: int = Field(default=4000, gt=0)
+    batch_verified: int = Field(default=32, gt=0)
+    batch_unverified: int = Field(default=32, ge=0)
+    lr: float = Field(default=0.01, gt=0)
+    momentum: float = Field(default=0.9, ge=0)
+    weight_decay: float = Field(default=1e-4, ge=0)
+    neg_weight: float = Field(default=5.0, ge=0, description="weight of wrong-label pairs")
+    margin: float = Field(default=0.1, description="cosine margin of wrong-label pairs")
+    reconstruction_weight: float = Field(default=0.1, ge=0)
+    unsupervised_weight: float = Field(default=0.1, ge=0)
+    unsupervised_threshold: float = Field(
+        default=0.1, description="pseudo verification label of unverified rows: cos >= this"
+    )
+    dropout: float = Field(default=0.0, ge=0, lt=1)
+    threshold: float | Literal["fit"] = Field(
+        default="fit",
+        description="relevance threshold; fit: the most accurate on held-out verified rows",
+    )
+    holdout_fraction: float = Field(
+        default=0.2, ge=0, lt=1, description="verified rows kept out of training to fit it"
+    )
+    trust_verified: bool = Field(
+        default=True, description="verified rows take their verified decision in the manifest"
+    )
+
+
+class EnsembleConfig(StrictModel):
+    """How the ensemble combines its members (docs/method.md, "Ensemble")."""
+
+    members: list[Literal["clipcleaner", "deft", "cleannet"]] | None = Field(
+        default=None,
+        description="default: clipcleaner, deft, and cleannet when a verified set is given",
+    )
+
+
 class SelectionConfig(StrictModel):
     """The global clean-sample selection (docs/method.md, "Linear probe" and "Selection")."""
 
@@ -161,6 +250,33 @@ class SelectionConfig(StrictModel):
         description="memory budget of the in-memory fit; default half of "
         "the driver's available memory",
     )
+    detector: Literal["clipcleaner", "deft", "cleannet", "ensemble"] = Field(
+        default="clipcleaner",
+        description="what decides is_clean: CLIPCleaner's selection (the default), DeFT's "
+        "learned prompts, CleanNet's verified reference sets, or their ensemble "
+        "(cleaner/detectors/)",
+    )
+    verified: str | None = Field(
+        default=None,
+        description="human-verified labels for CleanNet: a CSV or Parquet file with `key` "
+        "and `verified_label` (local, file:// or s3://), or 'shards': the true labels the "
+        "shards carry (Clothing1M's clean labels)",
+    )
+    deft: DeftConfig = DeftConfig()
+    cleannet: CleanNetConfig = CleanNetConfig()
+    ensemble: EnsembleConfig = EnsembleConfig()
+
+    @model_validator(mode="after")
+    def _cleannet_needs_verified(self) -> SelectionConfig:
+        if self.detector == "cleannet" and self.verified is None:
+            raise ValueError(
+                "selection.detector=cleannet needs selection.verified (a CSV/Parquet file "
+                "with key and verified_label, or 'shards')"
+            )
+        members = self.ensemble.members or []
+        if "cleannet" in members and self.verified is None:
+            raise ValueError("selection.ensemble.members has cleannet: give selection.verified")
+        return self
 
 
 class ChecksConfig(StrictModel):

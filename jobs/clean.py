@@ -17,6 +17,8 @@ import time
 from cleaner.checks.manifest_columns import ManifestChecks, checks_summary
 from cleaner.checks.search import run_checks
 from cleaner.config import CleanJobConfig
+from cleaner.detectors.fit import fit_detectors, members_needed
+from cleaner.detectors.verified import SHARDS, VerifiedLabels, read_verified_file
 from cleaner.progress import configure_ray_data_progress
 from cleaner.reading import uri as uri_lib
 from cleaner.reading.preflight import check_clean_job_io, check_labels_match_spec
@@ -57,7 +59,8 @@ def run_clean(cfg: CleanJobConfig) -> dict:
         f"[clean] {len(shards)} shards, {spec.num_classes} classes, model {cfg.model.name}",
         flush=True,
     )
-    run_fingerprint = finished_run_fingerprint(cfg, shards, spec)
+    verified = verified_labels(cfg, spec.names)  # a bad verified file stops here (exit 2)
+    run_fingerprint = finished_run_fingerprint(cfg, shards, spec, verified)
     summary_uri = uri_lib.join(cfg.output, "summary.json")
     if cfg.resume and uri_lib.exists(summary_uri):
         previous = json.loads(uri_lib.read_text(summary_uri))
@@ -129,6 +132,16 @@ def run_clean(cfg: CleanJobConfig) -> dict:
     print(f"[checks] {json.dumps(checks_summary(checks), default=str)}", flush=True)
     timings["checks_s"] = time.perf_counter() - t2
     t2 = time.perf_counter()
+    detectors = fit_detectors(
+        cfg,
+        score_uris,
+        spec.names,
+        shards=shards,
+        verified=verified,
+        num_gpus=scorer_plan.num_gpus,
+    )
+    if detectors is not None:
+        timings["detectors_s"] = time.perf_counter() - t2
     plan = choose_mode(cfg.selection, score_uris, spec.num_classes)
     print(
         f"[fit] {plan.mode} global fit over {plan.samples} samples (in-memory estimate "
@@ -140,7 +153,14 @@ def run_clean(cfg: CleanJobConfig) -> dict:
     if plan.mode == "in_memory":
         table = read_scores(scores_uri, [names[s] for s in shards], with_embeddings=True)
         manifest, parts = fit_and_build_manifest(
-            table, cfg.selection, spec.names, bank, cfg.scoring.tau, seed=cfg.seed, finish=finish
+            table,
+            cfg.selection,
+            spec.names,
+            bank,
+            cfg.scoring.tau,
+            seed=cfg.seed,
+            finish=finish,
+            detectors=detectors,
         )
         del table
         manifest = with_relative_shards(manifest, root)
@@ -157,6 +177,7 @@ def run_clean(cfg: CleanJobConfig) -> dict:
             seed=cfg.seed,
             finish=finish,
             shard_root=root,
+            detectors=detectors,
         )
         manifest = read_manifest_for_report(manifest_uri)
     parts["fit"] = plan.as_dict()
@@ -214,13 +235,27 @@ def run_clean(cfg: CleanJobConfig) -> dict:
     return summary
 
 
-def finished_run_fingerprint(cfg: CleanJobConfig, shards: list[str], spec) -> str:
-    """What decides a finished run's outputs: config (not how Ray is reached), shards, prompts."""
-    payload = json.dumps(
-        [cfg.model_dump(mode="json", exclude={"ray", "resume"}), shards, spec.prompts()],
-        sort_keys=True,
-    )
+def finished_run_fingerprint(
+    cfg: CleanJobConfig, shards: list[str], spec, verified: VerifiedLabels | None = None
+) -> str:
+    """What decides a finished run's outputs: config (not how Ray is reached), shards,
+    prompts, and the verified labels' content when a verified file is given."""
+    exclude: dict = {"ray": True, "resume": True}
+    if cfg.selection.detector == "clipcleaner":  # detector settings decide nothing then
+        exclude["selection"] = {"detector", "verified", "deft", "cleannet", "ensemble"}
+    parts = [cfg.model_dump(mode="json", exclude=exclude), shards, spec.prompts()]
+    if verified is not None:
+        parts.append(sorted(verified.labels.items()))
+    payload = json.dumps(parts, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def verified_labels(cfg: CleanJobConfig, class_names: list[str]) -> VerifiedLabels | None:
+    """The verified file of a CleanNet run, read and checked (None: none, or 'shards')."""
+    location = cfg.selection.verified
+    if location is None or location == SHARDS or "cleannet" not in members_needed(cfg.selection):
+        return None
+    return read_verified_file(location, class_names)
 
 
 def report_thumbnails(manifest, extensions: list[str], root: str | None) -> dict[str, bytes]:
@@ -263,6 +298,22 @@ def print_summary(summary: dict) -> None:
             for name in ("precision", "recall", "f1", "auroc")
         )
         print(f"[clean] detection vs true labels: {figures}", flush=True)
+    print_detectors(summary.get("detectors"))
+
+
+def print_detectors(comparison: dict | None) -> None:
+    """One line per detector run: clean count and, with true labels, its figures."""
+    if not comparison:
+        return
+    for name, entry in comparison["detectors"].items():
+        det = entry.get("detection") or {}
+        figures = " ".join(
+            f"{key} {'n/a' if det.get(key) is None else format(det[key], '.4f')}"
+            for key in ("precision", "recall", "auroc")
+            if det
+        )
+        mark = " (chosen)" if name == comparison["chosen"] else ""
+        print(f"[clean] detector {name}{mark}: {entry['clean']} clean {figures}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:

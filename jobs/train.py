@@ -66,7 +66,9 @@ def training_inputs(cfg: TrainJobConfig) -> TrainingInputs:
     guard_k = cfg.mixfix.clip_k if cfg.mixfix.mode == "mixfix_clip" else 0
     manifest = manifest_file(cfg.data.manifest)
     try:
-        index = load_sample_index(manifest, zeroshot_topk=guard_k)
+        index = load_sample_index(
+            manifest, zeroshot_topk=guard_k, sample_weights=cfg.mixfix.sample_weights
+        )
     except ValueError as error:
         raise ConfigError(f"mixfix.mode={cfg.mixfix.mode}: {error}") from None
     try:

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from cleaner.config import ActorPoolConfig, RayConfig, StrictModel
+from cleaner.config import ActorPoolConfig, ModelConfig, RayConfig, StrictModel
 
 
 class TrainDataConfig(StrictModel):
@@ -56,12 +56,35 @@ NETWORK_INPUT_SIZES: dict[str, int] = {
     "inception_resnet_v2": 299,
     "vgg19_bn": 224,
     "tiny_cnn": 32,
+    "clip_peft": 224,  # most CLIPs' input (ViT-B-32 ...); set data.image_size for others
 }
+
+
+class ClipNetworkConfig(StrictModel):
+    """network.name=clip_peft: which CLIP, and how its image tower is adapted."""
+
+    model: ModelConfig = Field(description="the CLIP (as the clean job's model section)")
+    peft: Literal["lora", "vpt"] = "lora"
+    lora_rank: int = Field(default=8, gt=0)
+    vpt_len: int = Field(default=20, gt=0)
 
 
 class NetworkConfig(StrictModel):
     name: str = "tiny_cnn"
     pretrained: str | None = Field(default=None, description="initial weights: path or s3://")
+    clip: ClipNetworkConfig | None = Field(
+        default=None,
+        description="clip_peft only: CLIP's image tower with LoRA or visual prompts and a "
+        "linear head (DeFT's fine-tuning on the clean set)",
+    )
+
+    @model_validator(mode="after")
+    def _clip_section(self) -> NetworkConfig:
+        if self.name == "clip_peft" and self.clip is None:
+            raise ValueError("network.name=clip_peft needs network.clip.model.name (a CLIP)")
+        if self.name != "clip_peft" and self.clip is not None:
+            raise ValueError("network.clip is only for network.name=clip_peft")
+        return self
 
     @field_validator("name")
     @classmethod
@@ -71,7 +94,7 @@ class NetworkConfig(StrictModel):
         return name
 
 
-MIXFIX_MODES = ("noisy", "clean_only", "mixfix", "mixfix_clip")
+MIXFIX_MODES = ("noisy", "clean_only", "mixfix", "mixfix_clip", "deft")
 UPDATING_MODES = ("mixfix", "mixfix_clip")  # modes that absorb/relabel after each epoch
 # The mode the README tells users to run: measured best by benchmarks.train_modes.
 RECOMMENDED_MODE = "mixfix_clip"
@@ -80,9 +103,11 @@ RECOMMENDED_MODE = "mixfix_clip"
 class MixFixConfig(StrictModel):
     """mixfix: the paper's method; mixfix_clip: MixFix whose absorb/relabel must agree with
     CLIP's zero-shot top-`clip_k` (the manifest's); clean_only: the CLIP clean set, no
-    absorb/relabel; noisy: every sample with its given label (no cleaning)."""
+    absorb/relabel; noisy: every sample with its given label (no cleaning); deft: DeFT's
+    fine-tuning, the clean set drawn uniformly (no class balance) with plain cross-entropy
+    (no mixup), meant for network.name=clip_peft."""
 
-    mode: Literal["mixfix", "mixfix_clip", "clean_only", "noisy"] = RECOMMENDED_MODE
+    mode: Literal["mixfix", "mixfix_clip", "clean_only", "noisy", "deft"] = RECOMMENDED_MODE
     beta: float = Field(default=1.0, ge=0.0)
     theta_r: float = Field(default=0.8, ge=0.0, le=1.0)
     theta_r2: float = Field(default=0.8, ge=0.0, le=1.0)
@@ -90,6 +115,22 @@ class MixFixConfig(StrictModel):
     warmup_epochs: int = Field(
         default=0, ge=0, description="epochs trained on the clean set before the first update"
     )
+    sample_weights: Literal["none", "cleannet"] = Field(
+        default="none",
+        description="cleannet: each sample's loss weighted by max(0, its CleanNet relevance) "
+        "(the manifest's cleannet_relevance; CleanNet's w_soft); with mode=noisy this is "
+        "CleanNet's own recipe",
+    )
+
+    @property
+    def mixup_beta(self) -> float:
+        """The Beta parameter of mixup (0: none, as DeFT's fine-tuning)."""
+        return 0.0 if self.mode == "deft" else self.beta
+
+    @property
+    def class_balanced(self) -> bool:
+        """Whether epochs draw classes equally (MixFix's sampler) or samples uniformly."""
+        return self.mode not in ("noisy", "deft")
 
 
 class OptimConfig(StrictModel):

@@ -35,6 +35,8 @@ class SampleIndex:
     true_labels: np.ndarray | None  # int64[N] (-1 unknown) when the shards carried them
     # int32[N, k]: CLIP's zero-shot top-k classes (-1 unknown), loaded only when asked for
     zeroshot_topk: np.ndarray | None = None
+    # float32[N]: per-sample loss weights (mixfix.sample_weights), loaded only when asked for
+    weights: np.ndarray | None = None
 
     @property
     def num_samples(self) -> int:
@@ -55,11 +57,14 @@ def fixed_width_rows(column, width: int) -> np.ndarray:
     return out
 
 
-def load_sample_index(manifest_uri: str, zeroshot_topk: int = 0) -> SampleIndex:
+def load_sample_index(
+    manifest_uri: str, zeroshot_topk: int = 0, sample_weights: str = "none"
+) -> SampleIndex:
     """Read the manifest's small columns; check that ids are offset + position.
 
     zeroshot_topk > 0 also reads the first that many of CLIP's zero-shot top-k classes per
-    sample (`topk_labels_zeroshot`, for the CLIP guard of MixFix).
+    sample (`topk_labels_zeroshot`, for the CLIP guard of MixFix). sample_weights
+    "cleannet" reads CleanNet's relevance as weights, max(0, relevance) (CleanNet's w_soft).
     """
     fs, path = uri_lib.resolve(manifest_uri)
     with fs.open_input_file(path) as f:
@@ -74,6 +79,13 @@ def load_sample_index(manifest_uri: str, zeroshot_topk: int = 0) -> SampleIndex:
                 "(written by the clean job; the CLIP guard needs it)"
             )
         columns.append("topk_labels_zeroshot")
+    if sample_weights == "cleannet":
+        if "cleannet_relevance" not in schema_names:
+            raise ValueError(
+                f"manifest {manifest_uri} has no cleannet_relevance column (written by the "
+                "clean job with selection.detector=cleannet, or ensemble with a verified set)"
+            )
+        columns.append("cleannet_relevance")
     with fs.open_input_file(path) as f:
         table = pq.read_table(f, columns=columns)
     shard_col = np.asarray(table.column("shard").to_pylist(), dtype=object)
@@ -99,7 +111,16 @@ def load_sample_index(manifest_uri: str, zeroshot_topk: int = 0) -> SampleIndex:
         zeroshot_topk=fixed_width_rows(table.column("topk_labels_zeroshot"), zeroshot_topk)
         if zeroshot_topk > 0
         else None,
+        weights=relevance_weights(table.column("cleannet_relevance"))
+        if sample_weights == "cleannet"
+        else None,
     )
+
+
+def relevance_weights(column) -> np.ndarray:
+    """CleanNet's w_soft = max(0, relevance); 0 where there is none (failed rows)."""
+    values = np.asarray(column.to_numpy(zero_copy_only=False), dtype=np.float32)
+    return np.clip(np.nan_to_num(values, nan=0.0), 0.0, None)
 
 
 def with_sample_ids(batch: dict[str, np.ndarray], offsets: dict[str, int]) -> dict[str, np.ndarray]:
@@ -189,12 +210,15 @@ def expand_for_epoch(batch: dict[str, np.ndarray], store, seed: int) -> dict[str
     whole = np.floor(factors)
     copies = (whole + (_uniform_hash(seed, epoch, ids) < factors - whole)).astype(np.int64)
     rows = np.repeat(np.arange(len(ids)), copies)
-    return {
+    out = {
         "image": batch["image"][rows],
         "target": state["labels"][ids][rows],
         "sample_id": ids[rows],
         "epoch": np.full(len(rows), epoch, dtype=np.int64),
     }
+    if "weights" in state:  # mixfix.sample_weights
+        out["weight"] = state["weights"][ids][rows]
+    return out
 
 
 def augment(

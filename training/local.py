@@ -82,7 +82,13 @@ def run_local(
         load_images(test_shards, cfg, class_names) if test_shards else (None, None, None)
     )
     mean, std = cfg.data.mean, cfg.data.std
-    model = build_network(cfg.network.name, num_classes, pretrained_path=cfg.network.pretrained)
+    model = build_network(
+        cfg.network.name,
+        num_classes,
+        pretrained_path=cfg.network.pretrained,
+        clip=cfg.network.clip,
+        data=cfg.data,
+    )
     optimizer = make_optimizer(model, cfg.optim.lr, cfg.optim.momentum, cfg.optim.weight_decay)
     scheduler = make_scheduler(optimizer, cfg.optim.milestones, cfg.optim.gamma)
     state = initial_state(index, cfg.mixfix.mode)
@@ -101,7 +107,7 @@ def run_local(
         started = time.perf_counter()
         rng = np.random.default_rng([cfg.seed, epoch])
         chosen = np.flatnonzero(state.selected & trainable)
-        if cfg.mixfix.mode == "noisy":  # every sample about equally often, no class balance
+        if not cfg.mixfix.class_balanced:  # every sample about equally often, no balance
             reps = -(-iterations * batch // chosen.size)
             order = np.concatenate([rng.permutation(chosen) for _ in range(reps)])
             order = order[: iterations * batch]
@@ -113,11 +119,12 @@ def run_local(
             (
                 augment_batch(images[ids], rng, cfg.data.crop_padding, cfg.data.flip, mean, std),
                 torch.from_numpy(state.current_labels[ids]),
+                *([torch.from_numpy(index.weights[ids])] if index.weights is not None else []),
             )
             for ids in order.reshape(iterations, batch)
         )
         stats = train_one_epoch(
-            model, optimizer, batches, beta=cfg.mixfix.beta, device="cpu", generator=rng
+            model, optimizer, batches, beta=cfg.mixfix.mixup_beta, device="cpu", generator=rng
         )
         scheduler.step()
         metrics: dict = {

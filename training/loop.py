@@ -50,6 +50,7 @@ __all__ = ["CHECKPOINT_FILES", "amp_dtype_for", "load_checkpoint", "save_checkpo
 
 
 def initial_state(index: SampleIndex, mode: str) -> MixFixState:
+    """The first epoch's set: the clean set (every trainable sample in mode noisy)."""
     clean = index.is_clean & index.trainable if mode != "noisy" else index.trainable.copy()
     return MixFixState.initial(clean, np.where(index.labels >= 0, index.labels, 0))
 
@@ -119,6 +120,9 @@ def epoch_batch_to_device(batch: dict[str, np.ndarray], epoch: int, device, mean
         raise RuntimeError(f"epoch {epoch} received rows expanded for epoch {epochs[0]}")
     images = to_device(batch["image"], device)
     targets = to_device(np.asarray(batch["target"], dtype=np.int64), device)
+    if "weight" in batch:  # mixfix.sample_weights
+        weights = to_device(np.asarray(batch["weight"], dtype=np.float32), device)
+        return normalise(images, mean, std), targets, weights
     return normalise(images, mean, std), targets
 
 
@@ -167,10 +171,10 @@ def epoch_batches(
 
 
 def with_progress(batches, progress: ProgressLog):
-    """Pass (inputs, targets) batches through, counting them in a periodic progress line."""
-    for inputs, targets in batches:
-        yield inputs, targets
-        progress.update(units=1, items=int(targets.shape[0]))
+    """Pass (inputs, targets[, weights]) batches through, counting them in a progress line."""
+    for batch in batches:
+        yield batch
+        progress.update(units=1, items=int(batch[1].shape[0]))
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
@@ -196,7 +200,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
     std = torch.tensor(cfg.data.std, device=device).reshape(1, 3, 1, 1)
 
     model = build_network(
-        cfg.network.name, len(class_names), pretrained_path=cfg.network.pretrained
+        cfg.network.name,
+        len(class_names),
+        pretrained_path=cfg.network.pretrained,
+        clip=cfg.network.clip,
+        data=cfg.data,
     )
     model = maybe_sync_batchnorm(model, world, device, cfg.scaling.sync_batchnorm)
     model = ray.train.torch.prepare_model(model)
@@ -227,7 +235,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         predict_source = predict_source.materialize() if predict_source is not None else None
         test_source = test_source.materialize() if test_source is not None else None
     per_worker_batch = cfg.optim.batch_size // world
-    balanced = cfg.mixfix.mode != "noisy"
+    balanced = cfg.mixfix.class_balanced
     for epoch in range(start_epoch, cfg.optim.epochs):
         started = time.perf_counter()
         selected = state.selected & index.trainable
@@ -235,6 +243,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             arrays = {
                 "repeat": repetition_factors(selected, state.current_labels, balanced),
                 "labels": state.current_labels,
+                **({"weights": index.weights} if index.weights is not None else {}),
             }
             ray.get(store.publish.remote(epoch, arrays))  # the store owns them, not rank 0
         if world > 1:
@@ -265,7 +274,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             model,
             optimizer,
             batches,
-            beta=cfg.mixfix.beta,
+            beta=cfg.mixfix.mixup_beta,
             device=device,
             generator=np.random.default_rng([cfg.seed, epoch, rank]),
             scaler=scaler,

@@ -68,10 +68,15 @@ def mixup(
     return mixed_inputs, mixed_targets, lam
 
 
-def soft_cross_entropy(logits: torch.Tensor, soft_targets: torch.Tensor) -> torch.Tensor:
-    """Mean over the batch of -sum_k t_k log softmax(logits)_k (computed in float32)."""
+def soft_cross_entropy(
+    logits: torch.Tensor, soft_targets: torch.Tensor, weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Mean over the batch of -sum_k t_k log softmax(logits)_k (computed in float32);
+    with per-sample weights, the mean of weight * that (CleanNet's w_soft)."""
     log_probs = F.log_softmax(logits.float(), dim=1)
-    return -(soft_targets.float() * log_probs).sum(dim=1).mean()
+    if weights is None:
+        return -(soft_targets.float() * log_probs).sum(dim=1).mean()
+    return -(weights.float() * (soft_targets.float() * log_probs).sum(dim=1)).mean()
 
 
 # --------------------------------------------------------------------------------------
@@ -332,7 +337,8 @@ def train_one_epoch(
     """One pass over `batches` of (inputs [B, C, H, W], targets) with mixup + soft CE.
 
     targets are hard (int [B]) or soft ([B, K] rows summing to 1); hard targets become
-    one-hot with K = the model's output width. amp_dtype enables autocast (bf16/fp16);
+    one-hot with K = the model's output width. A batch may carry per-sample loss weights
+    as a third item (inputs, targets, weights [B]); mixup mixes them like the targets. amp_dtype enables autocast (bf16/fp16);
     pass a GradScaler for fp16. The LR scheduler is NOT stepped here (it is per epoch).
     Returns {"loss": mean loss per sample, "samples": count, "batches": count}.
     """
@@ -341,7 +347,8 @@ def train_one_epoch(
     loss_sum = torch.zeros((), device=device)  # on the device: no host sync per step
     samples = 0
     num_batches = 0
-    for inputs, targets in batches:
+    for inputs, targets, *extra in batches:
+        weights = _as_tensor(extra[0]).to(device, non_blocking=True) if extra else None
         inputs = _as_tensor(inputs).to(device, non_blocking=True)
         targets = _as_tensor(targets).to(device, non_blocking=True)
         batch_size = inputs.shape[0]
@@ -360,7 +367,9 @@ def train_one_epoch(
         targets = targets.float()
         if lam != 1.0:
             targets = targets.mul(lam).add_(targets[perm], alpha=1.0 - lam)
-        loss = soft_cross_entropy(logits, targets)
+            if weights is not None:
+                weights = weights.float().mul(lam).add_(weights.float()[perm], alpha=1.0 - lam)
+        loss = soft_cross_entropy(logits, targets, weights)
 
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:

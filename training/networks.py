@@ -31,6 +31,7 @@ NETWORKS: tuple[str, ...] = (
     "inception_resnet_v2",
     "vgg19_bn",
     "tiny_cnn",
+    "clip_peft",
 )
 
 # Keys under which training frameworks commonly nest the model's state dict in a checkpoint.
@@ -180,18 +181,37 @@ class LoadReport:
         return not (self.missing or self.unexpected or self.mismatched)
 
 
-def build_network(name: str, num_classes: int, *, pretrained_path: str | None = None) -> nn.Module:
+def build_network(
+    name: str, num_classes: int, *, pretrained_path: str | None = None, clip=None, data=None
+) -> nn.Module:
     """A network from NETWORKS with a num_classes-way head, optionally warm-started.
 
     pretrained_path: a state-dict file (local path, file:// or s3://). Loading is
     non-strict: a head of another size (e.g. ImageNet's 1000 classes) is left freshly
     initialised; missing, unexpected and shape-mismatched keys are logged.
+    clip (a ClipNetworkConfig) and data (the job's data config, for its normalisation):
+    clip_peft only (training/clip_network.py).
     """
-    if name not in _BUILDERS:
+    if name not in NETWORKS:
         raise ValueError(f"unknown network {name!r}; known networks: {', '.join(NETWORKS)}")
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-    model = _BUILDERS[name](num_classes)
+    if name == "clip_peft":
+        if clip is None:
+            raise ValueError("network clip_peft needs its clip settings (network.clip)")
+        from training.clip_network import ClipPeftClassifier
+
+        normalisation = {} if data is None else {"input_mean": data.mean, "input_std": data.std}
+        model = ClipPeftClassifier(
+            clip.model,
+            num_classes,
+            peft=clip.peft,
+            rank=clip.lora_rank,
+            length=clip.vpt_len,
+            **normalisation,
+        )
+    else:
+        model = _BUILDERS[name](num_classes)
     if pretrained_path:
         report = load_initial_weights(model, pretrained_path)
         if report.exact:

@@ -83,6 +83,7 @@ SECTIONS = (
     ("per-class", "Per-class counts"),
     ("confusion", "Given vs suggested labels (noisy samples)"),
     ("roc", "ROC and precision-recall of clean_score"),
+    ("detectors", "Detectors side by side"),
     ("failures", "Failures"),
     ("noisy", "Most confident noisy samples"),
     ("off-topic", "Most confident off-topic samples"),

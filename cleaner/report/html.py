@@ -26,6 +26,7 @@ import pyarrow as pa
 from cleaner.reading import uri as uri_lib
 from cleaner.report.checks import section_conflicts, section_leaks, section_off_topic
 from cleaner.report.common import MAX_NOISY_ROWS, SECTIONS, _ReportData, _take_column
+from cleaner.report.detectors import section_detectors
 from cleaner.report.plots import _section_clean_fraction, _section_histograms, _section_roc
 from cleaner.report.tables import (
     _section_confusion,
@@ -93,13 +94,18 @@ def render_report(
         _section_per_class(data, summary),
         _section_confusion(data),
         _section_roc(data) if data.has_truth else "",
+        section_detectors(manifest, summary),
         _section_failures(data, summary),
         _section_noisy(data, thumbnails or {}),
         section_off_topic(manifest, summary, thumbnails or {}),
         section_conflicts(manifest, summary, thumbnails or {}),
         section_leaks(manifest, summary, thumbnails or {}, test_thumbnails or {}),
     ]
-    present = [(sid, title) for sid, title in SECTIONS if sid != "roc" or data.has_truth]
+    present = [
+        (sid, title)
+        for sid, title in SECTIONS
+        if (sid != "roc" or data.has_truth) and (sid != "detectors" or summary.get("detectors"))
+    ]
     nav = " ".join(f'<a href="#{sid}">{html.escape(title)}</a>' for sid, title in present)
     title = "CLIPCleaner report"
     output = summary.get("output")

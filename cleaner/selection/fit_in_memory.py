@@ -13,6 +13,12 @@ import numpy as np
 import pyarrow as pa
 
 from cleaner.config import SelectionConfig
+from cleaner.detectors.apply import (
+    FittedDetectors,
+    apply_in_memory,
+    compare_detectors,
+    summary_columns,
+)
 from cleaner.scoring.prompts import PromptBank
 from cleaner.selection.fitted import FittedSelection
 from cleaner.selection.manifest import build_manifest
@@ -70,16 +76,27 @@ def fit_and_build_manifest(
     tau: float,
     seed: int = 0,
     finish: Callable[[pa.Table, int], pa.Table] | None = None,
+    detectors: FittedDetectors | None = None,
 ) -> tuple[pa.Table, dict]:
     """The in-memory global fit over a whole score table: (manifest, summary parts).
 
     finish(manifest, 0), when given, adds columns to the manifest before it is summarised
-    (the embedding checks: cleaner/checks/manifest_columns.py)."""
+    (the embedding checks: cleaner/checks/manifest_columns.py).
+    detectors: the fitted detectors of `selection.detector` other than clipcleaner
+    (cleaner/detectors/fit.py); None leaves CLIPCleaner's manifest as it is.
+    """
     keys = np.asarray(table.column("key").to_pylist(), dtype=object)
     shards = np.asarray(table.column("shard").to_pylist(), dtype=object)
     batch = ScoreBatch(table, duplicate_rows_in_memory(keys, shards))
     fitted, probe_probs = fit_in_memory(batch, selection_cfg, len(class_names), seed)
     manifest = build_manifest(batch, fitted, probe_probs, selection_cfg, class_names, bank, tau)
+    if detectors is not None:
+        manifest, detectors = apply_in_memory(manifest, batch, detectors, class_names)
     if finish is not None:
         manifest = finish(manifest, 0)
-    return manifest, summary_with_fit(manifest_summary_columns(manifest), fitted, class_names)
+    summary = summary_with_fit(manifest_summary_columns(manifest), fitted, class_names)
+    if detectors is not None:
+        summary["detectors"] = compare_detectors(
+            manifest_summary_columns(manifest, summary_columns(detectors)), detectors
+        )
+    return manifest, summary

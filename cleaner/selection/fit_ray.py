@@ -33,6 +33,13 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from cleaner.config import SelectionConfig
+from cleaner.detectors.apply import (
+    FittedDetectors,
+    apply_detectors,
+    calibration_part,
+    compare_detectors,
+    summary_columns,
+)
 from cleaner.reading import uri as uri_lib
 from cleaner.reading.shards import STATUS_OK
 from cleaner.scoring.prompts import PromptBank
@@ -231,8 +238,10 @@ def manifest_part(
     class_names: list[str],
     bank: PromptBank,
     tau: float,
+    detectors: FittedDetectors | None = None,
 ) -> pa.Table:
-    """One score file's manifest rows under the fitted probe and selection."""
+    """One score file's manifest rows under the fitted probe and selection (and the
+    fitted detectors of `selection.detector`, when not clipcleaner)."""
     fs, path = uri_lib.resolve(score_uri)
     with fs.open_input_file(path) as f:
         table = pq.read_table(f, columns=[*SMALL_COLUMNS, "embedding"])
@@ -246,7 +255,18 @@ def manifest_part(
         probe_probs = probe.predict_proba(
             batch.usable_embeddings, batch.keys[batch.ok_idx].astype(str)
         )
-    return build_manifest(batch, fitted, probe_probs, cfg, class_names, bank, tau)
+    manifest = build_manifest(batch, fitted, probe_probs, cfg, class_names, bank, tau)
+    if detectors is None:
+        return manifest
+    return apply_detectors(manifest, batch, detectors, class_names)
+
+
+def calibration_of_part(*args) -> dict:
+    """manifest_part(*args) reduced to its ensemble calibration statistics."""
+    batch_table = manifest_part(*args)
+    detectors = args[-1]
+    ok_idx = np.flatnonzero(np.asarray(batch_table.column("status").to_pylist()) != "failed")
+    return calibration_part(batch_table, ok_idx, detectors)
 
 
 def ordered_results(task, argument_lists: Iterable[tuple], window: int) -> Iterator:
@@ -274,6 +294,7 @@ def fit_and_write_manifest_distributed(
     seed: int = 0,
     finish: Callable[[pa.Table, int], pa.Table] | None = None,
     shard_root: str | None = None,
+    detectors: FittedDetectors | None = None,
 ) -> dict:
     """The distributed global fit; writes manifest_uri and returns the summary parts.
 
@@ -281,6 +302,7 @@ def fit_and_write_manifest_distributed(
     relative to shard_root (`manifest.with_relative_shards`).
     finish(part, first manifest row), when given, adds columns to each part on the driver
     before it is written (the embedding checks: cleaner/checks/manifest_columns.py).
+    detectors: as in fit_in_memory.fit_and_build_manifest.
     """
     import ray
 
@@ -335,29 +357,39 @@ def fit_and_write_manifest_distributed(
     task = ray.remote(manifest_part).options(num_cpus=1)
     window = max(2, PARTS_IN_FLIGHT_PER_CPU * int(ray.cluster_resources().get("CPU", 1)))
 
-    argument_lists = (
-        (
-            score_uri,
-            repeats.get(shard, []),
-            refs["fitted"],
-            refs["probe"],
-            cfg,
-            class_names,
-            refs["bank"],
-            tau,
+    def argument_lists(detectors_ref):
+        return (
+            (
+                score_uri,
+                repeats.get(shard, []),
+                refs["fitted"],
+                refs["probe"],
+                cfg,
+                class_names,
+                refs["bank"],
+                tau,
+                detectors_ref,
+            )
+            for score_uri, shard in zip(score_uris, shards, strict=True)
         )
-        for score_uri, shard in zip(score_uris, shards, strict=True)
-    )
 
-    kept: dict[str, list[np.ndarray]] = {name: [] for name in SUMMARY_COLUMNS}
+    if detectors is not None and detectors.needs_calibration:
+        calibrate = ray.remote(calibration_of_part).options(num_cpus=1)
+        parts = list(ordered_results(calibrate, argument_lists(ray.put(detectors)), window))
+        detectors = detectors.calibrated(parts)
+        print(f"[fit] ensemble calibrated over {len(parts)} parts ({elapsed()})", flush=True)
+    detectors_ref = ray.put(detectors)
+    kept: dict[str, list[np.ndarray]] = {
+        name: [] for name in [*SUMMARY_COLUMNS, *summary_columns(detectors)]
+    }
     written = rows_written = 0
     with ManifestWriter(manifest_uri) as writer:
-        for part in ordered_results(task, argument_lists, window):
+        for part in ordered_results(task, argument_lists(detectors_ref), window):
             if finish is not None:
                 part = finish(part, rows_written)
             rows_written += part.num_rows
             writer.write(with_relative_shards(part, shard_root))
-            for name in SUMMARY_COLUMNS:
+            for name in kept:
                 kept[name].append(part.column(name).to_numpy(zero_copy_only=False))
             written += 1
             if written % 50 == 0 or written == len(score_uris):
@@ -365,4 +397,7 @@ def fit_and_write_manifest_distributed(
                     f"[fit] manifest: {written}/{len(score_uris)} shards ({elapsed()})", flush=True
                 )
     columns = {name: np.concatenate(parts) for name, parts in kept.items()}
-    return summary_with_fit(columns, fitted, class_names)
+    summary = summary_with_fit(columns, fitted, class_names)
+    if detectors is not None:
+        summary["detectors"] = compare_detectors(columns, detectors)
+    return summary

@@ -88,8 +88,12 @@ def summarise(columns: Mapping[str, np.ndarray], selection_counts: dict, class_n
     return summary
 
 
-def manifest_summary_columns(manifest: pa.Table) -> dict[str, np.ndarray]:
-    return {name: manifest.column(name).to_numpy(zero_copy_only=False) for name in SUMMARY_COLUMNS}
+def manifest_summary_columns(manifest: pa.Table, extra: list[str] = ()) -> dict[str, np.ndarray]:
+    """SUMMARY_COLUMNS (and `extra` ones) of a manifest as arrays."""
+    return {
+        name: manifest.column(name).to_numpy(zero_copy_only=False)
+        for name in [*SUMMARY_COLUMNS, *extra]
+    }
 
 
 def mixture_parameters(fitted: FittedSelection) -> dict:
