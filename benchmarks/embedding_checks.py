@@ -118,7 +118,7 @@ def none_of_these(run: Path, n: int) -> np.ndarray:
     from cleaner.selection.score_table import embeddings_of
 
     spec = ClassSpec.load(DEMO_CLASS_SPEC)
-    clip = load_clip(ModelConfig(), device="cpu")
+    clip = load_clip(ModelConfig(name="tiny-clip-shapes"), device="cpu")
     with torch.no_grad():
         bank = encode_prompts(clip.model, clip.tokenizer, [*spec.prompts(), list(NONE_OF_THESE)])
     files = sorted((run / "scores").glob("*.parquet"))

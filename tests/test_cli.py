@@ -77,9 +77,15 @@ def test_config_keys_walk_nested_sections_with_defaults_bounds_and_choices():
     assert train["run.max_failures"].bounds == {"ge": -1}
 
 
+MODEL = ["model.name=tiny-clip-shapes"]
 REQUIRED = {
-    CleanJobConfig: ["data.input=x", "data.classes=demo", "output=o"],
-    TrainJobConfig: ["data.input=x", "data.manifest=m", "run.storage=s"],
+    CleanJobConfig: [
+        "data.input=x",
+        "data.classes=demo",
+        "model.name=tiny-clip-shapes",
+        "output=o",
+    ],
+    TrainJobConfig: ["data.input=x", "data.classes=demo", "data.manifest=m", "run.storage=s"],
     MakeShardsConfig: ["layout=imagefolder", "input=i", "output=o"],
 }
 
@@ -132,12 +138,17 @@ def test_the_overview_names_every_subcommand(capsys):
 
 
 def test_flags_are_aliases_of_config_keys_and_overrides_win(tmp_path):
-    cfg = load("clean", ["--input", "shards/", "--output", "runs/x", "data.classes=demo"])
+    cfg = load("clean", ["--input", "shards/", "--output", "runs/x", "data.classes=demo", *MODEL])
     assert (cfg.data.input, cfg.output, cfg.data.classes) == ("shards/", "runs/x", "demo")
-    cfg = load("clean", ["--output=runs/x", "output=runs/y", "--input", "s", "data.classes=demo"])
+    cfg = load(
+        "clean", ["--output=runs/x", "output=runs/y", "--input", "s", "data.classes=demo", *MODEL]
+    )
     assert cfg.output == "runs/y"
     job = tmp_path / "job.yaml"
-    job.write_text("data: {input: a, classes: demo}\noutput: o\nscoring: {batch_size: 8}\n")
+    job.write_text(
+        "data: {input: a, classes: demo}\nmodel: {name: tiny-clip-shapes}\noutput: o\n"
+        "scoring: {batch_size: 8}\n"
+    )
     cfg = load("clean", ["--config", str(job), "--output", "p", "scoring.max_actors=3"])
     assert (cfg.output, cfg.scoring.batch_size, cfg.scoring.max_actors) == ("p", 8, 3)
     shards = load("make-shards", ["--layout", "imagefolder", "--input", "i", "--output", "o"])
@@ -148,10 +159,16 @@ def test_flags_are_aliases_of_config_keys_and_overrides_win(tmp_path):
         False,
     )
     assert load("make-shards", ["--dry-run", "layout=imagefolder", "input=i", "output=o"]).dry_run
-    train = load("train", ["--manifest", "m", "--input", "i", "--storage", "s", "--name", "n"])
+    train = load(
+        "train",
+        ["--manifest", "m", "--input", "i", "--storage", "s", "--name", "n", "data.classes=demo"],
+    )
     assert (train.data.manifest, train.run.storage, train.run.name) == ("m", "s", "n")
     # a flag value is taken as it is: a run name of digits stays a string
-    assert load("train", ["--manifest", "m", "--input", "i", "--storage", "s", "--name", "007"])
+    assert load(
+        "train",
+        ["--manifest", "m", "--input", "i", "--storage", "s", "--name", "007", "data.classes=demo"],
+    )
 
 
 def test_inspect_takes_shard_folders_as_bare_arguments():
@@ -196,17 +213,20 @@ def test_pipeline_sections_come_from_files_and_train_reads_what_clean_wrote():
 def test_interrupt_lines_count_what_was_kept(tmp_path):
     from jobs.cli import clean_interrupted, make_shards_interrupted, train_interrupted
 
-    cfg = load("clean", [f"--output={tmp_path / 'run'}", "--input=s", "data.classes=demo"])
+    cfg = load("clean", [f"--output={tmp_path / 'run'}", "--input=s", "data.classes=demo", *MODEL])
     scores = tmp_path / "run" / "scores"
     assert clean_interrupted(cfg).startswith(f"0 shard score file(s) kept in {scores};")
-    (scores / "_parts").mkdir(parents=True)
-    for name in ("a.parquet", "b.parquet", "_parts/a-0.parquet", "notes.txt"):
+    scores.mkdir(parents=True)
+    for name in ("a.parquet", "b.parquet", "notes.txt"):
         (scores / name).write_bytes(b"x")
     assert clean_interrupted(cfg) == (
         f"2 shard score file(s) kept in {scores}; rerun the same command to reuse them and "
         "score the rest (resume=true)"
     )
-    train = load("train", ["--input=i", "--manifest=m", f"--storage={tmp_path}", "--name=r"])
+    train = load(
+        "train",
+        ["--input=i", "--manifest=m", f"--storage={tmp_path}", "--name=r", "data.classes=demo"],
+    )
     for checkpoint in ("checkpoint_000000", "checkpoint_000001"):
         (tmp_path / "r" / checkpoint).mkdir(parents=True)
         (tmp_path / "r" / checkpoint / "history.json").write_text("[]")
@@ -319,5 +339,7 @@ def test_the_console_script_reports_a_config_error_in_one_line(tmp_path):
     seconds = time.perf_counter() - start
     print(f"\n[{seconds:.2f} s] {done.stderr.strip()}")
     assert done.returncode == EXIT_CONFIG
-    assert done.stderr.strip() == "error: invalid config: data.classes: Field required"
+    assert done.stderr.strip() == (
+        "error: invalid config: data.classes: Field required; model.name: Field required"
+    )
     assert done.stdout == "" and not (tmp_path / "o").exists()

@@ -63,7 +63,10 @@ def bounded_keys(model: type[BaseModel], prefix: str = "") -> Iterator[tuple[str
 
 JOBS = {  # each job's config model with the least that validates
     "clean": (CleanJobConfig, BASE),
-    "train": (TrainJobConfig, ["data.input=/s", "data.manifest=/m", "run.storage=/r"]),
+    "train": (
+        TrainJobConfig,
+        ["data.input=/s", "data.classes=demo", "data.manifest=/m", "run.storage=/r"],
+    ),
     "make_shards": (MakeShardsConfig, ["layout=imagefolder", "input=/i", "output=/o"]),
 }
 CASES = [

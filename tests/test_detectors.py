@@ -111,14 +111,16 @@ def test_deft_prompts_detect_noise_with_the_tiny_clip():
     from cleaner.scoring.models import load_clip
 
     names = ClassSpec.load(DEMO_CLASS_SPEC).names
-    clip = load_clip(ModelConfig(), device="cpu")
+    clip = load_clip(ModelConfig(name="tiny-clip-shapes"), device="cpu")
     with torch.no_grad():
         text = clip.model.encode_text(clip.tokenizer([f"a photo of a {c}." for c in names]))
     centres = torch.nn.functional.normalize(text.float(), dim=-1).numpy()
     emb, labels, truth = noisy_clusters(centres, 600, 0.2, 0.4, 3)
     blocks = LocalBlocks(blocks_of(emb, labels, truth))
     cfg = DeftConfig(steps=40, warmup_steps=4, lr=0.004)
-    trainer = deft.PromptTrainer(ModelConfig().model_dump(), names, cfg.model_dump(), seed=0)
+    trainer = deft.PromptTrainer(
+        ModelConfig(name="tiny-clip-shapes").model_dump(), names, cfg.model_dump(), seed=0
+    )
     fitted = deft.train_prompts(blocks, deft.Handle(trainer), cfg, 600, 0, log=lambda m: None)
     assert 0 < fitted.n_ctx < cfg.n_ctx  # the tiny CLIP's 16-token context holds fewer
     out = fitted.evaluate(emb, labels)
@@ -151,6 +153,7 @@ def test_cleannet_transfers_to_classes_without_verified_samples():
         [
             "data.input=x",
             "data.classes=demo",
+            "model.name=tiny-clip-shapes",
             "output=o",
             "selection.detector=cleannet",
             "selection.verified=v.csv",
@@ -206,7 +209,8 @@ def test_cleannet_reference_sets_are_k_means_of_each_class():
 
 def test_ensemble_ranks_add_up_over_parts_and_follow_each_member():
     rng = np.random.default_rng(0)
-    scores = {"clipcleaner": rng.random(500), "deft": rng.random(500)}
+    base = rng.random(500)  # members that mostly agree, as detectors of one dataset do
+    scores = {"clipcleaner": base, "deft": 0.9 * base + rng.uniform(0, 0.1, 500)}
     clean = {m: s > 0.4 for m, s in scores.items()}
     members = ("clipcleaner", "deft")
     whole = EnsembleCalibration.from_parts(members, [part_statistics(members, scores, clean)])

@@ -74,8 +74,10 @@ def test_sample_index_reads_cleannet_relevance_as_weights(tmp_path):
 
 @pytest.mark.parametrize("peft", ["lora", "vpt"])
 def test_clip_peft_trains_only_its_tuner_and_head(peft):
-    data = TrainDataConfig(input="x", manifest="m", image_size=24)
-    clip = ClipNetworkConfig(model=ModelConfig(), peft=peft, lora_rank=2, vpt_len=3)
+    data = TrainDataConfig(input="x", classes="demo", manifest="m", image_size=24)
+    clip = ClipNetworkConfig(
+        model=ModelConfig(name="tiny-clip-shapes"), peft=peft, lora_rank=2, vpt_len=3
+    )
     model = build_network("clip_peft", 3, clip=clip, data=data)
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -96,7 +98,7 @@ def test_clip_peft_trains_only_its_tuner_and_head(peft):
 
 
 def test_clip_peft_needs_its_clip_section():
-    base = ["data.input=x", "data.manifest=m", "run.storage=s"]
+    base = ["data.input=x", "data.classes=demo", "data.manifest=m", "run.storage=s"]
     with pytest.raises(ConfigError, match=r"clip_peft needs network\.clip"):
         load_config(None, [*base, "network.name=clip_peft"], TrainJobConfig)
     cfg = load_config(

@@ -16,6 +16,16 @@ CITED = re.compile(r"(tests/[\w/]+\.py)(?:::(\w+))?")
 BARE = re.compile(r"(?<![\w/:.])(test_\w+)")
 
 
+def code_names() -> set[str]:
+    """`test_` names the project's code uses as strings (manifest columns such as
+    test_duplicate_of, summary keys such as test_accuracy): the docs name those as data."""
+    names = set()
+    for folder in ("cleaner", "training", "jobs"):
+        for path in (REPO_ROOT / folder).rglob("*.py"):
+            names.update(re.findall(r"[\"'](test_\w+)[\"']", path.read_text(encoding="utf-8")))
+    return names
+
+
 def defined_tests(path: Path) -> set[str]:
     """Names of the test functions (and test methods, as Class::name) defined in a file."""
     tree = ast.parse(path.read_text(encoding="utf-8"))
@@ -49,6 +59,7 @@ def test_every_test_the_docs_cite_exists():
     modules = {p.stem: p for p in (REPO_ROOT / "tests").glob("test_*.py")}
     defined = {stem: defined_tests(path) for stem, path in modules.items()}
     everywhere = set().union(*defined.values())
+    data_names = code_names()
     missing = []
     for doc, cited_file, name in citations():
         if cited_file:
@@ -57,7 +68,7 @@ def test_every_test_the_docs_cite_exists():
                 missing.append(f"{doc}: {cited_file}")
             elif name and name not in defined_tests(path):
                 missing.append(f"{doc}: {cited_file}::{name}")
-        elif name not in modules and name not in everywhere:
+        elif name not in modules and name not in everywhere and name not in data_names:
             missing.append(f"{doc}: {name}")
     assert not missing, "the docs cite tests that do not exist:\n" + "\n".join(missing)
 

@@ -85,7 +85,7 @@ def test_unknown_keys(tmp_path):
 
 
 def test_cleannet_needs_a_verified_source():
-    base = ["data.input=x", "data.classes=demo", "output=o"]
+    base = ["data.input=x", "data.classes=demo", "model.name=tiny-clip-shapes", "output=o"]
     with pytest.raises(ConfigError, match=r"detector=cleannet needs selection\.verified"):
         load_config(None, [*base, "selection.detector=cleannet"])
     cfg = load_config(None, [*base, "selection.detector=cleannet", "selection.verified=shards"])
