@@ -43,6 +43,11 @@ def test_off_topic_rule_flags_a_low_mode_and_nothing_when_there_is_none():
     assert not alone.active and not alone.flag(rng.beta(20, 2, 100)).any()
     # NaN scores (failed rows) are never flagged
     assert not rule.flag(np.array([np.nan])).any()
+    # the same two modes in 190 samples: too few for evidence, the rule stays inactive
+    few = rule_of(np.r_[on_topic[:150], off_topic[:40]])
+    assert few.samples == 190 and not few.active and not few.flag(off_topic).any()
+    # the summary's form is JSON's (lists), so a rerun that reads summary.json compares equal
+    assert rule.as_dict()["means"] == list(rule.means)
 
 
 def rule_of(values):
@@ -55,6 +60,7 @@ def test_groups_exact_and_near_with_a_label_conflict_and_a_train_test_leak():
     exact = exact_edges(np.array([4, 1, 11]), np.array(["h", "h", "h"], dtype=object))
     near = edges((2, 3, 0.99), (3, 8, 0.98), (5, 12, 0.97))
     found = find_groups(10, exact, near, hashes)
+    assert len(exact_edges(np.array([], dtype=np.int64), np.array([], dtype=object))) == 0
     assert found.rows.tolist() == [1, 2, 3, 4, 8]
     assert found.representative.tolist() == [1, 2, 2, 1, 2]  # first in manifest order
     assert found.group.tolist() == [0, 1, 1, 0, 1]

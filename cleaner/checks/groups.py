@@ -43,6 +43,8 @@ def exact_edges(ids: np.ndarray, hashes: np.ndarray) -> np.ndarray:
     """Edges (first id of a hash, other id, cosine 1) among rows sharing a content hash."""
     ids = np.asarray(ids, dtype=np.int64)
     hashes = np.asarray(hashes, dtype=object)
+    if len(ids) == 0:
+        return np.empty(0, dtype=EDGE_DTYPE)
     order = np.lexsort((ids, hashes.astype(str)))
     ids, hashes = ids[order], hashes[order]
     starts = np.r_[True, hashes[1:] != hashes[:-1]]

@@ -13,6 +13,7 @@ component is >= 0.5 and its score is below the high component's mean.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import asdict, dataclass
 
@@ -24,6 +25,7 @@ BINS = 1024
 SCORE_RANGES = {"max_p": (0.0, 1.0), "max_similarity": (-1.0, 1.0)}
 MIN_SEPARATION = 2.0  # Ashman's D: 2 separates two Gaussians cleanly
 MAX_WEIGHT = 0.5  # off-topic images are the minority of a dataset
+MIN_SAMPLES = 200  # a mixture over fewer scores is no evidence: the rule stays inactive
 
 
 def score_histogram(values: np.ndarray, score: str) -> np.ndarray:
@@ -69,7 +71,8 @@ class OffTopicRule:
             return (self.posterior(values) >= 0.5) & (values < self.means[1])
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        """JSON-shaped: tuples become lists, so a summary read back from disk compares equal."""
+        return json.loads(json.dumps(asdict(self)))
 
 
 def fit_off_topic(
@@ -78,6 +81,7 @@ def fit_off_topic(
     *,
     min_separation: float = MIN_SEPARATION,
     max_weight: float = MAX_WEIGHT,
+    min_samples: int = MIN_SAMPLES,
     max_iter: int = 500,
     tol: float = 1e-7,
 ) -> OffTopicRule:
@@ -118,7 +122,7 @@ def fit_off_topic(
     separation = float(
         math.sqrt(2.0) * abs(means[1] - means[0]) / math.sqrt(variances[0] + variances[1])
     )
-    active = separation >= min_separation and weights[0] <= max_weight
+    active = separation >= min_separation and weights[0] <= max_weight and total >= min_samples
     return OffTopicRule(
         score,
         (float(means[0]), float(means[1])),
