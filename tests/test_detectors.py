@@ -301,3 +301,27 @@ def test_deft_verdict_replaces_the_contract_columns():
     assert comparison["detectors"]["deft"]["clean"] == 3
     assert comparison["detectors"]["clipcleaner"]["agreement_with_chosen"] == 0.25
     assert comparison["detectors"]["deft"]["detection"]["tp"] == 2  # rows a, d (true 0)
+
+
+def _rows_plus(block, state, extra):
+    return len(block["label"]) + state["offset"] + extra
+
+
+@pytest.mark.integration
+def test_ray_blocks_resolve_object_references_among_the_arguments(local_ray):
+    """DeFT's steps pass the trainer's state as an object reference: the block tasks get
+    the value (a reference nested in a tuple would reach them unresolved)."""
+    from cleaner.detectors.blocks import RayBlocks
+
+    blocks = RayBlocks.__new__(RayBlocks)
+    blocks.refs = [local_ray.put({"label": np.zeros(n, dtype=np.int64)}) for n in (3, 5, 7)]
+    blocks.groups = [blocks.refs[0::2], blocks.refs[1::2]]
+    state = local_ray.put({"offset": 100})
+    assert blocks.map(_rows_plus, state, 1) == [104, 106, 108]
+    parts = blocks.map_partitioned(_rows_plus_pair, 2, state)
+    assert sorted(flat for p in local_ray.get(parts[1]) for flat in p) == [203, 205, 207]
+
+
+def _rows_plus_pair(block, state):
+    n = len(block["label"]) + state["offset"]
+    return n, n + 100

@@ -118,6 +118,7 @@ def test_bad_verified_file_exits_2_before_ray(demo_shards, tmp_path):
     done = subprocess.run(
         [
             sys.executable, "-m", "jobs.clean", f"data.input={demo_shards}", "data.classes=demo",
+            "model.name=tiny-clip-shapes",
             f"output={tmp_path / 'out'}", "selection.detector=cleannet",
             f"selection.verified={bad}",
         ],

@@ -88,7 +88,7 @@ def test_killed_scorer_actor_loses_and_duplicates_nothing(local_ray, tmp_path, c
         f"\nkilled {kill['title']!r} (pid {kill['pid']}) with {kill['complete']}/{SHARDS} "
         f"shards complete"
     )
-    assert kill["title"] == "ray::MapWorker(MapBatches(ClipScorer)).submit"
+    assert kill["title"] == "ray::MapWorker(MapBatches(ClipScorerWriter)).submit"
     assert 1 <= kill["complete"] < SHARDS
     # The recovery: Ray restarted the same actor (Ray Data's pool actors may restart) in a
     # new process; nothing failed.

@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from cleaner.classes import DEMO_CLASS_SPEC, ClassSpec
-from cleaner.scoring import scorer as scorer_module
+from cleaner.scoring import pipeline as pipeline_module
 from cleaner.scoring.pipeline import score_shards, shard_output_names
 from cleaner.scoring.text_features import encode_text_features_here
 from tests.conftest import clean_config
@@ -30,12 +30,13 @@ pytestmark = pytest.mark.integration
 
 
 def dies_once_scorer(records: str):
-    """A ClipScorer that writes down each construction (pid, actor, restarted, the bank's
-    checksum) and kills its own process on its first batch, once. Defined in a function:
-    Ray ships the class by value, `records` with it."""
+    """The job's scorer actor (ClipScorerWriter: a ClipScorer that writes its shards' score
+    files) that writes down each construction (pid, actor, restarted, the bank's checksum)
+    and kills its own process on its first batch, once. Defined in a function: Ray ships
+    the class by value, `records` with it."""
     import ray
 
-    class DiesOnceScorer(scorer_module.ClipScorer):
+    class DiesOnceScorer(pipeline_module.ClipScorerWriter):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             context = ray.get_runtime_context()
@@ -43,7 +44,7 @@ def dies_once_scorer(records: str):
                 "pid": os.getpid(),
                 "actor": context.get_actor_id(),
                 "restarted": context.was_current_actor_reconstructed,
-                "bank_sum": float(self.text.double().sum()),
+                "bank_sum": float(self.scorer.text.double().sum()),
             }
             Path(records, f"init-{os.getpid()}.json").write_text(json.dumps(entry))
 
@@ -62,7 +63,7 @@ def test_a_restarted_scorer_gets_its_prompt_bank_and_scores_every_sample(
 ):
     records = tmp_path / "records"
     records.mkdir()
-    monkeypatch.setattr(scorer_module, "ClipScorer", dies_once_scorer(str(records)))
+    monkeypatch.setattr(pipeline_module, "ClipScorerWriter", dies_once_scorer(str(records)))
     shards = sorted(str(p) for p in demo_shards.glob("*.tar"))[:2]
     cfg = clean_config(str(demo_shards), str(tmp_path / "run"), batch_size=50)
     spec = ClassSpec.load(DEMO_CLASS_SPEC)

@@ -93,7 +93,7 @@ def test_the_training_stream_follows_the_epoch_order(local_ray, tmp_path, cache_
     from cleaner.demo.dataset import write_demo_shards
     from jobs.common import load_class_spec
     from training.config import TrainJobConfig
-    from training.data import EpochStateStore, SampleIndex, training_stream
+    from training.data import SampleIndex, start_epoch_state_store, training_stream
 
     shards_dir = tmp_path / "shards"
     write_demo_shards(shards_dir, 24, samples_per_shard=4, noise="none", seed=3)
@@ -120,7 +120,7 @@ def test_the_training_stream_follows_the_epoch_order(local_ray, tmp_path, cache_
         ],
         TrainJobConfig,
     )
-    store = ray.remote(EpochStateStore).options(num_cpus=0).remote()
+    store = start_epoch_state_store()
     context = ray.data.DataContext.get_current()
     preserve = context.execution_options.preserve_order
     context.execution_options.preserve_order = True
@@ -129,7 +129,7 @@ def test_the_training_stream_follows_the_epoch_order(local_ray, tmp_path, cache_
         seen = []
         for epoch in range(2):
             state = {"repeat": np.ones(n), "labels": np.zeros(n, dtype=np.int64)}
-            ray.get(store.publish.remote(epoch, [ray.put(state)]))
+            ray.get(store.publish.remote(epoch, state))  # the arrays by value, as rank 0 sends them
             ids = np.concatenate([b["sample_id"] for b in stream.iter_batches(batch_size=None)])
             seen.append(list(dict.fromkeys(int(i) // 4 for i in ids)))  # shards, in order read
     finally:

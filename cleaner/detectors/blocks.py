@@ -66,11 +66,15 @@ def unit_rows(embedding: np.ndarray) -> np.ndarray:
     return rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
 
 
-def _map_group(fn: Callable, args: tuple, *blocks: Block) -> list:
+def _map_group(fn: Callable, num_args: int, *args_then_blocks) -> list:
+    """[fn(block, *args) for each block]: the first num_args positionals are the args, so
+    that Ray resolves object references among them (it resolves top-level arguments only)."""
+    args, blocks = args_then_blocks[:num_args], args_then_blocks[num_args:]
     return [fn(block, *args) for block in blocks]
 
 
-def _partitioned_group(fn: Callable, partitions: int, args: tuple, *blocks: Block):
+def _partitioned_group(fn: Callable, partitions: int, num_args: int, *args_then_blocks):
+    args, blocks = args_then_blocks[:num_args], args_then_blocks[num_args:]
     results = [fn(block, *args) for block in blocks]
     parts = tuple([r[p] for r in results] for p in range(partitions))
     return parts if partitions > 1 else parts[0]
@@ -96,7 +100,7 @@ class LocalBlocks:
 
     def map(self, fn: Callable[..., Any], *args: Any) -> list:
         """[fn(block, *args) for each block]."""
-        return _map_group(fn, args, *self.blocks)
+        return _map_group(fn, len(args), *args, *self.blocks)
 
     def map_refs(self, fn: Callable[..., Any], *args: Any) -> list:
         """As `map` (no object store here): the results themselves."""
@@ -149,7 +153,7 @@ class RayBlocks:
         import ray
 
         task = ray.remote(_map_group).options(num_cpus=1)
-        return [task.remote(fn, args, *group) for group in self.groups]
+        return [task.remote(fn, len(args), *args, *group) for group in self.groups]
 
     def map(self, fn: Callable[..., Any], *args: Any) -> list:
         """Per-block results, in block order (each result should be small)."""
@@ -170,7 +174,7 @@ class RayBlocks:
         import ray
 
         task = ray.remote(_partitioned_group).options(num_cpus=1, num_returns=partitions)
-        outputs = [task.remote(fn, partitions, args, *group) for group in self.groups]
+        outputs = [task.remote(fn, partitions, len(args), *args, *group) for group in self.groups]
         if partitions == 1:
             outputs = [[ref] for ref in outputs]
         return [[refs[p] for refs in outputs] for p in range(partitions)]
