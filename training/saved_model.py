@@ -177,19 +177,27 @@ def write_model(
     class_spec: ClassSpec,
     preprocessing: Preprocessing,
     run: dict | None = None,
+    network_settings: dict | None = None,
 ) -> str:
     """Write a model folder at `target` (local, file:// or s3://); returns `target`.
 
     run: what the training run reported (mode, epochs, test accuracy...), kept in model.json.
+    network_settings: what rebuilding the network needs beyond its name (clip_peft: its
+    network.clip section), kept in model.json.
     The weights go first and model.json last: a folder with model.json is complete.
     """
     from safetensors.torch import save
 
-    tensors = {name: t.detach().cpu().contiguous() for name, t in state_dict.items()}
+    tensors, aliases = unaliased(state_dict)
     info = {
         "format": MODEL_FORMAT,
         "format_version": FORMAT_VERSION,
-        "network": {"name": network, "num_classes": class_spec.num_classes},
+        "network": {
+            "name": network,
+            "num_classes": class_spec.num_classes,
+            **({"settings": network_settings} if network_settings else {}),
+        },
+        "aliases": aliases,
         "preprocessing": {**asdict(preprocessing)},
         "class_names": class_spec.names,
         "run": run or {},
@@ -200,6 +208,24 @@ def write_model(
     )
     uri_lib.write_text(uri_lib.join(target, INFO_FILE), json.dumps(info, indent=2) + "\n")
     return target
+
+
+def unaliased(state_dict: dict[str, torch.Tensor]) -> tuple[dict, dict[str, str]]:
+    """(tensors to save, {dropped name: kept name}): a tensor held under several names (a
+    parametrised layer's tuner is also registered as a module of its own) is saved once,
+    under its first name; safetensors refuses shared storage."""
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
+    for name, tensor in state_dict.items():
+        identity = (tensor.device, tensor.untyped_storage().data_ptr(), tensor.storage_offset(),
+                    tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype)  # fmt: skip
+        if tensor.numel() and identity in seen:
+            aliases[name] = seen[identity]
+            continue
+        seen[identity] = name
+        tensors[name] = tensor.detach().cpu().contiguous()
+    return tensors, aliases
 
 
 def model_folder(path: str) -> str:
@@ -238,6 +264,21 @@ def preprocessing_of(info: dict) -> Preprocessing:
     )
 
 
+def network_arguments(settings: dict, preprocessing: Preprocessing) -> dict:
+    """build_network's keyword arguments from model.json's network settings (clip_peft:
+    its CLIP section, and the input normalisation it undoes, the data's)."""
+    if "clip" not in settings:
+        return {}
+    from types import SimpleNamespace
+
+    from training.config import ClipNetworkConfig
+
+    return {
+        "clip": ClipNetworkConfig.model_validate(settings["clip"]),
+        "data": SimpleNamespace(mean=list(preprocessing.mean), std=list(preprocessing.std)),
+    }
+
+
 def load_model(path: str, device: str | torch.device = "cpu") -> TrainedModel:
     """The trained model at `path` (its model folder or the training run's output folder;
     local, file:// or s3://), on `device`, ready for `predict`."""
@@ -248,8 +289,15 @@ def load_model(path: str, device: str | torch.device = "cpu") -> TrainedModel:
     spec = ClassSpec.from_yaml_text(uri_lib.read_text(uri_lib.join(folder, CLASSES_FILE)))
     if spec.names != info["class_names"]:
         raise ValueError(f"{folder}: {CLASSES_FILE} and {INFO_FILE} name different classes")
-    network = build_network(info["network"]["name"], int(info["network"]["num_classes"]))
-    network.load_state_dict(load(uri_lib.read_bytes(uri_lib.join(folder, WEIGHTS_FILE))))
+    network = build_network(
+        info["network"]["name"],
+        int(info["network"]["num_classes"]),
+        **network_arguments(info["network"].get("settings") or {}, preprocessing_of(info)),
+    )
+    tensors = load(uri_lib.read_bytes(uri_lib.join(folder, WEIGHTS_FILE)))
+    for alias, kept in (info.get("aliases") or {}).items():
+        tensors[alias] = tensors[kept]
+    network.load_state_dict(tensors)
     return TrainedModel(network, spec.names, preprocessing_of(info), info, device)
 
 
@@ -263,6 +311,9 @@ def write_run_model(
         uri_lib.join(cfg.run.storage, cfg.run.name, MODEL_DIR),
         state_dict,
         network=cfg.network.name,
+        network_settings=(
+            {"clip": cfg.network.clip.model_dump()} if cfg.network.clip is not None else None
+        ),
         class_spec=spec,
         preprocessing=Preprocessing(
             image_size=cfg.data.image_size, mean=tuple(cfg.data.mean), std=tuple(cfg.data.std)
