@@ -176,10 +176,13 @@ def test_mixfix_survives_a_killed_worker_resumes_on_rerun_and_beats_noisy_traini
     assert next(a for a in workers if a["ActorID"] == kill["actor"])["State"] == "DEAD"
     restarted = [a for a in workers if a["StartTime"] > kill["time_ms"]]
     assert len(restarted) >= 2, restarted  # a new group of num_workers
-    assert f"rank 0: resumed after epoch {kill['checkpointed']}" in kill["log"]
+    # Resumed from the last registered checkpoint: the one counted at the kill, or the next
+    # if that epoch's upload finished as the worker died (Ray Train registers it then).
+    resumed = [int(e) for e in re.findall(r"rank 0: resumed after epoch (\d+)", kill["log"])]
+    assert resumed and kill["checkpointed"] <= resumed[0] <= kill["epoch"], resumed
     assert first["epochs_completed"] == EPOCHS - 2
     restarts = [h["resumed_from_epoch"] for h in first["history"] if "resumed_from_epoch" in h]
-    assert restarts == [kill["checkpointed"]], restarts  # resumed mid-run, not from 0
+    assert restarts == resumed[:1], restarts  # resumed mid-run, not from 0
     assert [h["epoch"] for h in first["history"]] == list(range(1, EPOCHS - 1))  # each once
     mixfix = run_train(train_config(cleaned, "mixfix"))
     # The baseline trains in this process (training.local: the same config, data and MixFix
