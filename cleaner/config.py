@@ -140,8 +140,9 @@ class DeftConfig(StrictModel):
     n_ctx: int = Field(
         default=16,
         gt=0,
-        description="learned context tokens per prompt (as the official code); lowered to "
-        "what the text tower's context length holds (the tiny CLIP's holds fewer)",
+        description="ctx_init empty: learned context tokens per prompt (as the official "
+        "code); lowered to what the text tower's context length holds (the tiny CLIP's "
+        "holds fewer)",
     )
     class_specific: bool = Field(
         default=False, description="one context per class (CoOp's CSC); false: shared, as DeFT"
