@@ -140,8 +140,9 @@ class DeftConfig(StrictModel):
     n_ctx: int = Field(
         default=16,
         gt=0,
-        description="learned context tokens per prompt (as the official code); lowered to "
-        "what the text tower's context length holds (the tiny CLIP's holds fewer)",
+        description="ctx_init empty: learned context tokens per prompt (as the official "
+        "code); lowered to what the text tower's context length holds (the tiny CLIP's "
+        "holds fewer)",
     )
     class_specific: bool = Field(
         default=False, description="one context per class (CoOp's CSC); false: shared, as DeFT"
@@ -155,7 +156,16 @@ class DeftConfig(StrictModel):
     )
     lr: float = Field(default=0.002, gt=0)
     weight_decay: float = Field(default=5e-4, ge=0)
-    init_std: float = Field(default=0.02, gt=0, description="context vectors ~ N(0, std)")
+    ctx_init: str = Field(
+        default="a photo of a",
+        description="the context vectors start as this template's token embeddings (CoOp's "
+        "ctx_init; the prompts start at CLIP's zero-shot text features), and their number is "
+        "the template's tokens; empty: n_ctx random vectors ~ N(0, init_std), as the official "
+        "code",
+    )
+    init_std: float = Field(
+        default=0.02, gt=0, description="ctx_init empty: context vectors ~ N(0, std)"
+    )
     require_argmax: bool = Field(
         default=False,
         description="clean also needs the label to be the argmax of p(yes) (the official "

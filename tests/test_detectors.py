@@ -8,7 +8,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from cleaner.config import CleanNetConfig, DeftConfig, load_config
+from cleaner.config import CleanNetConfig, ConfigError, DeftConfig, load_config
 from cleaner.detectors import cleannet, deft
 from cleaner.detectors.apply import FittedDetectors, apply_detectors, compare_detectors
 from cleaner.detectors.blocks import LocalBlocks, concat_blocks
@@ -101,9 +101,9 @@ def test_complementary_labels_never_the_label():
     assert (other != labels).all() and set(np.unique(other)) == set(range(7))
 
 
-def test_deft_prompts_detect_noise_with_the_tiny_clip():
-    """Images near the tiny CLIP's text features of their true class, 40% wrong labels:
-    the learned prompts flag the wrong ones and their classifier suggests the truth."""
+def tiny_clip_zero_shot():
+    """The demo's class names, the tiny CLIP and its unit text features of "a photo of a
+    {class}." [K, D]."""
     import torch
 
     from cleaner.classes import DEMO_CLASS_SPEC, ClassSpec
@@ -114,15 +114,49 @@ def test_deft_prompts_detect_noise_with_the_tiny_clip():
     clip = load_clip(ModelConfig(name="tiny-clip-shapes"), device="cpu")
     with torch.no_grad():
         text = clip.model.encode_text(clip.tokenizer([f"a photo of a {c}." for c in names]))
-    centres = torch.nn.functional.normalize(text.float(), dim=-1).numpy()
-    emb, labels, truth = noisy_clusters(centres, 600, 0.2, 0.4, 3)
-    blocks = LocalBlocks(blocks_of(emb, labels, truth))
-    cfg = DeftConfig(steps=40, warmup_steps=4, lr=0.004)
+    return names, clip, torch.nn.functional.normalize(text.float(), dim=-1).numpy()
+
+
+def fit_deft_here(names, emb, labels, truth, cfg: DeftConfig):
+    """DeFT's prompts trained in this process on generated rows (3 blocks)."""
+    from cleaner.config import ModelConfig
+
     trainer = deft.PromptTrainer(
         ModelConfig(name="tiny-clip-shapes").model_dump(), names, cfg.model_dump(), seed=0
     )
-    fitted = deft.train_prompts(blocks, deft.Handle(trainer), cfg, 600, 0, log=lambda m: None)
-    assert 0 < fitted.n_ctx < cfg.n_ctx  # the tiny CLIP's 16-token context holds fewer
+    blocks = LocalBlocks(blocks_of(emb, labels, truth))
+    return deft.train_prompts(blocks, deft.Handle(trainer), cfg, len(labels), 0, log=lambda m: None)
+
+
+def test_deft_positive_prompts_start_at_the_zero_shot_features():
+    """ctx_init (default "a photo of a", CoOp's): the context is the template's 4 token
+    embeddings, so the positive prompts start as CLIP's zero-shot text features of "a photo
+    of a {class}." (random context vectors, the official init, do not); a template that
+    leaves no room for the class names is a config error naming it."""
+    import torch
+
+    names, clip, zero_shot = tiny_clip_zero_shot()
+    for ctx_init, n_ctx in (("a photo of a", 4), ("", 11)):
+        learner = deft.PromptLearner(clip, names, DeftConfig(ctx_init=ctx_init), seed=0)
+        assert learner.n_ctx == n_ctx  # random: what the tiny CLIP's 16-token context holds
+        with torch.no_grad():
+            positive = learner.encode(learner.positive).numpy()
+            negative = learner.encode(learner.negative).numpy()
+        gap = np.abs(positive - zero_shot).max()
+        assert (gap < 1e-4) == bool(ctx_init), (ctx_init, gap)
+        assert np.abs(negative - zero_shot).max() > 1e-3  # the negatives: random context
+    with pytest.raises(ConfigError, match="ctx_init"):
+        deft.PromptLearner(clip, names, DeftConfig(ctx_init="a b c d e f g h i j k l"), 0)
+
+
+def test_deft_prompts_detect_noise_with_the_tiny_clip():
+    """Images near the tiny CLIP's text features of their true class, 40% wrong labels:
+    the learned prompts flag the wrong ones and their classifier suggests the truth."""
+    names, _, centres = tiny_clip_zero_shot()
+    emb, labels, truth = noisy_clusters(centres, 600, 0.2, 0.4, 3)
+    cfg = DeftConfig(steps=40, warmup_steps=4, lr=0.004)
+    fitted = fit_deft_here(names, emb, labels, truth, cfg)
+    assert fitted.n_ctx == 4  # the tokens of ctx_init, "a photo of a"
     out = fitted.evaluate(emb, labels)
     metrics = detection_metrics(out.is_clean, labels == truth, out.clean_score)
     assert metrics["auroc"] > 0.9

@@ -182,6 +182,21 @@ def context_length_fit(tokenizer, class_names: list[str], wanted: int) -> int:
     return min(wanted, fit)
 
 
+def template_embeddings(clip, template: str):
+    """The token embeddings [m, width] of a context template ("a photo of a": m = 4),
+    without SOS / EOS (CoOp's ctx_init)."""
+    import torch
+
+    tokens = clip.tokenizer([template.replace("_", " ")])
+    count = int(tokens.argmax(dim=1)[0]) - 1  # EOS is the largest id
+    if count < 1:
+        raise ConfigError(f"selection.deft.ctx_init={template!r} has no tokens")
+    embedding = text_token_embedding(clip.model)
+    with torch.no_grad():
+        vectors = embedding(tokens.to(embedding.weight.device))[0, 1 : 1 + count]
+    return vectors.detach().float().cpu()
+
+
 class PromptLearner:
     """Positive and negative context vectors and the frozen CLIP that encodes them."""
 
@@ -190,21 +205,30 @@ class PromptLearner:
 
         self.clip = clip
         self.model = clip.model
-        self.n_ctx = context_length_fit(clip.tokenizer, class_names, cfg.n_ctx)
+        self.embedding = text_token_embedding(self.model)
+        template = template_embeddings(clip, cfg.ctx_init) if cfg.ctx_init.strip() else None
+        wanted = cfg.n_ctx if template is None else template.shape[0]
+        self.n_ctx = context_length_fit(clip.tokenizer, class_names, wanted)
+        if template is not None and self.n_ctx < wanted:
+            raise ConfigError(
+                f"selection.deft.ctx_init={cfg.ctx_init!r}: its {wanted} tokens and the longest "
+                f"class name exceed the text tower's context (room for {self.n_ctx})"
+            )
         prefix = " ".join([PLACEHOLDER] * self.n_ctx)
         self.tokens = clip.tokenizer(
             [f"{prefix} {name.replace('_', ' ')}." for name in class_names]
         ).to(clip.device)
-        self.embedding = text_token_embedding(self.model)
         width = self.embedding.weight.shape[1]
         shape = (len(class_names), self.n_ctx, width) if cfg.class_specific else (self.n_ctx, width)
+        # the official code draws both contexts ~ N(0, init_std); with a template, the
+        # positive one starts at CLIP's zero-shot prompt instead (docs/method.md, "DeFT")
         generator = torch.Generator().manual_seed(seed)
-        self.positive = torch.nn.Parameter(
-            (torch.randn(shape, generator=generator) * cfg.init_std).to(clip.device)
-        )
-        self.negative = torch.nn.Parameter(
-            (torch.randn(shape, generator=generator) * cfg.init_std).to(clip.device)
-        )
+        positive = torch.randn(shape, generator=generator) * cfg.init_std
+        negative = torch.randn(shape, generator=generator) * cfg.init_std
+        if template is not None:
+            positive = template.expand(shape).clone()
+        self.positive = torch.nn.Parameter(positive.to(clip.device))
+        self.negative = torch.nn.Parameter(negative.to(clip.device))
         self.scale = float(self.model.logit_scale.exp())
 
     def parameters(self) -> list:
