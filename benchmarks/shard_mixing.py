@@ -40,9 +40,9 @@ from cleaner.selection.manifest import manifest_file
 from jobs.common import load_class_spec
 from training.config import TrainJobConfig
 from training.data import (
-    EpochStateStore,
     load_sample_index,
     repetition_factors,
+    start_epoch_state_store,
     training_stream,
 )
 from training.loop import initial_state
@@ -105,7 +105,7 @@ def classes_per_batch(cfg: TrainJobConfig, names: list[str], epochs: int = 2) ->
     import ray
 
     index = load_sample_index(manifest_file(cfg.data.manifest))
-    store = ray.remote(EpochStateStore).options(num_cpus=0).remote()
+    store = start_epoch_state_store()
     stream = training_stream(index, cfg, names, store)
     state = initial_state(index, "clean_only")
     counts = []
@@ -115,7 +115,7 @@ def classes_per_batch(cfg: TrainJobConfig, names: list[str], epochs: int = 2) ->
             "repeat": repetition_factors(selected, state.current_labels, True),
             "labels": state.current_labels,
         }
-        ray.get(store.publish.remote(epoch, [ray.put(arrays)]))
+        ray.get(store.publish.remote(epoch, arrays))  # by value: the store puts them
         for batch in stream.iter_batches(
             batch_size=cfg.optim.batch_size // cfg.scaling.num_workers,
             drop_last=True,
