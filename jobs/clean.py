@@ -93,10 +93,11 @@ def run_clean(cfg: CleanJobConfig) -> dict:
     fingerprint = cfg.fingerprint(
         SCORE_FORMAT, *spec.names, *[p for ps in spec.prompts() for p in ps]
     )
+    bank_ref = ray.put(bank)  # one copy for the train and test scorers
     stats = score_shards(
         cfg,
         shards,
-        ray.put(bank),
+        bank_ref,
         spec.names,
         image_size,
         scores_uri,
@@ -108,7 +109,6 @@ def run_clean(cfg: CleanJobConfig) -> dict:
     if cfg.data.test_input and cfg.checks.test_leaks:  # embedded for the train/test leak check
         test_shards = uri_lib.expand_shard_spec(cfg.data.test_input)
         test_scores = uri_lib.join(cfg.output, TEST_SCORES_DIR)
-        bank_ref = ray.put(bank)
         score_shards(
             cfg,
             test_shards,

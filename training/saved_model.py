@@ -264,19 +264,14 @@ def preprocessing_of(info: dict) -> Preprocessing:
     )
 
 
-def network_arguments(settings: dict, preprocessing: Preprocessing) -> dict:
-    """build_network's keyword arguments from model.json's network settings (clip_peft:
-    its CLIP section, and the input normalisation it undoes, the data's)."""
+def network_arguments(settings: dict) -> dict:
+    """build_network's keyword arguments from model.json's network settings (clip_peft: its
+    CLIP section; its input normalisation is a buffer of the saved weights)."""
     if "clip" not in settings:
         return {}
-    from types import SimpleNamespace
-
     from training.config import ClipNetworkConfig
 
-    return {
-        "clip": ClipNetworkConfig.model_validate(settings["clip"]),
-        "data": SimpleNamespace(mean=list(preprocessing.mean), std=list(preprocessing.std)),
-    }
+    return {"clip": ClipNetworkConfig.model_validate(settings["clip"])}
 
 
 def load_model(path: str, device: str | torch.device = "cpu") -> TrainedModel:
@@ -292,7 +287,7 @@ def load_model(path: str, device: str | torch.device = "cpu") -> TrainedModel:
     network = build_network(
         info["network"]["name"],
         int(info["network"]["num_classes"]),
-        **network_arguments(info["network"].get("settings") or {}, preprocessing_of(info)),
+        **network_arguments(info["network"].get("settings") or {}),
     )
     tensors = load(uri_lib.read_bytes(uri_lib.join(folder, WEIGHTS_FILE)))
     for alias, kept in (info.get("aliases") or {}).items():
