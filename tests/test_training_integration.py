@@ -113,8 +113,8 @@ def run_killing_one_worker(config: TrainJobConfig, run_dir, capfd) -> tuple[dict
 
     Returns (summary, the kill: pid, time, epochs checkpointed, the epoch and batch of
     rank 0's last progress line before it, the log after it). Two checkpoints: the first
-    is then surely registered (the second may be still uploading), so the restarted
-    workers have a checkpoint to resume from.
+    is then surely registered (the second may be on disk but not yet registered), so the
+    restarted workers have a checkpoint to resume from.
     """
     outcome: dict = {}
 
@@ -176,10 +176,12 @@ def test_mixfix_survives_a_killed_worker_resumes_on_rerun_and_beats_noisy_traini
     assert next(a for a in workers if a["ActorID"] == kill["actor"])["State"] == "DEAD"
     restarted = [a for a in workers if a["StartTime"] > kill["time_ms"]]
     assert len(restarted) >= 2, restarted  # a new group of num_workers
-    # Resumed from the last registered checkpoint: the one counted at the kill, or the next
-    # if that epoch's upload finished as the worker died (Ray Train registers it then).
+    # Resumed from the last registered checkpoint, never from scratch. The newest checkpoint
+    # on disk at the kill may not be registered yet (the controller registers a report when
+    # it next polls the workers; CI saw a resume after epoch 1 with 2 on disk), and the
+    # epoch under way may finish its upload as the worker dies: so one either side of it.
     resumed = [int(e) for e in re.findall(r"rank 0: resumed after epoch (\d+)", kill["log"])]
-    assert resumed and kill["checkpointed"] <= resumed[0] <= kill["epoch"], resumed
+    assert resumed and 1 <= kill["checkpointed"] - 1 <= resumed[0] <= kill["epoch"], resumed
     assert first["epochs_completed"] == EPOCHS - 2
     restarts = [h["resumed_from_epoch"] for h in first["history"] if "resumed_from_epoch" in h]
     assert restarts == resumed[:1], restarts  # resumed mid-run, not from 0
