@@ -166,6 +166,9 @@ class Trial:
                         ready = self.rng.choice(victims) if victims else ""
                 if not self.kills and stage.reached(moment, self.ctx, now):
                     victims = [n for n in stage.candidates(view, self.ctx) if n in view.alive]
+                    if victims:  # aim at work still running now, not at the look's
+                        view = view.refreshed(victims)
+                        victims = stage.candidates(view, self.ctx)
                     if victims:
                         node = ready if ready in victims else self.rng.choice(victims)
                         self.kill(node, plan.stage, view, view.processes.get(node))
@@ -182,6 +185,9 @@ class Trial:
                         n for n, titles in view.work.items()
                         if titles and n != self.watch.head and n not in killed
                     )  # fmt: skip
+                    if victims:  # those still at work now
+                        view = view.refreshed(victims)
+                        victims = sorted(n for n, titles in view.work.items() if titles)
                     if victims:
                         node = self.rng.choice(victims)
                         self.kill(node, None, view, view.processes.get(node))

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cluster.local.localcluster import LocalCluster
+from cluster.local.localcluster import LocalCluster, process_cmdline
 
 # Ray titles a worker process `ray::<actor class or task name>[.<method>]`. These run on
 # every node (agents), idle, or are Ray's own cluster services on the head.
@@ -161,6 +161,19 @@ class NodeView:
             for node, titles in self.work.items()
             if node != head and any(fragment in title for title in titles.values())
         )
+
+    def refreshed(self, nodes: list[str]) -> NodeView:
+        """This look narrowed to `nodes`, with the titles their processes carry now: a look
+        takes a while on a loaded machine, and a task done since has left its worker idle
+        (Ray titles it `ray::IDLE` again), so a kill aimed from the look alone can hit a
+        node with no work left."""
+        processes = {n: self.processes.get(n, []) for n in nodes}
+        now = {
+            n: [(pid, cmd) for pid, _ in procs if (cmd := process_cmdline(pid))]
+            for n, procs in processes.items()
+        }
+        work = {n: work_titles(procs) for n, procs in now.items()}
+        return NodeView(time.time(), work, {n for n in nodes if n in self.alive}, now)
 
 
 @dataclass

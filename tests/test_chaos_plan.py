@@ -3,12 +3,14 @@ to find its moment (rank 0's batches, metrics and checkpoint confirmations)."""
 
 from __future__ import annotations
 
+import subprocess
+import time
 from collections import Counter
 
 from benchmarks.chaos import plan_trials
 from benchmarks.chaos_stages import STAGES, TrialContext, progress_now
 from benchmarks.chaos_trial import role_of
-from benchmarks.chaos_watch import LogWatch, Stored
+from benchmarks.chaos_watch import LogWatch, NodeView, Stored
 
 STAGE_NAMES = ["scoring", "fit", "training", "checkpoint"]
 
@@ -79,3 +81,32 @@ def test_the_role_names_what_the_node_ran():
     role = role_of(titles, rank0_pids=[2])
     assert role == "IDLE2, MapWorker(MapBatches(ClipScorer)) (starting), RayTrainWorker (rank 0)"
     assert role_of({}, []) == "no task running (object store only)"
+
+
+def test_a_refreshed_view_drops_work_that_ended_since_the_look():
+    """A kill is aimed at titles read just before it: a worker whose task ended since the
+    look (here: gone, or retitled `ray::IDLE`) leaves its node without live work."""
+    busy, idle, gone = (
+        subprocess.Popen(["bash", "-c", f'exec -a "{title}" sleep 60'])
+        for title in ("ray::_FoldCounts", "ray::IDLE", "ray::MapBatches(UsableRows)")
+    )
+    try:
+        time.sleep(0.5)  # exec done: the titles are in /proc
+        look = {
+            "node-a": [(busy.pid, "ray::_FoldCounts")],
+            "node-b": [(idle.pid, "ray::Project->MapBatches(_FoldCounts)")],  # retitled since
+            "node-c": [(gone.pid, "ray::MapBatches(UsableRows)")],
+        }
+        gone.kill()
+        gone.wait()
+        view = NodeView(
+            0.0, {n: {p: t[5:] for p, t in procs} for n, procs in look.items()}, set(look), look
+        )
+        fresh = view.refreshed(["node-a", "node-b", "node-c"])
+        assert {n for n, titles in fresh.work.items() if titles} == {"node-a"}
+        assert fresh.work["node-a"] == {busy.pid: "_FoldCounts 60"}  # the title, then its args
+        assert fresh.processes["node-c"] == []
+    finally:
+        for process in (busy, idle, gone):
+            process.kill()
+            process.wait()

@@ -91,13 +91,13 @@ def _processes() -> list[tuple[int, str]]:
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
-        cmd = _cmdline(int(entry.name))
+        cmd = process_cmdline(int(entry.name))
         if cmd is not None:
             found.append((int(entry.name), cmd))
     return found
 
 
-def _cmdline(pid: int) -> str | None:
+def process_cmdline(pid: int) -> str | None:
     """A process's command line as _processes reads it (None once it is gone)."""
     try:
         return (
@@ -394,7 +394,7 @@ class LocalCluster:
         killed first, those whose command line is still the same (a pid is never taken for
         another's): the look for the node's processes takes a while on a loaded machine.
         Whatever that look then finds (a worker started since) is killed too."""
-        first = [pid for pid, cmd in known or [] if _cmdline(pid) == cmd]
+        first = [pid for pid, cmd in known or [] if process_cmdline(pid) == cmd]
         kill_pids(first, grace_s=0, sig=signal.SIGKILL)
         rest = [pid for pid in self.node_pids(node_id) if pid not in first]
         if not first and not rest:
