@@ -50,20 +50,24 @@ def connect_ray(cfg: RayConfig) -> None:
     """Join the configured cluster, RAY_ADDRESS (as under `ray job submit`), or start locally."""
     import ray
 
+    from jobs.ray_noise import absorb_driver_restart_warning, filter_forwarded_lines
+
     if ray.is_initialized():
         return
+    filter_forwarded_lines()  # Ray's restart warning for its own actors: a false alarm
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=True)
-        return
-    notice = DefaultTokenAuthNotice()
-    auth_log = logging.getLogger(RAY_AUTH_LOGGER)
-    auth_log.addFilter(notice)
-    try:
-        # "local": a new instance of our own, never a cluster that happens to run here.
-        ray.init(address="local", num_cpus=cfg.num_cpus, log_to_driver=True)
-    finally:
-        auth_log.removeFilter(notice)
+    else:
+        notice = DefaultTokenAuthNotice()
+        auth_log = logging.getLogger(RAY_AUTH_LOGGER)
+        auth_log.addFilter(notice)
+        try:
+            # "local": a new instance of our own, never a cluster that happens to run here.
+            ray.init(address="local", num_cpus=cfg.num_cpus, log_to_driver=True)
+        finally:
+            auth_log.removeFilter(notice)
+    absorb_driver_restart_warning()
 
 
 def load_class_spec(location: str) -> ClassSpec:
