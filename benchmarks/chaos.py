@@ -4,19 +4,20 @@ each trial killing a random worker node at a random moment of a random stage.
     python -m benchmarks.chaos --trials 10 --out runs/chaos.json [--seed S] [--only K]
 
 Each trial `ray job submit`s jobs.pipeline (small demo data on moto S3, the distributed
-fit, so that the fit runs on the cluster too) and SIGKILLs a whole non-head node (raylet,
-object store, workers) during its stage: scoring, the fit, training, or a checkpoint write
-(benchmarks.chaos_stages; export joins once export-shards is part of the pipeline). One
-trial in five kills a second node a few seconds after the first. The stage and moment come
-from the printed seed: `--seed S --only K` replays trial K's plan.
+fit, so that the fit runs on the cluster too; export trials add jobs.export_shards of the
+clean set after it, in the same submission) and SIGKILLs a whole non-head node (raylet,
+object store, workers) during its stage: scoring, the fit, training, a checkpoint write
+or the export (benchmarks.chaos_stages). One trial in five kills a second node a few
+seconds after the first. The stage and moment come from the printed seed: `--seed S
+--only K` replays trial K's plan.
 
 A trial passes when the job succeeds with every input sample once in the manifest, every
-epoch trained, the progress at each kill partial (the kill hit unfinished work), a
-recovery recorded by Ray (work of a killed node done again: a task retried or
-reconstructed, an actor restarted; or a training worker-group restart), and no job-state
-actor ever seen off the driver's node. One cluster serves all trials (nodes killed by one
-trial are replaced by the autoscaler for the next); only this cluster's processes are
-ever killed (found under its own temp dir).
+epoch trained, (export trials) exactly the clean samples exported, the progress at each
+kill partial (the kill hit unfinished work), a recovery recorded by Ray (work of a killed
+node done again: a task retried or reconstructed, an actor restarted; or a training
+worker-group restart), and no job-state actor ever seen off the driver's node. One
+cluster serves all trials (nodes killed by one trial are replaced by the autoscaler for
+the next); only this cluster's processes are ever killed (found under its own temp dir).
 """
 
 from __future__ import annotations
@@ -52,8 +53,12 @@ def plan_trials(seed: int, trials: int, stages: list[str]) -> list[TrialPlan]:
     ]
 
 
-def pipeline_job(bucket: str, prefix: str, args) -> TrialJob:
-    """jobs.pipeline, small, with the distributed fit (on the cluster, not the driver)."""
+EXPORT_SHARD_SIZE = 20  # samples per exported shard: several shard tasks to aim at
+
+
+def pipeline_job(bucket: str, prefix: str, args, export: bool = False) -> TrialJob:
+    """jobs.pipeline, small, with the distributed fit (on the cluster, not the driver);
+    with `export`, jobs.export_shards of its clean set after it, in the same submission."""
     command = [
         "jobs.pipeline",
         "--clean-config=configs/local-cluster.yaml",
@@ -68,7 +73,14 @@ def pipeline_job(bucket: str, prefix: str, args) -> TrialJob:
         f"train.optim.batch_size={args.train_batch_size}",
         "train.data.test_input=null",
     ]
-    return TrialJob(command, f"{prefix}/clean", f"{prefix}/train-runs")
+    if not export:
+        return TrialJob(command, f"{prefix}/clean", f"{prefix}/train-runs")
+    export_command = [
+        "jobs.export_shards", f"manifest=s3://{bucket}/{prefix}/clean",
+        f"output=s3://{bucket}/{prefix}/export", f"shard_size={EXPORT_SHARD_SIZE}",
+    ]  # fmt: skip
+    return TrialJob(command, f"{prefix}/clean", f"{prefix}/train-runs",
+                    export_prefix=f"{prefix}/export", then=export_command)  # fmt: skip
 
 
 def table(trials: list[dict]) -> str:
@@ -146,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
         rh.observer.poll_now()
         watch = ClusterWatch(rh.cluster, head=next(iter(rh.observer.snapshot().head_nodes)))
         for plan in plans:
-            job = pipeline_job(rh.bucket, f"trial-{plan.number:02d}", args)
+            job = pipeline_job(rh.bucket, f"trial-{plan.number:02d}", args,
+                               export=plan.stage == "export")  # fmt: skip
             result = Trial(rh, watch, plan, job, args).run()
             report["trials"].append(result)
             failed = [k for k, v in result["checks"].items() if not v]

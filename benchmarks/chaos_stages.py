@@ -6,9 +6,9 @@ non-head nodes then run its live work (`candidates`, from /proc). The trial kill
 them at random and records the job's progress at that instant (`Progress`), which must be
 partial: a kill after the stage's work is done proves nothing.
 
-Adding a stage (export-shards, once `jobs/export_shards.py` is part of the pipeline):
-a `Stage` subclass with its log markers and the process titles of its work, listed in
-`STAGES`; `available` keeps it out of the plan until the code it needs exists.
+Adding a stage: a `Stage` subclass with its log markers and the process titles of its
+work, listed in `STAGES`; `available` keeps it out of the plan until the code it needs
+exists.
 """
 
 from __future__ import annotations
@@ -17,11 +17,13 @@ import random
 from dataclasses import asdict, dataclass, field
 
 from benchmarks.chaos_watch import LogWatch, NodeView, Stored
-from cluster.local.localcluster import REPO_ROOT
 
 SCORING_WORK = ("ClipScorer", "read_shards_udf")
 SCORING_DONE = "execution finished"  # Ray Data's line on the driver, once a dataset is done
 TRAIN_WORK = ("RayTrainWorker",)
+EXPORT_WORK = "export_batch"  # the export job's Ray Data tasks (one output shard each)
+EXPORT_START = "[export] "  # its first line: the plan (samples, input and output shards)
+EXPORT_DONE = "[export] count check"  # its last line, once every shard is written
 FIT_STEPS = (  # driver lines that open each step of the distributed fit, in order
     "[fit] distributed global fit",  # the duplicate-key search (hash-partitioned tasks)
     "[fit] repeated keys",  # the usable rows materialised, counted
@@ -53,6 +55,9 @@ class Progress:
             return f"{s.shards_complete}/{self.shards} shards scored"
         if self.stage == "fit":
             return f"fit at '{self.fit_step}', manifest {'written' if s.manifest_written else 'not written'}"
+        if self.stage == "export":
+            done = "summary written" if s.export_done else "no summary yet"
+            return f"export: {s.export_shards} shards written, {done}"
         at = f"epoch {self.train_epoch}/{self.epochs} batch {self.train_batch}/{self.batches_per_epoch}"
         if self.stage == "checkpoint":
             at = f"epoch {self.checkpoint_in_flight or self.train_epoch}'s checkpoint being written"
@@ -69,6 +74,7 @@ class TrialContext:
     head: str
     fit_seen_at: dict[str, float] = field(default_factory=dict)  # fit step -> first seen
     scorer_loaded_at: float | None = None  # when a loaded scorer was first seen on a worker
+    export_seen_at: float | None = None  # when the export's first line was seen
 
 
 class Stage:
@@ -213,20 +219,30 @@ class CheckpointWrite(Stage):
 
 
 class Export(Stage):
-    """The export-shards job, once it exists and the pipeline runs it (not yet)."""
+    """Kill `delay_s` after the export job announced its plan (`[export] N samples ...`):
+    the node of one of its running shard tasks (each reads its input shards from S3 and
+    writes one output shard), while the export runs. Export trials run it after the
+    pipeline, in the same submission."""
 
-    name, work = "export", ("export",)
-
-    def available(self):
-        if not (REPO_ROOT / "jobs" / "export_shards.py").exists():
-            return "jobs/export_shards.py is not in this tree yet"
-        return "the pipeline does not run export-shards yet: add its submission and markers"
+    name, work = "export", (EXPORT_WORK,)
 
     def pick(self, rng, ctx):
-        return {}
+        return {"delay_s": round(rng.uniform(0, 1.0), 2)}
 
     def reached(self, moment, ctx, now):
-        return False
+        if ctx.export_seen_at is None and ctx.log.driver_has(EXPORT_START):
+            ctx.export_seen_at = now
+        return ctx.export_seen_at is not None and now - ctx.export_seen_at >= moment["delay_s"]
+
+    def armed(self, moment, ctx):
+        return ctx.log.driver_has(EXPORT_START) and not self.over(ctx)
+
+    def candidates(self, view, ctx):
+        return [] if self.over(ctx) else super().candidates(view, ctx)
+
+    @staticmethod
+    def over(ctx) -> bool:
+        return ctx.log.driver_has(EXPORT_DONE)
 
 
 STAGES: dict[str, Stage] = {
@@ -237,7 +253,8 @@ STAGES: dict[str, Stage] = {
 def progress_now(stage: str, ctx: TrialContext, stored: Stored, moment: dict) -> Progress:
     """The job's progress at a kill; `partial` says whether the work it hit was unfinished:
     shards not all scored, the manifest not written, training not registered to its last
-    epoch, or (checkpoint) the targeted epoch's checkpoint not registered."""
+    epoch, (checkpoint) the targeted epoch's checkpoint not registered, or the export's
+    summary not written."""
     log = ctx.log
     with log.lock:
         epoch, _, batch, batches = log.train_progress or (0, ctx.epochs, 0, 0)
@@ -247,6 +264,8 @@ def progress_now(stage: str, ctx: TrialContext, stored: Stored, moment: dict) ->
         partial = stored.shards_complete < ctx.shards
     elif stage == "fit":
         partial = not stored.manifest_written
+    elif stage == "export":
+        partial = not stored.export_done
     elif stage == "checkpoint":
         partial = stored.registered_epoch < moment.get("epoch", ctx.epochs)
     else:

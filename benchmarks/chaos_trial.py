@@ -97,6 +97,8 @@ class TrialJob:
     clean_prefix: str  # the clean run whose manifest is checked (written by this job or before)
     train_prefix: str  # the training run's storage
     run_name: str = "local-cluster"  # configs/train-local-cluster.yaml
+    export_prefix: str = ""  # where the job exports the clean set after training, if it does
+    then: list[str] | None = None  # a module and its arguments run after `command` succeeds
 
 
 class Trial:
@@ -121,7 +123,7 @@ class Trial:
         killed_s = time.time() - at
         job = self.job
         stored = stored_now(self.rh.client, self.rh.bucket, job.clean_prefix, job.train_prefix,
-                            job.run_name)  # fmt: skip
+                            job.run_name, job.export_prefix)  # fmt: skip
         stored.read_after_s = round(time.time() - at, 2)
         stage = stage or stage_of(stored, self.shards)  # a second kill: wherever the job is
         progress = progress_now(stage, self.ctx, stored, self.moment)
@@ -141,7 +143,7 @@ class Trial:
         stage = STAGES[plan.stage]
         started = time.time()
         submit(self.rh.env, address, *self.job.command, wait=False, job_id=self.submission,
-               env_vars=PROGRESS_ENV)  # fmt: skip
+               env_vars=PROGRESS_ENV, then=self.job.then)  # fmt: skip
         moment = self.moment = stage.pick(self.rng, self.ctx)
         second_after_s = round(self.rng.uniform(3, 12), 1)
         print(
@@ -219,6 +221,9 @@ class Trial:
             summary = f"{self.job.train_prefix}/{self.job.run_name}/summary.json"
             train = read_json(rh.client, rh.bucket, summary)
             out["epochs_completed"] = train["epochs_completed"]
+            if self.job.export_prefix:
+                export = read_json(rh.client, rh.bucket, f"{self.job.export_prefix}/summary.json")
+                out["export_count_check"] = export["count_check"]
         except Exception as err:  # a failed job left no output: the checks below say so
             out["output_error"] = f"{type(err).__name__}: {err}"[:300]
         killed = {k["node"] for k in self.kills}
@@ -236,6 +241,9 @@ class Trial:
             "rows == inputs": out.get("manifest_rows") == rh.input_samples,
             "no duplicate keys": out.get("duplicate_keys") == 0,
             "every epoch trained": out.get("epochs_completed") == args.epochs,
+            # exported samples == clean rows (its count check), when the job exports
+            "export complete": not self.job.export_prefix
+            or bool(out.get("export_count_check", {}).get("passed")),
             "every planned kill done": len(self.kills) == self.plan.kills,
             "kills hit unfinished work": bool(self.kills)
             and all(k["progress"]["partial"] for k in self.kills),

@@ -258,15 +258,27 @@ class Stored:
     registered_epoch: int
     checkpoint_folders: int
     read_after_s: float = 0.0
+    export_shards: int = 0  # tar shards the export has written so far
+    export_done: bool = False  # its summary.json (written after every shard) is there
 
 
-def stored_now(client, bucket: str, clean_prefix: str, train_prefix: str, run_name: str) -> Stored:
+def stored_now(
+    client,
+    bucket: str,
+    clean_prefix: str,
+    train_prefix: str,
+    run_name: str,
+    export_prefix: str = "",
+) -> Stored:
     manifest = s3_keys(client, bucket, f"{clean_prefix}/manifest.parquet")
+    exported = s3_keys(client, bucket, f"{export_prefix}/") if export_prefix else []
     return Stored(
         shards_complete=score_files(client, bucket, clean_prefix),
         manifest_written=bool(manifest),
         registered_epoch=registered_epoch(client, bucket, f"{train_prefix}/{run_name}"),
         checkpoint_folders=len(checkpoints(client, bucket, train_prefix)),
+        export_shards=sum(1 for key in exported if key.endswith(".tar")),
+        export_done=f"{export_prefix}/summary.json" in exported,
     )
 
 

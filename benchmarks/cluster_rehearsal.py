@@ -11,6 +11,7 @@ import contextlib
 import io
 import json
 import os
+import shlex
 import shutil
 import socket
 import subprocess
@@ -297,14 +298,19 @@ def submit(
     wait: bool = True,
     job_id: str = "",
     env_vars: dict[str, str] | None = None,
+    then: list[str] | None = None,
 ) -> str:
-    """`ray job submit` with the project's runtime env (the repo in place: `local_runtime_env`,
-    plus `env_vars`); returns the job's output (wait) or id."""
+    """`ray job submit` of `python -m <entrypoint>` with the project's runtime env (the repo
+    in place: `local_runtime_env`, plus `env_vars`), and of `python -m <then>` after it in
+    the same job when it succeeds; returns the job's output (wait) or id."""
     job_id = job_id or f"e2e-{uuid.uuid4().hex[:8]}"
     runtime_env = local_runtime_env(env_vars=env_vars)
     options = [f"--runtime-env-json={runtime_env}", f"--submission-id={job_id}"]
     options += [] if wait else ["--no-wait"]
-    done = ray_job_submit(address, env, options, ["python", "-m", *entrypoint])
+    command = ["python", "-m", *entrypoint]
+    if then:  # `ray job submit` quotes each word: the shell's && needs a shell of its own
+        command = ["bash", "-c", f"{shlex.join(command)} && {shlex.join(['python', '-m', *then])}"]
+    done = ray_job_submit(address, env, options, command)
     if done.returncode != 0:
         raise RuntimeError(f"job {job_id} failed:\n{done.stdout[-6000:]}\n{done.stderr[-3000:]}")
     return done.stdout if wait else job_id

@@ -12,14 +12,16 @@ from benchmarks.chaos_stages import STAGES, TrialContext, progress_now
 from benchmarks.chaos_trial import role_of
 from benchmarks.chaos_watch import LogWatch, NodeView, Stored
 
-STAGE_NAMES = ["scoring", "fit", "training", "checkpoint"]
+STAGE_NAMES = ["scoring", "fit", "training", "checkpoint", "export"]
 
 
 def test_the_plan_spreads_stages_doubles_every_fifth_kill_and_replays_from_its_seed():
     plan = plan_trials(11, 10, STAGE_NAMES)
     assert plan == plan_trials(11, 10, STAGE_NAMES)  # the printed seed replays it
     assert plan != plan_trials(12, 10, STAGE_NAMES)
-    assert sorted(Counter(p.stage for p in plan).values()) == [2, 2, 3, 3]
+    assert sorted(Counter(p.stage for p in plan).values()) == [2, 2, 2, 2, 2]
+    assert sorted(STAGES) == sorted(STAGE_NAMES)
+    assert not [name for name, stage in STAGES.items() if stage.available()]  # all in the plan
     assert [p.number for p in plan if p.kills == 2] == [5, 10]
     assert len({p.seed for p in plan}) == 10
 
@@ -110,3 +112,35 @@ def test_a_refreshed_view_drops_work_that_ended_since_the_look():
         for process in (busy, idle, gone):
             process.kill()
             process.wait()
+
+
+def test_the_export_stage_aims_between_its_first_and_last_lines(tmp_path):
+    (tmp_path / "session_latest" / "logs").mkdir(parents=True)
+    driver = tmp_path / "session_latest" / "logs" / "job-driver-chaos-2.log"
+    watch = LogWatch(str(tmp_path), "chaos-2")
+    ctx = TrialContext(watch, shards=12, epochs=3, head="head")
+    export = STAGES["export"]
+    write(driver, "[train] done")
+    watch.poll()
+    assert not export.armed({"delay_s": 0.5}, ctx) and not export.reached(
+        {"delay_s": 0.5}, ctx, 10.0
+    )
+    write(driver, "[export] 150 samples (150 clean, 0 relabelled) from 12 shards into 8 shards")
+    watch.poll()
+    assert export.armed({"delay_s": 0.5}, ctx)
+    assert not export.reached({"delay_s": 0.5}, ctx, 10.0)  # first seen now
+    assert export.reached({"delay_s": 0.5}, ctx, 10.6)
+    titles = {"head": {1: "MapBatches(export_batch)"}, "n1": {2: "MapBatches(export_batch)"},
+              "n2": {3: "IDLE"}}  # fmt: skip
+    view = NodeView(0.0, titles, set(titles), {})
+    assert export.candidates(view, ctx) == ["n1"]  # its shard tasks, off the head
+    write(driver, "[export] count check passed: 150 samples written, 150 expected")
+    watch.poll()
+    assert export.candidates(view, ctx) == [] and not export.armed({"delay_s": 0.5}, ctx)
+    # partial until the export's summary is written (after its last shard)
+    under_way = Stored(12, True, 3, 3, export_shards=5)
+    assert progress_now("export", ctx, under_way, {}).partial
+    assert not progress_now("export", ctx, Stored(12, True, 3, 3, 0.0, 8, True), {}).partial
+    assert progress_now("export", ctx, under_way, {}).line() == (
+        "export: 5 shards written, no summary yet"
+    )
