@@ -252,7 +252,8 @@ def export_stage(env: dict, address: str, run: Path, out: Path) -> dict:
                 "export_note": "jobs.export_shards is not in this tree"}  # fmt: skip
     run_job(env, address, "export_shards", f"manifest={run}", f"output={out}")
     summary = json.loads((out / "summary.json").read_text())
-    return {"exported_samples": summary.get("written")}
+    check = summary["count_check"]
+    return {"exported_samples": check["written"], "export_count_check_passed": check["passed"]}
 
 
 def rate(items: float | None, seconds: float | None) -> float | None:
