@@ -14,11 +14,13 @@ exists.
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import asdict, dataclass, field
 
 from benchmarks.chaos_watch import LogWatch, NodeView, Stored
 
 SCORING_WORK = ("ClipScorer", "read_shards_udf")
+SCORED_LINE = re.compile(r"\[score\] (\d+)/\d+ shards")  # the driver's progress line
 SCORING_DONE = "execution finished"  # Ray Data's line on the driver, once a dataset is done
 TRAIN_WORK = ("RayTrainWorker",)
 EXPORT_WORK = "export_batch"  # the export job's Ray Data tasks (one output shard each)
@@ -74,6 +76,7 @@ class TrialContext:
     head: str
     fit_seen_at: dict[str, float] = field(default_factory=dict)  # fit step -> first seen
     scorer_loaded_at: float | None = None  # when a loaded scorer was first seen on a worker
+    scored_seen_at: dict[int, float] = field(default_factory=dict)  # shards scored -> first seen
     export_seen_at: float | None = None  # when the export's first line was seen
 
 
@@ -105,16 +108,25 @@ class Stage:
 
 
 class Scoring(Stage):
-    """Kill `delay_s` after the first scorer has loaded its model on a worker node: a node
-    then running a loaded scorer (which also writes its shards' score files) or a reader."""
+    """Kill once the driver has announced `after_shards` shards scored (0: once the first
+    scorer has loaded its model on a worker node), `delay_s` later: a node then running a
+    loaded scorer (which also writes its shards' score files) or a reader. The moment is
+    counted in shards, not seconds: scoring a small demo takes a few seconds on an idle
+    machine and far longer on a loaded one, and a fixed delay overshot it (the 2026-12-07
+    run's trial 7 waited 7.1 s and found scoring done)."""
 
     name, work = "scoring", SCORING_WORK
 
     def pick(self, rng, ctx):
-        return {"delay_s": round(rng.uniform(0, 8), 1)}
+        last = max(ctx.shards - 3, 0)  # leave shards unscored when the kill lands
+        return {"after_shards": rng.randint(0, last), "delay_s": round(rng.uniform(0, 1), 1)}
 
     def reached(self, moment, ctx, now):
-        return ctx.scorer_loaded_at is not None and now - ctx.scorer_loaded_at >= moment["delay_s"]
+        if ctx.scorer_loaded_at is None:
+            return False
+        seen = ctx.scored_seen_at.get(moment.get("after_shards", 0))
+        since = ctx.scorer_loaded_at if moment.get("after_shards", 0) == 0 else seen
+        return since is not None and now - since >= moment["delay_s"]
 
     def armed(self, moment, ctx):  # the scorers are planned, the fit not begun
         return ctx.log.driver_has("[score] scorers:") and not ctx.log.driver_has("[fit] ")
@@ -138,6 +150,15 @@ class Scoring(Stage):
             for t in titles.values()
         ):
             ctx.scorer_loaded_at = now
+        scored = scored_shards(ctx.log.last_driver_line("[score] "))
+        for done in range(scored + 1):  # every count up to the newest, first seen now
+            ctx.scored_seen_at.setdefault(done, now)
+
+
+def scored_shards(line: str) -> int:
+    """The shard count of the driver's progress line '[score] 7/12 shards, ...' (0 if none)."""
+    match = SCORED_LINE.match(line)
+    return int(match.group(1)) if match else 0
 
 
 class Fit(Stage):
