@@ -56,9 +56,13 @@ def plan_trials(seed: int, trials: int, stages: list[str]) -> list[TrialPlan]:
 EXPORT_SHARD_SIZE = 20  # samples per exported shard: several shard tasks to aim at
 
 
-def pipeline_job(bucket: str, prefix: str, args, export: bool = False) -> TrialJob:
+def pipeline_job(
+    bucket: str, prefix: str, args, export: bool = False, scoring_model: str = ""
+) -> TrialJob:
     """jobs.pipeline, small, with the distributed fit (on the cluster, not the driver);
-    with `export`, jobs.export_shards of its clean set after it, in the same submission."""
+    with `export`, jobs.export_shards of its clean set after it, in the same submission;
+    with `scoring_model`, that open_clip architecture (random weights) scores instead of the
+    tiny CLIP, so that scoring lasts long enough to be hit at a random shard."""
     command = [
         "jobs.pipeline",
         "--clean-config=configs/local-cluster.yaml",
@@ -73,6 +77,8 @@ def pipeline_job(bucket: str, prefix: str, args, export: bool = False) -> TrialJ
         f"train.optim.batch_size={args.train_batch_size}",
         "train.data.test_input=null",
     ]
+    if scoring_model:
+        command += [f"clean.model.name={scoring_model}", "clean.model.random_weights=true"]
     if not export:
         return TrialJob(command, f"{prefix}/clean", f"{prefix}/train-runs")
     export_command = [
@@ -121,6 +127,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, default=240)
     parser.add_argument("--samples-per-shard", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=16, help="scoring batch size")
+    parser.add_argument(
+        "--scoring-model",
+        default="ViT-B-32",
+        help="open_clip architecture (random weights) that scores in scoring trials: the tiny "
+        "CLIP scores the demo in about 2 s, too short a window to kill at a random shard",
+    )
     parser.add_argument("--train-batch-size", type=int, default=32)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--job-timeout", type=float, default=1200)
@@ -158,8 +170,9 @@ def main(argv: list[str] | None = None) -> int:
         rh.observer.poll_now()
         watch = ClusterWatch(rh.cluster, head=next(iter(rh.observer.snapshot().head_nodes)))
         for plan in plans:
+            scoring_model = args.scoring_model if plan.stage == "scoring" else ""
             job = pipeline_job(rh.bucket, f"trial-{plan.number:02d}", args,
-                               export=plan.stage == "export")  # fmt: skip
+                               export=plan.stage == "export", scoring_model=scoring_model)  # fmt: skip
             result = Trial(rh, watch, plan, job, args).run()
             report["trials"].append(result)
             failed = [k for k, v in result["checks"].items() if not v]

@@ -14,13 +14,12 @@ exists.
 from __future__ import annotations
 
 import random
-import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 from benchmarks.chaos_watch import LogWatch, NodeView, Stored
 
 SCORING_WORK = ("ClipScorer", "read_shards_udf")
-SCORED_LINE = re.compile(r"\[score\] (\d+)/\d+ shards")  # the driver's progress line
 SCORING_DONE = "execution finished"  # Ray Data's line on the driver, once a dataset is done
 TRAIN_WORK = ("RayTrainWorker",)
 EXPORT_WORK = "export_batch"  # the export job's Ray Data tasks (one output shard each)
@@ -76,7 +75,8 @@ class TrialContext:
     head: str
     fit_seen_at: dict[str, float] = field(default_factory=dict)  # fit step -> first seen
     scorer_loaded_at: float | None = None  # when a loaded scorer was first seen on a worker
-    scored_seen_at: dict[int, float] = field(default_factory=dict)  # shards scored -> first seen
+    scored_seen_at: dict[int, float] = field(default_factory=dict)  # score files -> first seen
+    scored_now: Callable[[], int] | None = None  # score files on S3 now (listed while scoring)
     export_seen_at: float | None = None  # when the export's first line was seen
 
 
@@ -108,12 +108,12 @@ class Stage:
 
 
 class Scoring(Stage):
-    """Kill once the driver has announced `after_shards` shards scored (0: once the first
-    scorer has loaded its model on a worker node), `delay_s` later: a node then running a
-    loaded scorer (which also writes its shards' score files) or a reader. The moment is
-    counted in shards, not seconds: scoring a small demo takes a few seconds on an idle
-    machine and far longer on a loaded one, and a fixed delay overshot it (the 2026-12-07
-    run's trial 7 waited 7.1 s and found scoring done)."""
+    """Kill `delay_s` after `after_shards` score files are on S3 (0: after the first scorer
+    has loaded its model on a worker node): a node then running a loaded scorer (which also
+    writes its shards' score files) or a reader. The moment is counted in shards written,
+    the ground truth, not in seconds nor in the driver's progress lines: those reach the
+    driver in a burst at the end of a short scoring stage, and a fixed delay overshot it
+    (trial 7 of the 2026-12-07 run waited 7.1 s and found scoring done)."""
 
     name, work = "scoring", SCORING_WORK
 
@@ -122,10 +122,8 @@ class Scoring(Stage):
         return {"after_shards": rng.randint(0, last), "delay_s": round(rng.uniform(0, 1), 1)}
 
     def reached(self, moment, ctx, now):
-        if ctx.scorer_loaded_at is None:
-            return False
-        seen = ctx.scored_seen_at.get(moment.get("after_shards", 0))
-        since = ctx.scorer_loaded_at if moment.get("after_shards", 0) == 0 else seen
+        after = moment.get("after_shards", 0)
+        since = ctx.scorer_loaded_at if after == 0 else ctx.scored_seen_at.get(after)
         return since is not None and now - since >= moment["delay_s"]
 
     def armed(self, moment, ctx):  # the scorers are planned, the fit not begun
@@ -150,15 +148,12 @@ class Scoring(Stage):
             for t in titles.values()
         ):
             ctx.scorer_loaded_at = now
-        scored = scored_shards(ctx.log.last_driver_line("[score] "))
-        for done in range(scored + 1):  # every count up to the newest, first seen now
+        if ctx.scorer_loaded_at is None or ctx.scored_now is None:
+            return
+        if ctx.log.driver_has_after("[score] scorers:", SCORING_DONE):
+            return  # scoring done: no more listing
+        for done in range(ctx.scored_now() + 1):  # every count up to now's, first seen now
             ctx.scored_seen_at.setdefault(done, now)
-
-
-def scored_shards(line: str) -> int:
-    """The shard count of the driver's progress line '[score] 7/12 shards, ...' (0 if none)."""
-    match = SCORED_LINE.match(line)
-    return int(match.group(1)) if match else 0
 
 
 class Fit(Stage):

@@ -13,10 +13,11 @@ import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 from benchmarks.chaos_stages import STAGES, TrialContext, as_dict, progress_now, stage_of
-from benchmarks.chaos_watch import ClusterWatch, LogWatch, recovery_of, stored_now
+from benchmarks.chaos_watch import ClusterWatch, LogWatch, recovery_of, score_files, stored_now
 from benchmarks.cluster_rehearsal import (
     Rehearsal,
     job_end,
@@ -111,6 +112,7 @@ class Trial:
         self.shards = -(-rh.input_samples // args.samples_per_shard)
         self.log = LogWatch(rh.info.temp_dir, self.submission)
         self.ctx = TrialContext(self.log, self.shards, args.epochs, watch.head)
+        self.ctx.scored_now = partial(score_files, rh.client, rh.bucket, job.clean_prefix)
         self.kills: list[dict] = []
         self.moment: dict = {}
 

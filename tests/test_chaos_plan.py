@@ -147,11 +147,12 @@ def test_the_export_stage_aims_between_its_first_and_last_lines(tmp_path):
     )
 
 
-def test_the_scoring_moment_counts_shards_scored_not_seconds(tmp_path):
+def test_the_scoring_moment_counts_score_files_written_not_seconds(tmp_path):
     (tmp_path / "session_latest" / "logs").mkdir(parents=True)
     driver = tmp_path / "session_latest" / "logs" / "job-driver-chaos-3.log"
     watch = LogWatch(str(tmp_path), "chaos-3")
-    ctx = TrialContext(watch, shards=12, epochs=3, head="head")
+    written = [0]  # score files on S3 now, as the trial lists them
+    ctx = TrialContext(watch, shards=12, epochs=3, head="head", scored_now=lambda: written[0])
     scoring = STAGES["scoring"]
     moments = [scoring.pick(random.Random(seed), ctx) for seed in range(200)]
     assert {m["after_shards"] for m in moments} == set(range(10))  # 2 shards left at least
@@ -161,20 +162,20 @@ def test_the_scoring_moment_counts_shards_scored_not_seconds(tmp_path):
     loaded = {"n1": {5: "MapWorker(MapBatches(ClipScorerWriter))"}, "head": {1: "ClipScorer"}}
     write(driver, "[score] scorers: 2-2 actors, 1 GPU and 1 CPU each")
     watch.poll()
-    scoring.watch(NodeView(1.0, loading, {"n1"}, {}), ctx, 1.0)
     first, fourth = {"after_shards": 0, "delay_s": 0.5}, {"after_shards": 4, "delay_s": 0.5}
-    assert not scoring.reached(first, ctx, 5.0)  # no scorer has loaded its model yet
+    written[0] = 5  # listed only once a scorer has loaded its model
+    scoring.watch(NodeView(1.0, loading, {"n1"}, {}), ctx, 1.0)
+    assert not scoring.reached(first, ctx, 5.0) and ctx.scored_seen_at == {}
+    written[0] = 3
     scoring.watch(NodeView(2.0, loaded, {"n1"}, {}), ctx, 2.0)
     assert scoring.reached(first, ctx, 2.5) and not scoring.reached(fourth, ctx, 60.0)
-    write(driver, "[score] 3/12 shards, 60 samples, 4 samples/s, ETA 0:42")
-    watch.poll()
-    scoring.watch(NodeView(9.0, loaded, {"n1"}, {}), ctx, 9.0)
-    assert not scoring.reached(fourth, ctx, 60.0)
-    write(driver, "[score] 5/12 shards, 100 samples, 7 samples/s, ETA 0:20")
-    watch.poll()
+    written[0] = 5  # the driver's progress lines play no part (they come in a burst)
     scoring.watch(NodeView(10.0, loaded, {"n1"}, {}), ctx, 10.0)  # 4 was passed unseen
     assert not scoring.reached(fourth, ctx, 10.2) and scoring.reached(fourth, ctx, 10.5)
     assert scoring.candidates(NodeView(10.0, loaded, {"n1"}, {}), ctx) == ["n1"]  # not the head
     write(driver, "Dataset dataset_1 execution finished in 15.06 seconds")
     watch.poll()
-    assert scoring.candidates(NodeView(11.0, loaded, {"n1"}, {}), ctx) == []  # scoring done
+    written[0] = 12
+    scoring.watch(NodeView(11.0, loaded, {"n1"}, {}), ctx, 11.0)
+    assert 12 not in ctx.scored_seen_at  # scoring done: no more listing
+    assert scoring.candidates(NodeView(11.0, loaded, {"n1"}, {}), ctx) == []
