@@ -14,6 +14,7 @@ from PIL import Image
 from cleaner.reading.shards import (
     SHARD_ERROR_PREFIX,
     decode_image,
+    fetch_thumbnails,
     parse_label,
     read_shard,
     split_member_name,
@@ -158,3 +159,23 @@ def test_empty_and_missing_shards_report_a_failure_row(tmp_path):
     assert list(rows["status"]) == ["failed"] and "empty shard" in rows["reason"][0]
     _, rows = read_all(tmp_path / "missing.tar")
     assert list(rows["status"]) == ["failed"] and "shard unreadable" in rows["reason"][0]
+
+
+def test_thumbnails_are_read_back_for_the_wanted_keys_only(tmp_path):
+    first = write_tar(
+        tmp_path / "a.tar",
+        [("wide.jpg", jpeg("red", (200, 100))), ("wide.cls", b"0"),
+         ("small.png", _png(Image.new("RGB", (20, 10), "blue"))), ("small.cls", b"1"),
+         ("unwanted.jpg", jpeg()), ("text.txt", b"no image here")],
+    )  # fmt: skip
+    second = write_tar(tmp_path / "b.tar", [("other.jpg", jpeg("green", (50, 50)))])
+    wanted = {str(first): ["wide", "small", "text", "absent"], str(second): ["other"],
+              str(tmp_path / "missing.tar"): ["gone"]}  # fmt: skip
+    thumbs = fetch_thumbnails(wanted, ["jpg", "png"], size=32)
+    assert sorted(thumbs) == ["other", "small", "wide"]  # no image, absent, missing: left out
+    sizes = {key: Image.open(io.BytesIO(data)) for key, data in thumbs.items()}
+    assert all(img.format == "PNG" and img.mode == "RGB" for img in sizes.values())
+    assert sizes["wide"].size == (32, 16)  # fitted in 32 x 32, aspect kept
+    assert sizes["small"].size == (20, 10)  # never enlarged
+    assert sizes["other"].getpixel((5, 5))[1] > 100  # the right image: green
+    assert fetch_thumbnails({str(first): ["small"]}, ["jpg"]) == {}  # extension not accepted

@@ -28,6 +28,7 @@ from cleaner.reading.shards import RawSample, read_shard
 from cleaner.selection.manifest import (
     ManifestWriter,
     manifest_file,
+    read_manifest_for_report,
     read_shard_root,
     with_relative_shards,
 )
@@ -287,3 +288,21 @@ def test_manifest_parts_record_their_root_once(tmp_path):
     old = str(tmp_path / "old.parquet")
     pq.write_table(with_relative_shards(parts[1], None), old)  # no root: paths as they were
     assert read_shard_root(old) is None
+
+
+def test_a_failed_manifest_write_leaves_nothing_and_the_report_reads_scalar_columns(tmp_path):
+    target = tmp_path / "run" / "manifest.parquet"
+    with pytest.raises(RuntimeError, match="mid-write"), ManifestWriter(str(target)) as writer:
+        writer.write(pa.table({"key": ["a"]}))
+        raise RuntimeError("mid-write")
+    assert not target.exists() and list(target.parent.iterdir()) == []  # no temp file either
+    embedding = pa.FixedSizeListArray.from_arrays(pa.array([0.5, 0.5, 1.0, 0.0], pa.float32()), 2)
+    table = pa.table({"key": ["a", "b"], "label": [1, 0], "embedding": embedding,
+                      "prompts": pa.array([[1], [2, 3]])})  # fmt: skip
+    with ManifestWriter(str(target)) as writer:
+        writer.write(table.slice(0, 1))
+        writer.write(table.slice(1, 1))
+    assert list(target.parent.iterdir()) == [target]
+    assert pq.read_table(target).equals(table)
+    report = read_manifest_for_report(str(target))
+    assert report.column_names == ["key", "label"] and report.num_rows == 2
