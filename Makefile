@@ -76,11 +76,14 @@ test-fast: $(INSTALLED)
 # Mutation testing of the pure central modules (docs/testing.md), not part of `make test`:
 # mutmut mutates them ([tool.mutmut] in pyproject.toml), runs on each mutant the unit tests
 # that call its function, and tests.mutation_score prints the score on its last line.
+# Incremental: mutants/ is kept, and a rerun tests only functions changed since (`rm -rf
+# mutants` starts afresh). MUTANTS narrows a run to mutant names (globs), module by module:
+#   make mutate MUTANTS='training.checkpoint.* cleaner.selection.rules.*'
 MUTATE_JOBS ?= 2
+MUTANTS ?=
 mutate: $(INSTALLED)
 	$(UV) sync --locked --extra test --extra mutate
-	rm -rf mutants
-	-$(VENV)/bin/mutmut run --max-children $(MUTATE_JOBS)
+	-$(VENV)/bin/mutmut run --max-children $(MUTATE_JOBS) $(MUTANTS)
 	$(PY) -m tests.mutation_score
 
 lint: $(INSTALLED)
