@@ -271,3 +271,29 @@ def test_cudnn_benchmark_is_on_for_gpu_training_only(monkeypatch):
     assert torch.backends.cudnn.benchmark is False
     configure_backends(CUDA)
     assert torch.backends.cudnn.benchmark is True
+
+
+class Wrapped(torch.nn.Module):
+    """A stand-in for DDP's wrapper: the network under `.module`, its keys prefixed."""
+
+    def __init__(self, module: torch.nn.Module):
+        super().__init__()
+        self.module = module
+
+
+def test_a_wrapped_network_saves_and_loads_as_the_bare_network(tmp_path):
+    """Checkpoints hold the bare network's keys: a DDP rank saves what a single process
+    (or a later rank count) loads, and a wrapped network loads a bare checkpoint."""
+    torch.manual_seed(0)
+    bare = build_network("tiny_cnn", 4)
+    optimizer = make_optimizer(bare, 0.1)
+    scheduler = make_scheduler(optimizer, [2])
+    save_checkpoint(
+        str(tmp_path), Wrapped(bare), optimizer, scheduler, mixfix_state_after_updates(), []
+    )
+    saved = torch.load(tmp_path / "model.pt", map_location="cpu")
+    assert list(saved) == list(bare.state_dict())  # no "module." prefix
+    fresh = Wrapped(build_network("tiny_cnn", 4))
+    load_checkpoint(str(tmp_path), fresh, make_optimizer(fresh, 0.1), scheduler, CPU)
+    for a, b in zip(bare.state_dict().values(), fresh.module.state_dict().values(), strict=True):
+        assert torch.equal(a, b)

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from cleaner.selection.rules import SelectionResult, SourceScores
+from cleaner.selection.rules import SelectionResult, SourceScores, SourceSelection
 from cleaner.selection.select import select_clean, select_clean_result, select_from_scores
 
 
@@ -442,3 +442,34 @@ def test_source_scores_rejects_mismatched_columns() -> None:
         SourceScores(np.ones(3), np.ones(2))
     with pytest.raises(ValueError, match="1-D"):
         SourceScores(np.ones((3, 1)), np.ones((3, 1)))
+
+
+def test_counts_match_the_masks_field_by_field_as_plain_ints() -> None:
+    # K=4 with class 3 absent; two sources; one backfilled sample in class 2
+    labels = np.array([0, 0, 0, 1, 1, 2, 2, 2, 2])
+    mask = lambda *rows: np.isin(np.arange(9), rows)  # noqa: E731
+    zero = np.zeros(9)
+
+    def source(gmm, cons):
+        return SourceSelection(zero, zero, gmm, zero, cons)
+
+    result = SelectionResult(
+        is_clean=mask(0, 1, 3, 8), backfilled=mask(8), clean_score=zero,
+        sources={"zeroshot": source(mask(0, 1, 2), mask(0, 3)),
+                 "probe": source(mask(1), mask(3, 4, 5))},
+        labels=labels, num_classes=4, theta_gmm=0.5, theta_cons=0.5, gmm="official",
+        backfill_size=1,
+    )  # fmt: skip
+    counts = result.counts()
+    assert counts == {
+        "num_samples": 9, "num_classes": 4, "num_present_classes": 3, "num_clean": 4,
+        "num_backfilled": 1, "num_backfilled_classes": 1, "backfill_size": 1,
+        "per_criterion": {"zeroshot_gmm": 3, "zeroshot_consistency": 2, "probe_gmm": 1,
+                          "probe_consistency": 3},
+        "per_class": {"total": [3, 2, 4, 0], "clean": [2, 1, 1, 0], "backfilled": [0, 0, 1, 0],
+                      "zeroshot_gmm": [3, 0, 0, 0], "zeroshot_consistency": [1, 1, 0, 0],
+                      "probe_gmm": [1, 0, 0, 0], "probe_consistency": [0, 2, 1, 0]},
+    }  # fmt: skip
+    # plain ints, not floats equal to them: the summary is JSON, read by other tools
+    assert json.dumps(counts) == json.dumps(json.loads(json.dumps(counts)))
+    assert ".0" not in json.dumps(counts)
