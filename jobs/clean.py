@@ -27,7 +27,7 @@ from cleaner.reading.shards import fetch_thumbnails
 from cleaner.scoring.columns import SCORE_FORMAT
 from cleaner.scoring.pipeline import (
     SCORES_DIR,
-    score_shards,
+    score_shard_sets,
     shard_output_names,
     table_to_parquet_bytes,
 )
@@ -93,35 +93,21 @@ def run_clean(cfg: CleanJobConfig) -> dict:
     fingerprint = cfg.fingerprint(
         SCORE_FORMAT, *spec.names, *[p for ps in spec.prompts() for p in ps]
     )
-    bank_ref = ray.put(bank)  # one copy for the train and test scorers
-    stats = score_shards(
-        cfg,
-        shards,
-        bank_ref,
-        spec.names,
-        image_size,
-        scores_uri,
-        fingerprint,
-        resize,
-        plan=scorer_plan,
-    )
+    bank_ref = ray.put(bank)
+    sets = {scores_uri: shards}
     test_shards, test_score_uris = [], []
     if cfg.data.test_input and cfg.checks.test_leaks:  # embedded for the train/test leak check
         test_shards = uri_lib.expand_shard_spec(cfg.data.test_input)
         test_scores = uri_lib.join(cfg.output, TEST_SCORES_DIR)
-        score_shards(
-            cfg,
-            test_shards,
-            bank_ref,
-            spec.names,
-            image_size,
-            test_scores,
-            fingerprint,
-            resize,
-            plan=scorer_plan,
-        )
+        sets[test_scores] = test_shards
         test_names = shard_output_names(test_shards)
         test_score_uris = [uri_lib.join(test_scores, test_names[s]) for s in test_shards]
+    # one pass, one pool of scorers (started and loaded once) for the train and test shards
+    set_stats = score_shard_sets(
+        cfg, sets, bank_ref, spec.names, image_size, fingerprint, resize, plan=scorer_plan
+    )
+    stats = set_stats.pop(scores_uri)
+    test_samples = sum(st.samples_scored for st in set_stats.values())  # 0 without test shards
     timings["scoring_s"] = time.perf_counter() - t1
 
     t2 = time.perf_counter()
@@ -194,6 +180,7 @@ def run_clean(cfg: CleanJobConfig) -> dict:
             "shards_scored": stats.shards_scored,
             "shards_skipped": stats.shards_skipped,
             "samples_scored": stats.samples_scored,
+            "test_samples_scored": test_samples,  # the leak check's, in the same pass
             "images_per_second": round(stats.images_per_second, 2),
             "startup_seconds": round(stats.first_shard_seconds, 2),
             "steady_images_per_second": round(stats.steady_images_per_second, 2),

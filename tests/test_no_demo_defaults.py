@@ -72,14 +72,20 @@ def test_every_network_has_an_input_size():
     assert set(NETWORK_INPUT_SIZES) == set(NETWORKS)
 
 
+RESIZE_POSITION = {"score_shards": 7, "score_shard_sets": 6}
+
+
 def test_benchmarks_pass_the_models_resize_to_score_shards():
     """score_shards without `resize` silently preprocesses with shortest/bicubic, whatever
     the model's preprocess_cfg says (benchmarks.throughput did)."""
     calls = []
     for path in [*(REPO / "benchmarks").glob("*.py"), *(REPO / "jobs").glob("*.py")]:
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "score_shards":
-                given = len(node.args) >= 8 or any(k.arg == "resize" for k in node.keywords)
+            name = getattr(node.func, "id", None) if isinstance(node, ast.Call) else None
+            if name in RESIZE_POSITION:  # resize's position among the positional arguments
+                given = len(node.args) > RESIZE_POSITION[name] or any(
+                    k.arg == "resize" for k in node.keywords
+                )
                 calls.append((path.name, given))
     assert {"throughput.py", "clean.py"} <= {name for name, _ in calls}
     assert all(given for _, given in calls), calls

@@ -78,21 +78,24 @@ class ScoringStats:
     shards_skipped: int
     shards_scored: int
     samples_scored: int
-    seconds: float
-    first_shard_seconds: float = 0.0  # until the first shard's rows were complete
+    seconds: float  # the scoring pass's (shared by every set it scored)
+    first_shard_seconds: float = 0.0  # until the pass's first shard's rows were complete
     first_shard_samples: int = 0
+    pass_samples: int | None = None  # samples of every set of the pass (None: this set's)
 
     @property
     def images_per_second(self) -> float:
-        """Over the whole scoring stage, start-up (nodes, actors, model loads) included."""
-        return self.samples_scored / self.seconds if self.seconds > 0 else 0.0
+        """Over the whole scoring pass, start-up (nodes, actors, model loads) included."""
+        samples = self.samples_scored if self.pass_samples is None else self.pass_samples
+        return samples / self.seconds if self.seconds > 0 else 0.0
 
     @property
     def steady_images_per_second(self) -> float:
         """After the first shard was complete: the pool's streaming rate, start-up excluded
         (0 when fewer than two shards were scored)."""
         seconds = self.seconds - self.first_shard_seconds
-        samples = self.samples_scored - self.first_shard_samples
+        total = self.samples_scored if self.pass_samples is None else self.pass_samples
+        samples = total - self.first_shard_samples
         return samples / seconds if seconds > 0 and samples > 0 else 0.0
 
 
@@ -218,65 +221,111 @@ def score_shards(
     `bank_ref` is the PromptBank or an ObjectRef to it. Score rows are written by the
     scorer actors (cleaner.scoring.writing); the driver sees one row per shard written.
     """
+    sets = {scores_uri: shards}
+    return score_shard_sets(
+        cfg, sets, bank_ref, class_names, image_size, fingerprint, resize, plan
+    )[scores_uri]
+
+
+def score_shard_sets(
+    cfg: CleanJobConfig,
+    sets: dict[str, list[str]],
+    bank_ref,
+    class_names: list[str],
+    image_size: int,
+    fingerprint: str,
+    resize: dict | None = None,
+    plan: ScorerPlan | None = None,
+) -> dict[str, ScoringStats]:
+    """`score_shards` for several sets of shards ({scores_uri: shards}, e.g. the training
+    and the test shards) in one pass: one pool of scorers, started and loaded once, each
+    shard's file written under its own set's scores_uri. Sets that share a shard are
+    scored one after the other. Returns each set's stats (the pass's time and rates)."""
     import ray
 
+    listed = [s for shards in sets.values() for s in shards]
+    if len(set(listed)) < len(listed):  # a shard in two sets: one pass each
+        return {
+            uri: score_shard_sets(
+                cfg, {uri: shards}, bank_ref, class_names, image_size, fingerprint, resize, plan
+            )[uri]
+            for uri, shards in sets.items()
+        }
     start = time.perf_counter()
-    uri_lib.makedirs(scores_uri)
-    names = shard_output_names(shards)
-    reusable = check_fingerprint(scores_uri, fingerprint, cfg.resume)
-    todo = [
-        s for s in shards if not (reusable and uri_lib.exists(uri_lib.join(scores_uri, names[s])))
-    ]
-    skipped = len(shards) - len(todo)
-    if skipped:
-        print(f"[score] {skipped} of {len(shards)} shards already scored: skipped", flush=True)
-    if not todo:
-        return ScoringStats(len(shards), skipped, 0, 0, time.perf_counter() - start)
-
-    if plan is None:
-        plan = plan_scorers(cfg, len(todo))
-    else:  # planned before the prompts were encoded: no more actors than shards left to score
-        cap = len(todo)
-        plan = replace(
-            plan, max_actors=min(plan.max_actors, cap), min_actors=min(plan.min_actors, cap)
+    targets: dict[str, str] = {}  # shard -> its score file, for the shards to score
+    set_of: dict[str, str] = {}
+    skipped: dict[str, int] = {}
+    for scores_uri, shards in sets.items():
+        uri_lib.makedirs(scores_uri)
+        names = shard_output_names(shards)
+        reusable = check_fingerprint(scores_uri, fingerprint, cfg.resume)
+        todo = [
+            s
+            for s in shards
+            if not (reusable and uri_lib.exists(uri_lib.join(scores_uri, names[s])))
+        ]
+        skipped[scores_uri] = len(shards) - len(todo)
+        if skipped[scores_uri]:
+            print(
+                f"[score] {skipped[scores_uri]} of {len(shards)} shards already scored: skipped",
+                flush=True,
+            )
+        for shard in todo:
+            targets[shard] = uri_lib.join(scores_uri, names[shard])
+            set_of[shard] = scores_uri
+    samples: dict[str, int] = dict.fromkeys(sets, 0)
+    first_shard: dict = {}  # when the pass's first shard was complete, and its samples
+    if targets:
+        todo = list(targets)
+        if plan is None:
+            plan = plan_scorers(cfg, len(todo))
+        else:  # planned before the prompts were encoded: no more actors than shards to score
+            cap = len(todo)
+            plan = replace(
+                plan, max_actors=min(plan.max_actors, cap), min_actors=min(plan.min_actors, cap)
+            )
+        print(
+            f"[score] scorers: {plan.min_actors}-{plan.max_actors} actors, {plan.num_gpus:g} GPU "
+            f"and {plan.num_cpus:g} CPU each ({plan.reason})",
+            flush=True,
         )
-    print(
-        f"[score] scorers: {plan.min_actors}-{plan.max_actors} actors, {plan.num_gpus:g} GPU and "
-        f"{plan.num_cpus:g} CPU each ({plan.reason})",
-        flush=True,
-    )
-    if isinstance(bank_ref, PromptBank):
-        bank_ref = ray.put(bank_ref)
-    writer = {
-        "scores_uri": scores_uri,
-        "names": {s: names[s] for s in todo},
-        "columns": [c for c in SCORE_OUTPUT_COLUMNS if c != "shard_total"],
+        if isinstance(bank_ref, PromptBank):
+            bank_ref = ray.put(bank_ref)
+        writer = {
+            "scores_uri": "",  # the names are the files' whole URIs
+            "names": targets,
+            "columns": [c for c in SCORE_OUTPUT_COLUMNS if c != "shard_total"],
+        }
+        decoded = one_block_per_task(read_stage(cfg, todo, class_names, image_size, resize))
+        ds = score_stage(decoded, cfg, bank_ref, plan, writer=writer)
+        progress = ProgressLog("score", total_units=len(todo), unit="shards", item="samples")
+        written: set[str] = set()  # a retried block's shards are written (and passed on) again
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            for shard, rows in zip(batch["shard"], batch["rows"], strict=True):
+                if str(shard) in written:
+                    continue
+                written.add(str(shard))
+                samples[set_of[str(shard)]] += int(rows)
+                progress.update(units=1, items=int(rows))
+                if not first_shard:
+                    first_shard.update(seconds=time.perf_counter() - start, samples=progress.items)
+        missing = sorted(set(todo) - written)
+        if missing:
+            raise RuntimeError(
+                f"{len(missing)} shard(s) with missing rows after scoring: {missing[:5]}"
+            )
+        progress.finish()
+    seconds, total = time.perf_counter() - start, sum(samples.values())
+    return {
+        uri: ScoringStats(
+            len(shards),
+            skipped[uri],
+            len(shards) - skipped[uri],
+            samples[uri],
+            seconds,
+            first_shard.get("seconds", 0.0),
+            first_shard.get("samples", 0),
+            pass_samples=total if len(sets) > 1 else None,
+        )
+        for uri, shards in sets.items()
     }
-    decoded = one_block_per_task(read_stage(cfg, todo, class_names, image_size, resize))
-    ds = score_stage(decoded, cfg, bank_ref, plan, writer=writer)
-    progress = ProgressLog("score", total_units=len(todo), unit="shards", item="samples")
-    first_shard: dict = {}  # when the first shard was complete, and its samples
-    written: set[str] = set()  # a retried block's shards are written (and passed on) again
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        for shard, rows in zip(batch["shard"], batch["rows"], strict=True):
-            if str(shard) in written:
-                continue
-            written.add(str(shard))
-            progress.update(units=1, items=int(rows))
-            if not first_shard:
-                first_shard.update(seconds=time.perf_counter() - start, samples=progress.items)
-    missing = sorted(set(todo) - written)
-    if missing:
-        raise RuntimeError(
-            f"{len(missing)} shard(s) with missing rows after scoring: {missing[:5]}"
-        )
-    progress.finish()
-    return ScoringStats(
-        len(shards),
-        skipped,
-        len(todo),
-        progress.items,
-        time.perf_counter() - start,
-        first_shard.get("seconds", 0.0),
-        first_shard.get("samples", 0),
-    )

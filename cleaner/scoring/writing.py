@@ -118,8 +118,8 @@ class ShardRowsWriter:
     Holds the rows of the shards not yet complete (on the worker, never the driver).
     """
 
-    scores_uri: str
-    names: dict[str, str]  # shard -> score-file name
+    scores_uri: str  # "" when the names are whole URIs (shards of several sets)
+    names: dict[str, str]  # shard -> score-file name under scores_uri
     columns: tuple[str, ...]
     pending: dict[str, _Gathered] = field(default_factory=dict)
 
@@ -134,7 +134,8 @@ class ShardRowsWriter:
             complete = state.complete(shard)
             if complete is None:
                 continue
-            target = uri_lib.join(self.scores_uri, self.names[shard])
+            name = self.names[shard]
+            target = uri_lib.join(self.scores_uri, name) if self.scores_uri else name
             write_score_file(scores_to_table(complete, self.columns), target)
             del self.pending[shard]
             written.append((shard, state.total or 0))
