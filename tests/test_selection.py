@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
 
-from cleaner.selection.rules import SelectionResult, SourceScores, SourceSelection
+from cleaner.selection.rules import (
+    SelectionResult,
+    SourceScores,
+    SourceSelection,
+    validate_probs,
+)
 from cleaner.selection.select import select_clean, select_clean_result, select_from_scores
 
 
@@ -473,3 +479,72 @@ def test_counts_match_the_masks_field_by_field_as_plain_ints() -> None:
     # plain ints, not floats equal to them: the summary is JSON, read by other tools
     assert json.dumps(counts) == json.dumps(json.loads(json.dumps(counts)))
     assert ".0" not in json.dumps(counts)
+
+
+def test_source_scores_coerce_to_float64_arrays_and_reject_mismatched_shapes() -> None:
+    scores = SourceScores(p_label=np.array([0.25, 0.5], np.float32), max_p=[0.5, 0.75])
+    assert isinstance(scores.max_p, np.ndarray) and len(scores) == 2
+    assert scores.p_label.dtype == scores.max_p.dtype == np.float64
+    assert scores.p_label[0] == 0.25 and scores.max_p.tolist() == [0.5, 0.75]
+    one_d = "SourceScores: p_label and max_p must be 1-D arrays"
+    for p_label, max_p in (([[0.5]], [0.5]), ([0.5], [[0.5]])):  # either one 2-D
+        with pytest.raises(ValueError, match=f"^{re.escape(one_d)}$"):
+            SourceScores(p_label=p_label, max_p=max_p)
+    with pytest.raises(ValueError, match=r"^SourceScores: p_label has 2 values but max_p has 1$"):
+        SourceScores(p_label=[0.1, 0.2], max_p=[0.3])
+    # from_probs renormalises rows: p(label) and max p of [1, 3] are 0.25 and 0.75
+    from_probs = SourceScores.from_probs(np.array([0, 1]), np.array([[1.0, 3.0], [2.0, 2.0]]))
+    assert from_probs.p_label.tolist() == [0.25, 0.5] and from_probs.max_p.tolist() == [0.75, 0.5]
+
+
+BAD_SELECTION_INPUT = [  # (labels, num_classes, p_label, max_p, the whole message)
+    ([0, 1], True, None, None, "num_classes must be an integer, got True"),
+    ([0, 1], 0, None, None, "num_classes must be at least 1, got 0"),
+    ([[0, 1]], 2, None, None, "labels must be a 1-D array, got shape (1, 2)"),
+    ([], 2, None, None, "labels is empty"),
+    ([True, False], 2, None, None, "labels must be integers, got dtype bool"),
+    ([0.5, 1.0], 2, None, None, "labels must be integers, got non-integer values"),
+    ([0, 2], 2, None, None, "labels must be in [0, 2), got values in [0, 2]"),
+    ([0, 1], 2, [0.1], [0.2], "shape mismatch: source 'zs' has 1 samples but labels has 2"),
+    ([0, 1], 2, [np.nan, 0.1], [0.5, 0.5], "source 'zs': p_label contains NaN"),
+    ([0, 1], 2, [0.1, 0.1], [np.inf, 0.5], "source 'zs': max_p contains inf"),
+    ([0, 1], 2, [-0.1, 0.1], [0.5, 0.5], "source 'zs': p_label contains negative probabilities"),
+    (
+        [0, 1],
+        2,
+        [0.0, 0.1],
+        [0.0, 0.5],
+        "source 'zs': max_p must be positive (a row of all zeros?)",
+    ),
+    ([0, 1], 2, [0.6, 0.1], [0.5, 0.5], "source 'zs': p_label exceeds max_p"),
+]
+
+
+@pytest.mark.parametrize(("labels", "k", "p_label", "max_p", "message"), BAD_SELECTION_INPUT)
+def test_bad_selection_input_names_the_problem(labels, k, p_label, max_p, message) -> None:
+    p_label = [0.2] * len(labels) if p_label is None else p_label
+    max_p = [0.5] * len(labels) if max_p is None else max_p
+    source = SourceScores(p_label=np.array(p_label, float), max_p=np.array(max_p, float))
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        select_from_scores(np.array(labels), k, {"zs": source})
+
+
+BAD_PROBS = [  # (probs, the whole message for name "probs", labels of 2 samples)
+    (np.array([["a", "b"], ["c", "d"]]), "probs must be a numeric array, got dtype <U1"),
+    (np.ones((2, 2), bool), "probs must be a numeric array, got dtype bool"),
+    (np.ones(2), "probs must be a 2-D [N, K] array, got shape (2,)"),
+    (np.ones((2, 0)), "probs is empty (shape (2, 0))"),
+    (np.ones((3, 2)), "shape mismatch: probs has 3 rows but labels has 2"),
+    (np.array([[np.nan, 1.0], [1.0, 1.0]]), "probs contains NaN"),
+    (np.array([[np.inf, 1.0], [1.0, 1.0]]), "probs contains inf"),
+    (np.array([[-1.0, 1.0], [1.0, 1.0]]), "probs contains negative probabilities"),
+    (np.array([[1.0, 1.0], [0.0, 0.0]]), "probs has 1 row(s) of all zeros (first: 1)"),
+]
+
+
+@pytest.mark.parametrize(("probs", "message"), BAD_PROBS)
+def test_bad_probability_matrices_name_the_problem(probs, message) -> None:
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        validate_probs("probs", probs, 2)
+    good = validate_probs("probs", np.array([[1, 3], [2, 2]], np.int32), 2)
+    assert good.dtype == np.float64 and good.tolist() == [[1.0, 3.0], [2.0, 2.0]]
