@@ -297,3 +297,18 @@ def test_a_wrapped_network_saves_and_loads_as_the_bare_network(tmp_path):
     load_checkpoint(str(tmp_path), fresh, make_optimizer(fresh, 0.1), scheduler, CPU)
     for a, b in zip(bare.state_dict().values(), fresh.module.state_dict().values(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_a_checkpoint_without_a_scaler_loads_and_pickled_objects_are_refused(tmp_path):
+    torch.manual_seed(0)
+    model = build_network("tiny_cnn", 4)
+    optimizer = make_optimizer(model, 0.1)
+    scheduler = make_scheduler(optimizer, [2])
+    scaler = torch.amp.GradScaler("cpu")
+    state = mixfix_state_after_updates()
+    save_checkpoint(str(tmp_path), model, optimizer, scheduler, state, [], scaler)
+    loaded, _ = load_checkpoint(str(tmp_path), model, optimizer, scheduler, CPU)  # no scaler
+    assert_same_mixfix_state(loaded, state)
+    torch.save({"weights": Wrapped(model)}, tmp_path / "model.pt")  # a pickled module
+    with pytest.raises(Exception, match=r"[Ww]eights only load failed"):
+        read_states(str(tmp_path), CPU)  # only tensors and plain containers are read

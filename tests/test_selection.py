@@ -548,3 +548,43 @@ def test_bad_probability_matrices_name_the_problem(probs, message) -> None:
         validate_probs("probs", probs, 2)
     good = validate_probs("probs", np.array([[1, 3], [2, 2]], np.int32), 2)
     assert good.dtype == np.float64 and good.tolist() == [[1.0, 3.0], [2.0, 2.0]]
+
+
+@pytest.mark.parametrize(
+    ("theta_gmm", "theta_cons", "message"),
+    [
+        (True, 0.5, "theta_gmm must be a number in [0, 1], got True"),
+        (0.5, "0.5", "theta_cons must be a number in [0, 1], got '0.5'"),
+        (1.5, 0.5, "theta_gmm must be in [0, 1], got 1.5"),
+        (0.5, float("nan"), "theta_cons must be in [0, 1], got nan"),
+    ],
+)
+def test_bad_thresholds_name_the_threshold(theta_gmm, theta_cons, message) -> None:
+    source = SourceScores(p_label=np.array([0.2, 0.2]), max_p=np.array([0.5, 0.5]))
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        select_from_scores(
+            np.array([0, 1]), 2, {"zs": source}, theta_gmm=theta_gmm, theta_cons=theta_cons
+        )
+
+
+def test_edge_inputs_that_are_valid_pass_and_the_edges_of_bad_ones_fail() -> None:
+    source = SourceScores(p_label=np.array([0.2, 0.4]), max_p=np.array([0.5, 0.5]))
+    float_labels = select_from_scores(np.array([0.0, 1.0], np.float32), 2, {"zs": source})
+    assert float_labels.labels.tolist() == [0, 1] and float_labels.labels.dtype == np.int64
+    with pytest.raises(ValueError, match=r"^labels must be integers, got non-integer values$"):
+        select_from_scores(np.array([0.5, 1.0], np.float32), 2, {"zs": source})
+    with pytest.raises(ValueError, match=r"^labels must be integers, got non-integer values$"):
+        select_from_scores(np.array([np.nan, 1.0]), 2, {"zs": source})
+    empty = "sources is empty: at least one probability source is needed"
+    with pytest.raises(ValueError, match=f"^{re.escape(empty)}$"):
+        select_from_scores(np.array([0, 1]), 2, {})
+    # p(label) up to max_p (1 + 1e-6) + 1e-12 is rounding, accepted; consistency stays <= 1
+    edge = 0.5 * (1 + 1e-6) + 1e-12
+    at_edge = SourceScores(p_label=np.array([edge, 0.4]), max_p=np.array([0.5, 0.5]))
+    result = select_from_scores(np.array([0, 1]), 2, {"zs": at_edge})
+    assert result.sources["zs"].consistency.max() == 1.0
+    with pytest.raises(ValueError, match=r"^probs is empty \(shape \(0, 2\)\)$"):
+        validate_probs("probs", np.ones((0, 2)), 0)
+    assert validate_probs("probs", np.ones((1, 2)), 1).shape == (1, 2)  # one row is fine
+    low = SourceScores(p_label=np.array([0.5], np.float32), max_p=np.array([0.5], np.float32))
+    assert low.p_label.dtype == low.max_p.dtype == np.float64
