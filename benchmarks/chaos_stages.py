@@ -122,7 +122,7 @@ class Scoring(Stage):
         return {"after_shards": rng.randint(0, last), "delay_s": round(rng.uniform(0, 1), 1)}
 
     def reached(self, moment, ctx, now):
-        after = moment.get("after_shards", 0)
+        after = moment["after_shards"]
         since = ctx.scorer_loaded_at if after == 0 else ctx.scored_seen_at.get(after)
         return since is not None and now - since >= moment["delay_s"]
 

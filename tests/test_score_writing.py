@@ -43,7 +43,7 @@ def concat(*batches: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def test_a_shard_is_written_once_complete_in_shard_order_without_retried_duplicates(tmp_path):
-    writer = ShardRowsWriter(str(tmp_path), {"s/a.tar": "a.parquet"}, COLUMNS)
+    writer = ShardRowsWriter({"s/a.tar": str(tmp_path / "a.parquet")}, COLUMNS)
     target = tmp_path / "a.parquet"
     for positions in ([3, 0, 1], [0, 1]):  # a retried batch sends rows 0-1 again
         out = writer.add(scored_batch("s/a.tar", positions))
@@ -59,8 +59,8 @@ def test_a_shard_is_written_once_complete_in_shard_order_without_retried_duplica
 
 
 def test_a_batch_across_shards_writes_each_shard_when_complete(tmp_path):
-    names = {"s/a.tar": "a.parquet", "s/b.tar": "b.parquet"}
-    writer = ShardRowsWriter(str(tmp_path), names, COLUMNS)
+    targets = {"s/a.tar": str(tmp_path / "a.parquet"), "s/b.tar": str(tmp_path / "b.parquet")}
+    writer = ShardRowsWriter(targets, COLUMNS)
     out = writer.add(concat(scored_batch("s/a.tar", [0, 1], total=2), scored_batch("s/b.tar", [0])))
     assert out["shard"].tolist() == ["s/a.tar"]
     assert pq.read_table(tmp_path / "a.parquet").num_rows == 2
@@ -70,14 +70,14 @@ def test_a_batch_across_shards_writes_each_shard_when_complete(tmp_path):
 
 
 def test_a_shard_with_a_missing_row_is_never_written(tmp_path):
-    writer = ShardRowsWriter(str(tmp_path), {"s/a.tar": "a.parquet"}, COLUMNS)
+    writer = ShardRowsWriter({"s/a.tar": str(tmp_path / "a.parquet")}, COLUMNS)
     out = writer.add(scored_batch("s/a.tar", [0, 1, 1], total=3))  # position 2 never came
     assert len(out["shard"]) == 0 and not (tmp_path / "a.parquet").exists()
     assert list(writer.pending) == ["s/a.tar"]
 
 
 def test_rows_beyond_the_shard_total_are_an_error(tmp_path):
-    writer = ShardRowsWriter(str(tmp_path), {"s/a.tar": "a.parquet"}, COLUMNS)
+    writer = ShardRowsWriter({"s/a.tar": str(tmp_path / "a.parquet")}, COLUMNS)
     with pytest.raises(RuntimeError, match=r"outside 0\.\.1"):
         writer.add(scored_batch("s/a.tar", [0, 7], total=2))
     assert not (tmp_path / "a.parquet").exists()

@@ -78,24 +78,22 @@ class ScoringStats:
     shards_skipped: int
     shards_scored: int
     samples_scored: int
+    pass_samples: int  # samples of every set the pass scored (this set's when alone)
     seconds: float  # the scoring pass's (shared by every set it scored)
     first_shard_seconds: float = 0.0  # until the pass's first shard's rows were complete
     first_shard_samples: int = 0
-    pass_samples: int | None = None  # samples of every set of the pass (None: this set's)
 
     @property
     def images_per_second(self) -> float:
         """Over the whole scoring pass, start-up (nodes, actors, model loads) included."""
-        samples = self.samples_scored if self.pass_samples is None else self.pass_samples
-        return samples / self.seconds if self.seconds > 0 else 0.0
+        return self.pass_samples / self.seconds if self.seconds > 0 else 0.0
 
     @property
     def steady_images_per_second(self) -> float:
         """After the first shard was complete: the pool's streaming rate, start-up excluded
         (0 when fewer than two shards were scored)."""
         seconds = self.seconds - self.first_shard_seconds
-        total = self.samples_scored if self.pass_samples is None else self.pass_samples
-        samples = total - self.first_shard_samples
+        samples = self.pass_samples - self.first_shard_samples
         return samples / seconds if seconds > 0 and samples > 0 else 0.0
 
 
@@ -170,7 +168,7 @@ def decoded_samples(
 def score_stage(ds, cfg: CleanJobConfig, bank_ref, plan: ScorerPlan, writer: dict | None = None):
     """Append the ClipScorer actor pool (resources and size from `plan`) to a dataset.
 
-    writer: ClipScorerWriter's arguments (scores_uri, names, columns): the actors then
+    writer: ClipScorerWriter's arguments (targets, columns): the actors then
     write each shard's score file and pass on one row per file (`score_shards`).
     """
     from ray.data import ActorPoolStrategy
@@ -292,8 +290,7 @@ def score_shard_sets(
         if isinstance(bank_ref, PromptBank):
             bank_ref = ray.put(bank_ref)
         writer = {
-            "scores_uri": "",  # the names are the files' whole URIs
-            "names": targets,
+            "targets": targets,
             "columns": [c for c in SCORE_OUTPUT_COLUMNS if c != "shard_total"],
         }
         decoded = one_block_per_task(read_stage(cfg, todo, class_names, image_size, resize))
@@ -318,14 +315,14 @@ def score_shard_sets(
     seconds, total = time.perf_counter() - start, sum(samples.values())
     return {
         uri: ScoringStats(
-            len(shards),
-            skipped[uri],
-            len(shards) - skipped[uri],
-            samples[uri],
-            seconds,
-            first_shard.get("seconds", 0.0),
-            first_shard.get("samples", 0),
-            pass_samples=total if len(sets) > 1 else None,
+            shards_total=len(shards),
+            shards_skipped=skipped[uri],
+            shards_scored=len(shards) - skipped[uri],
+            samples_scored=samples[uri],
+            pass_samples=total,
+            seconds=seconds,
+            first_shard_seconds=first_shard.get("seconds", 0.0),
+            first_shard_samples=first_shard.get("samples", 0),
         )
         for uri, shards in sets.items()
     }

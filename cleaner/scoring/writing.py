@@ -118,8 +118,7 @@ class ShardRowsWriter:
     Holds the rows of the shards not yet complete (on the worker, never the driver).
     """
 
-    scores_uri: str  # "" when the names are whole URIs (shards of several sets)
-    names: dict[str, str]  # shard -> score-file name under scores_uri
+    targets: dict[str, str]  # shard -> its score file's URI
     columns: tuple[str, ...]
     pending: dict[str, _Gathered] = field(default_factory=dict)
 
@@ -134,9 +133,7 @@ class ShardRowsWriter:
             complete = state.complete(shard)
             if complete is None:
                 continue
-            name = self.names[shard]
-            target = uri_lib.join(self.scores_uri, name) if self.scores_uri else name
-            write_score_file(scores_to_table(complete, self.columns), target)
+            write_score_file(scores_to_table(complete, self.columns), self.targets[shard])
             del self.pending[shard]
             written.append((shard, state.total or 0))
         return {
@@ -152,14 +149,12 @@ class ClipScorerWriter:
     ClipScorerWriter))), which the cluster tools look for.
     """
 
-    def __init__(
-        self, *, scores_uri: str, names: dict[str, str], columns: list[str], **scorer: Any
-    ) -> None:
+    def __init__(self, *, targets: dict[str, str], columns: list[str], **scorer: Any) -> None:
         # imported here: this module is light (the driver and the readers import it)
         from cleaner.scoring.scorer import ClipScorer
 
         self.scorer = ClipScorer(**scorer)
-        self.writer = ShardRowsWriter(scores_uri, names, tuple(columns))
+        self.writer = ShardRowsWriter(targets, tuple(columns))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return self.writer.add(self.scorer(batch))
