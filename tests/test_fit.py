@@ -87,3 +87,38 @@ def test_manifest_has_suggestions_explanations_and_fails_duplicates():
     assert rows["explain_given_prompt"][-1] is None  # failed rows have no explanation
     assert summary["suggestions"]["wrong_labels_fixed_fraction"] == 1.0
     assert summary["detection"]["precision"] == 1.0
+
+
+def test_suggestions_equal_a_float64_log_sum_exp_with_masked_prompts_and_several_chunks():
+    """The chunked, shifted log-sum-exp over each class's prompts gives the zero-shot
+    probabilities of a plain float64 computation; padded prompts are never picked."""
+    from scipy.special import logsumexp, softmax
+
+    rng = np.random.default_rng(3)
+    per_class = [unit(rng.normal(size=(j, 8))).astype(np.float32) for j in (1, 4, 2, 4, 3, 1, 4)]
+    features, mask = pad_prompt_features(per_class)
+    bank = PromptBank(features, mask, tuple(("p",) * m.sum() for m in mask))
+    n = 300
+    emb = rng.normal(size=(n, 8)).astype(np.float32)
+    labels = rng.integers(0, 7, n)
+    probe = softmax(rng.normal(size=(n, 7)), axis=1).astype(np.float32)
+    # 4 * 7 classes * 4 prompts * 100 rows: three chunks of 100 rows
+    hints = suggest_labels(emb, labels, bank, 0.05, probe, budget_bytes=4 * 7 * 4 * 100)
+
+    x = emb.astype(np.float64)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    sims = np.einsum("nd,kjd->nkj", x, features.astype(np.float64))
+    sims[:, ~mask] = -np.inf
+    zero_shot = softmax(logsumexp(sims / 0.05, axis=2), axis=1)
+    expected = 0.5 * (zero_shot + probe)
+    expected_top = np.argsort(-expected, axis=1, kind="stable")[:, :3]
+    np.testing.assert_array_equal(hints.top_labels, expected_top)
+    np.testing.assert_allclose(
+        hints.top_probs, np.take_along_axis(expected, expected_top, axis=1), rtol=1e-5
+    )
+    rows = np.arange(n)
+    given_best = sims[rows, labels].argmax(axis=1)
+    np.testing.assert_array_equal(hints.given_prompt, given_best)
+    np.testing.assert_allclose(hints.given_similarity, sims[rows, labels, given_best], atol=1e-6)
+    assert mask[labels, hints.given_prompt].all()
+    assert mask[hints.top_labels[:, 0], hints.suggested_prompt].all()
