@@ -39,7 +39,16 @@ class TrainDataConfig(StrictModel):
         default=False,
         description="decode once and keep the images in Ray's object store (small datasets)",
     )
-    shuffle_buffer: int = Field(default=2048, ge=0, description="local shuffle buffer (rows)")
+    shuffle_buffer: int = Field(
+        default=2048,
+        ge=0,
+        description="local shuffle buffer, in distinct samples: it holds this many times "
+        "the epoch's mean repetition (MixFix draws each selected sample about N / selected "
+        "times per epoch, its copies in a row) rows, up to shuffle_buffer_mb; 0: no shuffle",
+    )
+    shuffle_buffer_mb: float = Field(
+        default=512, gt=0, description="most memory of a worker's shuffle buffer (MiB)"
+    )
     shuffle_shards: bool = Field(
         default=True,
         description="read the shards (or cached blocks) in a different seeded order each "

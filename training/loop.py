@@ -26,6 +26,7 @@ from training.data import (
     SampleIndex,
     decoded_with_ids,
     repetition_factors,
+    shuffle_buffer_rows,
     split_shards_by_samples,
 )
 from training.devices import (
@@ -250,6 +251,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
             torch.distributed.barrier()
 
         classes = BatchClasses()
+        buffer_rows = shuffle_buffer_rows(
+            cfg.data.shuffle_buffer,
+            repetition=len(index.labels) / max(1, int(selected.sum())),
+            row_bytes=3 * cfg.data.image_size**2,
+            max_mb=cfg.data.shuffle_buffer_mb,
+        )
         batches = epoch_batches(
             ray.train.get_dataset_shard("train"),
             epoch,
@@ -257,7 +264,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             device,
             mean,
             std,
-            shuffle_buffer=cfg.data.shuffle_buffer,
+            shuffle_buffer=buffer_rows,
             shuffle_seed=cfg.seed * 1000 + epoch * 10 + rank,
             classes=classes,
         )
@@ -298,6 +305,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         metrics["batch_distinct_classes_mean"] = (
             sum(g[3] for g in gathered) / batches_seen if batches_seen else None
         )
+        metrics["shuffle_buffer_rows"] = buffer_rows
         metrics["worker_batch_size"] = per_worker_batch
 
         # every rank predicts with rank 0's BatchNorm statistics: 1 or N workers alike
