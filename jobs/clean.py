@@ -225,12 +225,18 @@ def run_clean(cfg: CleanJobConfig) -> dict:
 def finished_run_fingerprint(
     cfg: CleanJobConfig, shards: list[str], spec, verified: VerifiedLabels | None = None
 ) -> str:
-    """What decides a finished run's outputs: config (not how Ray is reached), shards,
-    prompts, and the verified labels' content when a verified file is given."""
+    """What decides a finished run's outputs: config (not how Ray is reached), shards and
+    their versions (size, modification time), prompts, and the verified labels' content
+    when a verified file is given."""
     exclude: dict = {"ray": True, "resume": True}
     if cfg.selection.detector == "clipcleaner":  # detector settings decide nothing then
         exclude["selection"] = {"detector", "verified", "deft", "cleannet", "ensemble"}
-    parts = [cfg.model_dump(mode="json", exclude=exclude), shards, spec.prompts()]
+    versions = uri_lib.file_versions(shards)
+    parts = [
+        cfg.model_dump(mode="json", exclude=exclude),
+        [[shard, versions[shard]] for shard in shards],
+        spec.prompts(),
+    ]
     if verified is not None:
         parts.append(sorted(verified.labels.items()))
     payload = json.dumps(parts, sort_keys=True)

@@ -52,3 +52,40 @@ def test_two_sets_are_scored_in_one_pass_into_their_own_folders(
     twice = score_shard_sets(cfg, both, bank, spec.names, text.image_size, "fp", text.resize)
     assert capsys.readouterr().out.count("[score] scorers:") == 2  # a pass per set
     assert [s.samples_scored for s in twice.values()] == [100, 100]
+
+
+def test_a_shard_rewritten_in_place_is_scored_again_not_reused(local_ray, demo_shards, tmp_path):
+    """A rerun reuses a score file only for the version of the shard it was scored from:
+    a shard rewritten under the same name (here without its last 10 samples) is scored
+    again, and its score file then holds exactly the new shard's rows."""
+    import shutil
+    import tarfile
+
+    from tests.conftest import write_tar
+
+    shards = []
+    for source in sorted(demo_shards.glob("*.tar"))[:2]:
+        shards.append(str(shutil.copy(source, tmp_path / source.name)))
+    cfg = clean_config(str(tmp_path), str(tmp_path / "run"), "resume=true", batch_size=50)
+    spec = ClassSpec.load(DEMO_CLASS_SPEC)
+    text = encode_text_features_here(cfg.model.model_dump(), spec.prompts())
+    bank = local_ray.put(text.bank)
+    folder = str(tmp_path / "scores")
+
+    def score() -> dict:
+        stats = score_shard_sets(
+            cfg, {folder: shards}, bank, spec.names, text.image_size, "fp", text.resize
+        )[folder]
+        return {"scored": stats.shards_scored, "skipped": stats.shards_skipped}
+
+    assert score() == {"scored": 2, "skipped": 0}
+    assert score() == {"scored": 0, "skipped": 2}
+    with tarfile.open(shards[0]) as tar:
+        members = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers() if m.isfile()]
+    keys = sorted({name.split(".")[0] for name, _ in members})
+    kept = set(keys[:-10])
+    write_tar(Path(shards[0]), [(n, d) for n, d in members if n.split(".")[0] in kept])
+    assert score() == {"scored": 1, "skipped": 1}
+    table = pq.read_table(Path(folder, shard_output_names(shards)[shards[0]]), columns=["key"])
+    assert set(table.column("key").to_pylist()) == kept
+    assert score() == {"scored": 0, "skipped": 2}

@@ -4,6 +4,7 @@ relabelled members, reading unlabelled samples, and `cleaner.label_issues`."""
 from __future__ import annotations
 
 import io
+import os
 import json
 
 import numpy as np
@@ -306,3 +307,32 @@ def test_a_failed_manifest_write_leaves_nothing_and_the_report_reads_scalar_colu
     assert pq.read_table(target).equals(table)
     report = read_manifest_for_report(str(target))
     assert report.column_names == ["key", "label"] and report.num_rows == 2
+
+
+def test_file_versions_change_when_a_file_is_rewritten_in_place(tmp_path):
+    from cleaner.reading import uri as uri_lib
+
+    path = tmp_path / "a.tar"
+    path.write_bytes(b"x" * 10)
+    first = uri_lib.file_versions([str(path)])[str(path)]
+    assert first.startswith("10:")
+    assert uri_lib.file_versions([str(path)])[str(path)] == first  # unchanged: the same
+    os.utime(path, ns=(1, 1))
+    assert uri_lib.file_versions([str(path)])[str(path)] == "10:1"
+    with pytest.raises(FileNotFoundError, match="not a file"):
+        uri_lib.file_versions([str(tmp_path / "missing.tar")])
+
+
+def test_a_finished_run_is_not_up_to_date_once_a_shard_is_rewritten(tmp_path):
+    """jobs.clean's "nothing to do" check covers the shards' versions, not only names."""
+    from jobs.clean import finished_run_fingerprint
+    from tests.conftest import clean_config
+
+    shard = tmp_path / "train-000000.tar"
+    shard.write_bytes(b"x" * 10)
+    cfg = clean_config(str(tmp_path), str(tmp_path / "run"))
+    spec = ClassSpec.load(DEMO_CLASS_SPEC)
+    before = finished_run_fingerprint(cfg, [str(shard)], spec)
+    assert finished_run_fingerprint(cfg, [str(shard)], spec) == before
+    os.utime(shard, ns=(1, 1))
+    assert finished_run_fingerprint(cfg, [str(shard)], spec) != before

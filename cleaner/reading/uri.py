@@ -93,6 +93,23 @@ def exists(uri: str) -> bool:
     return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
+def file_versions(uris: list[str]) -> dict[str, str]:
+    """Each file's version as "size:mtime_ns" (S3: the object's size and last-modified
+    time): a file rewritten in place gets another. One stat (S3: HEAD) per file."""
+    versions: dict[str, str] = {}
+    by_fs: dict[str, tuple[pafs.FileSystem, list[tuple[str, str]]]] = {}
+    for uri in uris:
+        fs, path = resolve(uri)
+        by_fs.setdefault(type(fs).__name__, (fs, []))[1].append((uri, path))
+    for fs, pairs in by_fs.values():
+        infos = fs.get_file_info([path for _, path in pairs])
+        for (uri, _), info in zip(pairs, infos, strict=True):
+            if info.type != pafs.FileType.File:
+                raise FileNotFoundError(f"not a file: {uri}")
+            versions[uri] = f"{info.size}:{info.mtime_ns}"
+    return versions
+
+
 def makedirs(uri: str) -> None:
     """Create a folder (no-op on S3, where folders are implicit)."""
     if not is_s3(uri):

@@ -5,7 +5,9 @@ shards --(CPU tasks: read tar, parse labels, decode, resize; one block per shard
          by the actor to <scores>/<shard>.parquet once it holds all the shard's rows
          (see cleaner.scoring.writing)
 The driver only counts the shards written; it never holds score rows.
-A rerun skips shards whose score file exists (and was made by the same model and classes).
+A rerun skips shards whose score file exists, was made by the same model and classes, and
+whose shard has not changed since (its size and modification time, recorded in
+`_shards.json` beside the score files).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ __all__ = ["fixed_size_list_array", "table_to_parquet_bytes"]
 log = logging.getLogger(__name__)
 SCORES_DIR = "scores"
 FINGERPRINT_FILE = "_fingerprint.json"
+SHARD_VERSIONS_FILE = "_shards.json"  # {score file name: its shard's "size:mtime_ns"}
 
 
 def shard_output_names(shards: list[str]) -> dict[str, str]:
@@ -64,6 +67,41 @@ def check_fingerprint(scores_uri: str, fingerprint: str, resume: bool) -> bool:
             log.warning("existing scores were made by another model/classes: rescoring all shards")
     uri_lib.write_text(path, json.dumps({"fingerprint": fingerprint}))
     return reusable
+
+
+def reusable_score_files(
+    scores_uri: str, shards: list[str], names: dict[str, str], reusable: bool
+) -> set[str]:
+    """The shards whose score file may be reused: it exists (and `reusable`: same model
+    and classes) and the shard is the version it was scored from. Records the shards'
+    current versions, after deleting the score files of shards that changed (an
+    interrupted rerun then finds them missing, not stale)."""
+    versions = uri_lib.file_versions(shards)
+    index = uri_lib.join(scores_uri, SHARD_VERSIONS_FILE)
+    recorded: dict[str, str] = {}
+    if reusable and uri_lib.exists(index):
+        recorded = json.loads(uri_lib.read_text(index)).get("versions", {})
+    reuse, changed = set(), []
+    for shard in shards:
+        path = uri_lib.join(scores_uri, names[shard])
+        if not (reusable and uri_lib.exists(path)):
+            continue
+        if recorded.get(names[shard]) == versions[shard]:
+            reuse.add(shard)
+        else:
+            changed.append(shard)
+            uri_lib.remove(path)
+    if changed:
+        print(
+            f"[score] {len(changed)} shard(s) changed since they were scored (or scored before "
+            f"versions were recorded): rescored, e.g. {changed[0]}",
+            flush=True,
+        )
+    if uri_lib.exists(index):
+        recorded = {**json.loads(uri_lib.read_text(index)).get("versions", {})}
+    recorded.update({names[s]: versions[s] for s in shards})
+    uri_lib.write_text(index, json.dumps({"versions": recorded}, sort_keys=True))
+    return reuse
 
 
 def read_shards_udf(batch: dict[str, np.ndarray], **read_kwargs):
@@ -257,11 +295,8 @@ def score_shard_sets(
         uri_lib.makedirs(scores_uri)
         names = shard_output_names(shards)
         reusable = check_fingerprint(scores_uri, fingerprint, cfg.resume)
-        todo = [
-            s
-            for s in shards
-            if not (reusable and uri_lib.exists(uri_lib.join(scores_uri, names[s])))
-        ]
+        reuse = reusable_score_files(scores_uri, shards, names, reusable)
+        todo = [s for s in shards if s not in reuse]
         skipped[scores_uri] = len(shards) - len(todo)
         if skipped[scores_uri]:
             print(
