@@ -15,7 +15,11 @@
    classes and 80 templates), GPU scorer actors on simulated GPU nodes, the distributed
    fit with the streaming probe, and the report;
 5. train: one epoch of jobs.train (2 workers, 128 samples per worker batch);
-6. export: jobs.export_shards of the clean set, where this tree has that job.
+6. export: jobs.export_shards of the clean set, where this tree has that job;
+7. with --detectors: the clean job again on the same output (scoring skipped: its score
+   files are reused) with selection.detector=ensemble and a verified file of
+   --verified-fraction of the samples (their true labels): DeFT and CleanNet fitted over
+   the whole run (not counted in whole_path_seconds).
 
 Figures (the JSON): stage_seconds and per-stage throughput (the slowest stage named),
 driver_peak_rss_mb (the largest peak RSS of a job's driver process; per job too),
@@ -33,6 +37,7 @@ import importlib.util
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -62,6 +67,7 @@ TEMPLATE_STYLES = ("photo", "drawing", "painting", "rendering", "sketch", "sculp
 TEMPLATE_QUALITIES = ("", "bad ", "good ", "bright ", "dark ", "blurry ", "small ", "large ",
                       "low resolution ", "black and white ")  # fmt: skip
 JOBS = ("make_shards", "clean", "train", "export_shards")
+DERIVED = ("shards", "clean", "export", "train-runs")  # made from the images
 
 
 # --------------------------------------------------------------------------- inputs
@@ -132,6 +138,9 @@ def generate_imagefolder(root: Path, n: int, k: int, noise_rate: float, seed: in
     if marker.exists() and json.loads(marker.read_text())["arguments"] == wanted:
         print(f"[rehearsal] reusing the images under {root}", flush=True)
         return json.loads(marker.read_text())["result"]
+    if root.exists():  # another size, classes or seed: none of its images may stay
+        shutil.rmtree(root)
+    marker.unlink(missing_ok=True)
     for label in range(k):
         (root / f"c{label:04d}").mkdir(parents=True, exist_ok=True)
     step = 20_000
@@ -141,6 +150,8 @@ def generate_imagefolder(root: Path, n: int, k: int, noise_rate: float, seed: in
     names = root.parent / "class_names.txt"
     names.write_text("".join(f"c{label:04d}\n" for label in range(k)))
     result = {"samples": n, "noisy": noisy, "class_names": str(names)}
+    for derived in DERIVED:  # shards, runs and exports of the previous images
+        shutil.rmtree(root.parent / derived, ignore_errors=True)
     marker.write_text(json.dumps({"arguments": wanted, "result": result}))
     return result
 
@@ -256,6 +267,47 @@ def export_stage(env: dict, address: str, run: Path, out: Path) -> dict:
     return {"exported_samples": check["written"], "export_count_check_passed": check["passed"]}
 
 
+def verified_sample(run: Path, fraction: float, seed: int, out: Path) -> int:
+    """A verified file (CSV: key, verified_label) of `fraction` of the manifest's rows, the
+    generator's true labels standing in for a person's audit; the number of rows."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(run / "manifest.parquet", columns=["key", "true_label"])
+    rng = np.random.default_rng(seed)
+    rows = np.sort(rng.choice(table.num_rows, max(1, round(fraction * table.num_rows)), False))
+    keys = np.asarray(table.column("key").to_pylist(), dtype=object)[rows]
+    labels = table.column("true_label").to_numpy()[rows]
+    out.write_text(
+        "key,verified_label\n" + "".join(f"{k},{y}\n" for k, y in zip(keys, labels, strict=True))
+    )
+    return len(rows)
+
+
+def detectors_stage(env: dict, address: str, run: Path, classes: str, args) -> dict:
+    """The clean job again on the same output (its score files reused: scoring skipped)
+    with selection.detector=ensemble and a verified file: DeFT's prompts and CleanNet fitted
+    over the whole run, and the ensemble's manifest. Their cost at this scale."""
+    verified = run.parent / "verified.csv"
+    count = verified_sample(run, args.verified_fraction, args.seed, verified)
+    run_job(
+        env, address, "clean", "--config=configs/local-cluster.yaml",
+        f"data.input={run.parent / 'shards'}", f"data.classes={classes}", f"output={run}",
+        "selection.fit_mode=distributed", "selection.detector=ensemble",
+        f"selection.verified={verified}",
+    )  # fmt: skip
+    summary = json.loads((run / "summary.json").read_text())
+    timings = summary["timings"]
+    compared = (summary.get("detectors") or {}).get("detectors") or {}
+    return {
+        "detectors_verified_rows": count,
+        "detectors_scoring_skipped": summary["scoring"].get("shards_skipped"),
+        "detectors_fit_seconds": round(timings.get("detectors_s", 0.0), 1),
+        "detectors_selection_seconds": round(timings.get("selection_s", 0.0), 1),
+        "detectors_clean": {name: entry.get("clean") for name, entry in compared.items()},
+        "detectors_manifest": manifest_figures(run),
+    }
+
+
 def rate(items: float | None, seconds: float | None) -> float | None:
     return round(items / seconds, 1) if items and seconds else None
 
@@ -314,13 +366,18 @@ def run(args) -> dict:
                       train_images_per_second=first.get("train_images_per_s"))  # fmt: skip
         result.update(timed(stage, "export", lambda: export_stage(
             env, info.address, run_dir, workdir / "export")))  # fmt: skip
+        if args.detectors:  # last: it rewrites the clean run's manifest (the ensemble's)
+            result.update(timed(stage, "detectors", lambda: detectors_stage(
+                env, info.address, run_dir, classes, args)))  # fmt: skip
     finally:
         if sampler is not None:
             sampler.stopping.set()
             sampler.join(timeout=30)
         print(f"[rehearsal] cluster down ({cluster.down()} processes)", flush=True)
     result["stage_seconds"] = stage
-    result["whole_path_seconds"] = round(sum(v for k, v in stage.items() if k != "generate"), 1)
+    result["whole_path_seconds"] = round(
+        sum(v for k, v in stage.items() if k not in ("generate", "detectors")), 1
+    )
     result["driver_peak_rss_mb"] = round(max(sampler.driver_peak_kb.values(), default=0) / 1024)
     result["driver_peak_rss_mb_by_job"] = {
         job: round(kb / 1024) for job, kb in sampler.driver_peak_kb.items()
@@ -341,8 +398,6 @@ def run(args) -> dict:
     result["slowest_stage"] = min(measured, key=measured.get) if measured else None
     result["load_average_at_end"] = os.getloadavg()
     if not args.keep:
-        import shutil
-
         shutil.rmtree(workdir, ignore_errors=True)
     return result
 
@@ -357,6 +412,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", help="where the images, shards and runs go (default: temp)")
     parser.add_argument("--keep", action="store_true", help="keep the workdir afterwards")
+    parser.add_argument(
+        "--detectors", action="store_true",
+        help="then refit with selection.detector=ensemble (DeFT, CleanNet) on the same scores",
+    )  # fmt: skip
+    parser.add_argument("--verified-fraction", type=float, default=0.01)
     args = parser.parse_args(argv)
     with environ_restored():
         result = run(args)
