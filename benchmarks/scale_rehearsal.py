@@ -267,19 +267,17 @@ def export_stage(env: dict, address: str, run: Path, out: Path) -> dict:
     return {"exported_samples": check["written"], "export_count_check_passed": check["passed"]}
 
 
-def verified_sample(run: Path, fraction: float, seed: int, out: Path) -> int:
-    """A verified file (CSV: key, verified_label) of `fraction` of the manifest's rows, the
-    generator's true labels standing in for a person's audit; the number of rows."""
+def verified_sample(run: Path, fraction: float, classes: int, seed: int, out: Path) -> int:
+    """A verified file (CSV: key, verified_label) of `fraction` of the manifest's rows with
+    their true labels (the generator's: image index mod K, the index in the key
+    `c<given>/img<index>`) standing in for a person's audit; the number of rows."""
     import pyarrow.parquet as pq
 
-    table = pq.read_table(run / "manifest.parquet", columns=["key", "true_label"])
+    keys = pq.read_table(run / "manifest.parquet", columns=["key"]).column("key").to_pylist()
     rng = np.random.default_rng(seed)
-    rows = np.sort(rng.choice(table.num_rows, max(1, round(fraction * table.num_rows)), False))
-    keys = np.asarray(table.column("key").to_pylist(), dtype=object)[rows]
-    labels = table.column("true_label").to_numpy()[rows]
-    out.write_text(
-        "key,verified_label\n" + "".join(f"{k},{y}\n" for k, y in zip(keys, labels, strict=True))
-    )
+    rows = np.sort(rng.choice(len(keys), max(1, round(fraction * len(keys))), replace=False))
+    lines = [f"{keys[i]},{int(keys[i].rsplit('img', 1)[1]) % classes}\n" for i in rows]
+    out.write_text("key,verified_label\n" + "".join(lines))
     return len(rows)
 
 
@@ -288,7 +286,7 @@ def detectors_stage(env: dict, address: str, run: Path, classes: str, args) -> d
     with selection.detector=ensemble and a verified file: DeFT's prompts and CleanNet fitted
     over the whole run, and the ensemble's manifest. Their cost at this scale."""
     verified = run.parent / "verified.csv"
-    count = verified_sample(run, args.verified_fraction, args.seed, verified)
+    count = verified_sample(run, args.verified_fraction, args.classes, args.seed, verified)
     run_job(
         env, address, "clean", "--config=configs/local-cluster.yaml",
         f"data.input={run.parent / 'shards'}", f"data.classes={classes}", f"output={run}",
