@@ -292,6 +292,9 @@ def detectors_stage(env: dict, address: str, run: Path, classes: str, args) -> d
         f"data.input={run.parent / 'shards'}", f"data.classes={classes}", f"output={run}",
         "selection.fit_mode=distributed", "selection.detector=ensemble",
         f"selection.verified={verified}",
+        # the tiny CLIP's 16-token context: 12 for the longest ImageNet class name, 2 for
+        # the start and end, 2 learned context tokens (randomly initialised, as DeFT's code)
+        "selection.deft.ctx_init=", "selection.deft.n_ctx=2",
     )  # fmt: skip
     summary = json.loads((run / "summary.json").read_text())
     timings = summary["timings"]
