@@ -303,6 +303,7 @@ def detectors_stage(env: dict, address: str, run: Path, classes: str, args) -> d
         "detectors_verified_rows": count,
         "detectors_scoring_skipped": summary["scoring"].get("shards_skipped"),
         "detectors_fit_seconds": round(timings.get("detectors_s", 0.0), 1),
+        "detectors_fit_seconds_by_member": (summary.get("detectors") or {}).get("fit_seconds"),
         "detectors_selection_seconds": round(timings.get("selection_s", 0.0), 1),
         "detectors_clean": {name: entry.get("clean") for name, entry in compared.items()},
         "detectors_manifest": manifest_figures(run),

@@ -89,6 +89,9 @@ def test_ensemble_with_verified_file_then_deft_and_soft_weight_training(
         assert entry["detection"]["auroc"] > 0.7, (name, entry["detection"]["auroc"])
     assert np.isfinite(np.array(manifest.column("deft_score").to_pylist(), dtype=float)).all()
     assert comparison["fitted"]["cleannet"]["verified_rows"] == len(keys[::10])
+    fit_seconds = comparison["fit_seconds"]  # each member's own fit, within the job's
+    assert set(fit_seconds) == {"deft", "cleannet"} and min(fit_seconds.values()) > 0
+    assert sum(fit_seconds.values()) <= summary["timings"]["detectors_s"]
     assert "Detectors side by side" in (out / "report.html").read_text()
 
     # DeFT's fine-tuning (clip_peft, mode deft) and CleanNet's soft weights each train

@@ -4,8 +4,8 @@ relabelled members, reading unlabelled samples, and `cleaner.label_issues`."""
 from __future__ import annotations
 
 import io
-import os
 import json
+import os
 
 import numpy as np
 import pyarrow as pa

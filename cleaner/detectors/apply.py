@@ -17,7 +17,7 @@ another detector the manifest gains, per usable row:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pyarrow as pa
@@ -41,6 +41,7 @@ class FittedDetectors:
     ensemble_members: tuple[str, ...] = ()
     calibration: EnsembleCalibration | None = None
     suggest_min_confidence: float = 0.5
+    fit_seconds: dict = field(default_factory=dict)  # name -> seconds its fit took
 
     @property
     def needs_calibration(self) -> bool:
@@ -279,6 +280,7 @@ def compare_detectors(columns: dict, detectors: FittedDetectors | None) -> dict 
     if detectors.calibration is not None:
         fitted[ENSEMBLE] = detectors.calibration.as_dict()
     out["fitted"] = fitted
+    out["fit_seconds"] = {name: round(s, 2) for name, s in detectors.fit_seconds.items()}
     return out
 
 

@@ -141,7 +141,6 @@ def fit_detectors(
     wanted = members_needed(selection)
     if selection.detector == CLIPCLEANER:
         return None
-    started = time.perf_counter()
     blocks = blocks if blocks is not None else RayBlocks(score_uris)
     shapes = blocks.map(_shape)
     num_rows = int(sum(n for n, _ in shapes))
@@ -152,19 +151,25 @@ def fit_detectors(
         return None
     log(f"[detectors] fitting {', '.join(wanted) or 'nothing'} on {num_rows} usable samples")
     members: dict = {}
+    seconds: dict[str, float] = {}
     try:
-        if "deft" in wanted and selection.deft.image_tuning != "none":
-            from cleaner.detectors.deft_images import fit_deft_images
+        if "deft" in wanted:
+            begun = time.perf_counter()
+            if selection.deft.image_tuning != "none":
+                from cleaner.detectors.deft_images import fit_deft_images
 
-            members["deft"] = fit_deft_images(cfg, class_names, shards or [], log=log)
-        elif "deft" in wanted:
-            members["deft"] = fit_deft(blocks, cfg, class_names, num_rows, num_gpus, log)
-            log(f"[detectors] deft fitted ({time.perf_counter() - started:.1f} s)")
+                members["deft"] = fit_deft_images(cfg, class_names, shards or [], log=log)
+            else:
+                members["deft"] = fit_deft(blocks, cfg, class_names, num_rows, num_gpus, log)
+            seconds["deft"] = time.perf_counter() - begun
+            log(f"[detectors] deft fitted ({seconds['deft']:.1f} s)")
         if "cleannet" in wanted:
+            begun = time.perf_counter()
             if verified is None or selection.verified == SHARDS:
                 verified = verified_from_shards(blocks, len(class_names))
             members["cleannet"] = fit_cleannet(blocks, cfg, verified, len(class_names), dim, log)
-            log(f"[detectors] cleannet fitted ({time.perf_counter() - started:.1f} s)")
+            seconds["cleannet"] = time.perf_counter() - begun
+            log(f"[detectors] cleannet fitted ({seconds['cleannet']:.1f} s)")
     finally:
         blocks.release()
     return FittedDetectors(
@@ -172,4 +177,5 @@ def fit_detectors(
         members=members,
         ensemble_members=ensemble_members(selection, list(members)),
         suggest_min_confidence=selection.suggest_min_confidence,
+        fit_seconds=seconds,
     )
