@@ -1,8 +1,11 @@
 """Training and test shards scored in one pass: one scorer pool, each set's files in its
-own folder, each set's counts; a shard in two sets is scored once per set."""
+own folder, each set's counts; a shard in two sets is scored once per set; a shard
+rewritten in place is scored again on a rerun."""
 
 from __future__ import annotations
 
+import shutil
+import tarfile
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -11,7 +14,7 @@ import pytest
 from cleaner.classes import DEMO_CLASS_SPEC, ClassSpec
 from cleaner.scoring.pipeline import score_shard_sets, shard_output_names
 from cleaner.scoring.text_features import encode_text_features_here
-from tests.conftest import clean_config
+from tests.conftest import clean_config, write_tar
 
 pytestmark = pytest.mark.integration
 
@@ -19,7 +22,11 @@ pytestmark = pytest.mark.integration
 def test_two_sets_are_scored_in_one_pass_into_their_own_folders(
     local_ray, demo_shards, tmp_path, capsys
 ):
-    shards = sorted(str(p) for p in demo_shards.glob("*.tar"))
+    (tmp_path / "shards").mkdir()
+    shards = [
+        str(shutil.copy(p, tmp_path / "shards" / p.name))
+        for p in sorted(demo_shards.glob("*.tar"))[:3]
+    ]
     train, test = shards[:2], shards[2:3]
     cfg = clean_config(str(demo_shards), str(tmp_path / "run"), "resume=true", batch_size=50)
     spec = ClassSpec.load(DEMO_CLASS_SPEC)
@@ -53,39 +60,20 @@ def test_two_sets_are_scored_in_one_pass_into_their_own_folders(
     assert capsys.readouterr().out.count("[score] scorers:") == 2  # a pass per set
     assert [s.samples_scored for s in twice.values()] == [100, 100]
 
-
-def test_a_shard_rewritten_in_place_is_scored_again_not_reused(local_ray, demo_shards, tmp_path):
-    """A rerun reuses a score file only for the version of the shard it was scored from:
-    a shard rewritten under the same name (here without its last 10 samples) is scored
-    again, and its score file then holds exactly the new shard's rows."""
-    import shutil
-    import tarfile
-
-    from tests.conftest import write_tar
-
-    shards = []
-    for source in sorted(demo_shards.glob("*.tar"))[:2]:
-        shards.append(str(shutil.copy(source, tmp_path / source.name)))
-    cfg = clean_config(str(tmp_path), str(tmp_path / "run"), "resume=true", batch_size=50)
-    spec = ClassSpec.load(DEMO_CLASS_SPEC)
-    text = encode_text_features_here(cfg.model.model_dump(), spec.prompts())
-    bank = local_ray.put(text.bank)
-    folder = str(tmp_path / "scores")
-
-    def score() -> dict:
-        stats = score_shard_sets(
-            cfg, {folder: shards}, bank, spec.names, text.image_size, "fp", text.resize
-        )[folder]
-        return {"scored": stats.shards_scored, "skipped": stats.shards_skipped}
-
-    assert score() == {"scored": 2, "skipped": 0}
-    assert score() == {"scored": 0, "skipped": 2}
-    with tarfile.open(shards[0]) as tar:
+    # A shard rewritten in place (here without its last 10 samples) is scored again, not
+    # reused: a score file is reused only for the version of the shard it was scored from.
+    with tarfile.open(train[0]) as tar:
         members = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers() if m.isfile()]
     keys = sorted({name.split(".")[0] for name, _ in members})
     kept = set(keys[:-10])
-    write_tar(Path(shards[0]), [(n, d) for n, d in members if n.split(".")[0] in kept])
-    assert score() == {"scored": 1, "skipped": 1}
-    table = pq.read_table(Path(folder, shard_output_names(shards)[shards[0]]), columns=["key"])
+    write_tar(Path(train[0]), [(n, d) for n, d in members if n.split(".")[0] in kept])
+    train_only = {train_dir: train}
+    rewritten = score_shard_sets(
+        cfg, train_only, bank, spec.names, text.image_size, "fp", text.resize
+    )[train_dir]
+    assert (rewritten.shards_scored, rewritten.shards_skipped) == (1, 1)
+    assert "1 shard(s) changed since they were scored" in capsys.readouterr().out
+    table = pq.read_table(Path(train_dir, shard_output_names(train)[train[0]]), columns=["key"])
     assert set(table.column("key").to_pylist()) == kept
-    assert score() == {"scored": 0, "skipped": 2}
+    again = score_shard_sets(cfg, train_only, bank, spec.names, text.image_size, "fp", text.resize)
+    assert again[train_dir].shards_skipped == 2
