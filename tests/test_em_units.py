@@ -160,3 +160,42 @@ def test_top_m_per_class_of_one_row_and_of_none():
     assert one.tolist() == [0]
     assert em.top_m_per_class(np.array([2]), np.array([0.5]), None, 0).tolist() == []
     assert em.top_m_per_class(np.empty(0, np.int64), np.empty(0), None, 3).tolist() == []
+
+
+def otsu_reference(histogram: np.ndarray) -> float:
+    """The textbook Otsu split of one histogram: the first t maximising w0 w1 (mu0 - mu1)^2
+    over bin centres, both sides non-empty; as the lower edge t / B of the upper side."""
+    b = len(histogram)
+    centres = (np.arange(b) + 0.5) / b
+    if histogram.sum() == 0:
+        return 0.5
+    best, best_t = -1.0, 1
+    for t in range(1, b):
+        w0, w1 = histogram[:t].sum(), histogram[t:].sum()
+        if w0 == 0 or w1 == 0:
+            continue
+        mu0 = (histogram[:t] * centres[:t]).sum() / w0
+        mu1 = (histogram[t:] * centres[t:]).sum() / w1
+        between = w0 * w1 * (mu0 - mu1) ** 2
+        if between > best * (1 + 1e-12):
+            best, best_t = between, t
+    return best_t / b
+
+
+def test_otsu_threshold_is_the_textbook_split():
+    """Sparse and dense histograms (empty bins at either end, one-sample sides, one
+    non-empty bin, none): the split maximises the between-class variance."""
+    rng = np.random.default_rng(5)
+    dense = rng.integers(0, 50, size=(40, 16))
+    sparse = rng.integers(0, 3, size=(40, 16)) * (rng.random((40, 16)) < 0.3)
+    crafted = np.zeros((5, 16), dtype=np.int64)
+    crafted[0, [3, 9, 15]] = [4, 4, 1]  # the best split leaves one sample above
+    crafted[1, 7] = 5  # one non-empty bin: no split has two sides
+    crafted[3, [0, 15]] = [1, 1]
+    crafted[4, [2, 3, 12]] = [1, 1, 1]
+    histograms = np.concatenate((dense, sparse, crafted))
+    got = em.otsu_threshold(histograms)
+    expected = [otsu_reference(h) for h in histograms]
+    np.testing.assert_allclose(got, expected)
+    assert got[-3] == 0.5  # the empty histogram (crafted row 2)
+    assert got[-4] == 1 / 16  # one non-empty bin: the first split
