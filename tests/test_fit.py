@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import math
+import os
+
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from cleaner.config import SelectionConfig
 from cleaner.scoring.prompts import PromptBank, pad_prompt_features
@@ -122,3 +126,108 @@ def test_suggestions_equal_a_float64_log_sum_exp_with_masked_prompts_and_several
     np.testing.assert_allclose(hints.given_similarity, sims[rows, labels, given_best], atol=1e-6)
     assert mask[labels, hints.given_prompt].all()
     assert mask[hints.top_labels[:, 0], hints.suggested_prompt].all()
+
+
+MANIFEST_COLUMNS = [
+    "key", "shard", "shard_pos", "label", "label_name", "is_clean", "status", "reason",
+    "suggested_label", "suggested_name", "suggested_confidence", "clean_score", "backfilled",
+    "p_label_zeroshot", "max_p_zeroshot", "loss_score_zeroshot", "gmm_p_clean_zeroshot",
+    "consistency_zeroshot", "argmax_zeroshot", "topk_labels_zeroshot", "topk_probs_zeroshot",
+    "top_labels", "top_probs", "explain_given_prompt", "explain_given_similarity",
+    "explain_suggested_prompt", "explain_suggested_similarity", "true_label",
+]  # fmt: skip
+
+
+def test_the_manifest_contract_row_by_row():
+    """Every column by name and type, and each row's status, reason, names, suggestion
+    and confidence as the contract says: failed rows (a decode error with label -1, a
+    repeated key) are failed, not clean, with no suggestion; clean rows suggest their own
+    label; a noisy row suggests its top class when its confidence reaches
+    suggest_min_confidence (at it exactly, too), -1 below it."""
+    rng = np.random.default_rng(1)
+    bank = make_bank(rng)
+    names = [f"c{i}" for i in range(4)]
+    table = score_table(rng, bank)
+    status, reason, label = table.column("status").to_pylist(), [""] * 60, table["label"]
+    status[7], reason[7] = "failed", "decode error: truncated"
+    labels = label.to_numpy().copy()
+    labels[7] = -1
+    table = table.set_column(table.schema.get_field_index("status"), "status", pa.array(status))
+    table = table.set_column(table.schema.get_field_index("reason"), "reason", pa.array(reason))
+    table = table.set_column(table.schema.get_field_index("label"), "label", pa.array(labels))
+    cfg = SelectionConfig(probe="none")
+    manifest, _ = fit_and_build_manifest(table, cfg, names, bank, 0.07)
+    assert manifest.column_names == MANIFEST_COLUMNS
+    for column in ("key", "shard", "label_name", "status", "reason", "suggested_name"):
+        assert manifest.schema.field(column).type == pa.string(), column
+    for column in ("label", "suggested_label", "argmax_zeroshot"):
+        assert manifest.schema.field(column).type == pa.int64(), column
+    assert manifest.schema.field("is_clean").type == pa.bool_()
+    rows = manifest.to_pylist()
+    failed = {7, 59}  # the decode error; the last key repeats the first
+    for i, row in enumerate(rows):
+        assert row["key"] == table["key"][i].as_py() and row["shard"] == "s.tar"
+        assert row["label"] == labels[i]
+        assert row["label_name"] == (names[labels[i]] if labels[i] >= 0 else None)
+        if i in failed:
+            assert row["status"] == "failed" and row["is_clean"] is False
+            assert row["suggested_label"] == -1 and row["suggested_name"] is None
+            assert math.isnan(row["suggested_confidence"]) and row["reason"]
+            continue
+        assert row["status"] == ("clean" if row["is_clean"] else "noisy") and row["reason"] == ""
+        assert row["suggested_confidence"] == row["top_probs"][0]
+        if row["is_clean"]:
+            assert row["suggested_label"] == row["label"]
+        elif row["suggested_confidence"] >= cfg.suggest_min_confidence:
+            assert row["suggested_label"] == row["top_labels"][0]
+        else:
+            assert row["suggested_label"] == -1
+        suggested = row["suggested_label"]
+        assert row["suggested_name"] == (names[suggested] if suggested >= 0 else None)
+    assert rows[7]["reason"] == "decode error: truncated"
+    assert "duplicate key" in rows[59]["reason"]
+    assert {r["status"] for r in rows} == {"clean", "noisy", "failed"}
+    assert any(r["label"] == 0 and r["label_name"] == "c0" for r in rows)
+
+    # the threshold is inclusive: a noisy row whose confidence equals it gets its top class
+    noisy = next(r for r in rows if r["status"] == "noisy")
+    at = SelectionConfig(probe="none", suggest_min_confidence=noisy["suggested_confidence"])
+    again = fit_and_build_manifest(table, at, names, bank, 0.07)[0].to_pylist()
+    same = next(r for r in again if r["key"] == noisy["key"])
+    assert same["suggested_label"] == same["top_labels"][0] != -1
+    above = SelectionConfig(probe="none", suggest_min_confidence=1.0)
+    none_suggested = fit_and_build_manifest(table, above, names, bank, 0.07)[0].to_pylist()
+    assert all(r["suggested_label"] == -1 for r in none_suggested if r["status"] == "noisy")
+
+
+def test_the_probe_enters_the_suggestions():
+    """With the probe on, the manifest's top probabilities are the mean of the zero-shot
+    and the probe's: they differ from the zero-shot ones alone."""
+    rng = np.random.default_rng(1)
+    bank = make_bank(rng)
+    table = score_table(rng, bank)
+    names = [f"c{i}" for i in range(4)]
+    with_probe, _ = fit_and_build_manifest(
+        table, SelectionConfig(probe="insample"), names, bank, 0.07
+    )
+    usable = [r for r in with_probe.to_pylist() if r["status"] != "failed"]
+    embeddings = np.array(table["embedding"].to_pylist(), dtype=np.float32)[: len(usable)]
+    alone = suggest_labels(embeddings, np.zeros(len(usable), np.int64), bank, 0.07, None)
+    got = np.array([r["top_probs"][0] for r in usable])
+    assert np.abs(got - alone.top_probs[:, 0]).max() > 1e-3
+
+
+def test_manifest_locations_and_the_writer_target(tmp_path):
+    from cleaner.selection.manifest import MANIFEST_FILE, ManifestWriter, manifest_file
+
+    assert manifest_file(str(tmp_path / "run")) == str(tmp_path / "run" / MANIFEST_FILE)
+    assert manifest_file("s3://b/run/custom.parquet") == "s3://b/run/custom.parquet"
+    assert (
+        ManifestWriter("s3://bucket/run/manifest.parquet").target == "bucket/run/manifest.parquet"
+    )
+    path = tmp_path / "run" / "manifest.parquet"
+    with ManifestWriter(str(path)) as writer:
+        writer.write(pa.table({"key": ["a"]}))
+        assert writer.target.endswith(f".tmp-{os.getpid()}")
+        assert not path.exists()  # written under the temporary name until closed
+    assert pq.read_table(path).column("key").to_pylist() == ["a"]
