@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import statistics
 import tempfile
 import time
@@ -79,9 +80,11 @@ def main(argv: list[str] | None = None) -> dict:
         },
         "load_average": os.getloadavg(),
     }
-    if args.screenshot:
+    if args.screenshot:  # taken in a temp folder (Chromium's profile goes beside it)
         args.screenshot.parent.mkdir(parents=True, exist_ok=True)
-        screenshot(args.report, args.screenshot.resolve(), args.width, args.height)
+        with tempfile.TemporaryDirectory(prefix="report-shot-") as work:
+            shot = screenshot(args.report, Path(work) / "shot.png", args.width, args.height)
+            shutil.copyfile(shot, args.screenshot)
         result["screenshot"] = str(args.screenshot)
     median = result["median"]
     print(
