@@ -79,7 +79,7 @@ def reusable_score_files(
     versions = uri_lib.file_versions(shards)
     index = uri_lib.join(scores_uri, SHARD_VERSIONS_FILE)
     recorded: dict[str, str] = {}
-    if reusable and uri_lib.exists(index):
+    if uri_lib.exists(index):
         recorded = json.loads(uri_lib.read_text(index)).get("versions", {})
     reuse, changed = set(), []
     for shard in shards:
@@ -97,8 +97,6 @@ def reusable_score_files(
             f"versions were recorded): rescored, e.g. {changed[0]}",
             flush=True,
         )
-    if uri_lib.exists(index):
-        recorded = {**json.loads(uri_lib.read_text(index)).get("versions", {})}
     recorded.update({names[s]: versions[s] for s in shards})
     uri_lib.write_text(index, json.dumps({"versions": recorded}, sort_keys=True))
     return reuse
