@@ -231,3 +231,234 @@ def test_manifest_locations_and_the_writer_target(tmp_path):
         assert writer.target.endswith(f".tmp-{os.getpid()}")
         assert not path.exists()  # written under the temporary name until closed
     assert pq.read_table(path).column("key").to_pylist() == ["a"]
+
+
+MANIFEST_SCHEMA = {
+    "key": pa.string(), "shard": pa.string(), "shard_pos": pa.int64(), "label": pa.int64(),
+    "label_name": pa.string(), "is_clean": pa.bool_(), "status": pa.string(),
+    "reason": pa.string(), "suggested_label": pa.int64(), "suggested_name": pa.string(),
+    "suggested_confidence": pa.float32(), "clean_score": pa.float32(),
+    "backfilled": pa.bool_(), "p_label_zeroshot": pa.float32(),
+    "max_p_zeroshot": pa.float32(), "loss_score_zeroshot": pa.float32(),
+    "gmm_p_clean_zeroshot": pa.float32(), "consistency_zeroshot": pa.float32(),
+    "argmax_zeroshot": pa.int64(), "topk_labels_zeroshot": pa.list_(pa.int64(), 3),
+    "topk_probs_zeroshot": pa.list_(pa.float32(), 3), "top_labels": pa.list_(pa.int64(), 3),
+    "top_probs": pa.list_(pa.float32(), 3), "explain_given_prompt": pa.string(),
+    "explain_given_similarity": pa.float32(), "explain_suggested_prompt": pa.string(),
+    "explain_suggested_similarity": pa.float32(), "true_label": pa.int64(),
+}  # fmt: skip
+
+
+def assert_manifest_schema(manifest: pa.Table) -> None:
+    """The manifest's columns, in order, with exactly the contract's types."""
+    assert manifest.column_names == list(MANIFEST_SCHEMA)
+    for name, expected in MANIFEST_SCHEMA.items():
+        assert manifest.schema.field(name).type == expected, name
+
+
+def with_column(table: pa.Table, name: str, values) -> pa.Table:
+    return table.set_column(table.schema.get_field_index(name), name, pa.array(values))
+
+
+def varied_prompt_table(rng, bank, n=60):
+    """score_table's rows, each image near prompt (row % 3) of its true class (so the best
+    prompt is not always the first), every row labelled 3 mislabelled (class 3 keeps no
+    clean sample and is backfilled), and three failed rows: a decode error (label -1), a
+    label one past the last class, and the repeated last key."""
+    table = score_table(rng, bank, n)
+    true = np.asarray(table["true_label"])
+    emb = unit(bank.features[true, np.arange(n) % 3] + 0.05 * rng.normal(size=(n, 16)))
+    labels = np.asarray(table["label"]).copy()
+    labels[(labels == 3) & (true == 3)] = 0
+    labels[[4, 13, 22]] = 3  # true classes 0, 1, 2: mislabelled as 3
+    probs = np.full((n, 4), 0.05)
+    probs[np.arange(n), true] = 0.85
+    status, reason = ["ok"] * n, [""] * n
+    status[7], reason[7], labels[7] = "failed", "decode error: truncated", -1
+    status[11], reason[11], labels[11] = "failed", "label 4 outside [0, 4)", 4
+    table = with_column(table, "embedding", fixed_size_list_array(emb.astype(np.float16)))
+    table = with_column(table, "label", labels)
+    table = with_column(table, "status", status)
+    table = with_column(table, "reason", reason)
+    p_label = probs[np.arange(n), np.clip(labels, 0, 3)].astype(np.float32)
+    return with_column(table, "p_label", p_label)
+
+
+def test_manifest_columns_carry_the_fit_and_the_scores_row_by_row():
+    """Each value column of the manifest, row by row, against its source: the score file's
+    columns for usable rows, the fitted selection's evaluation (backfill included: class
+    3 has no clean sample), the prompts and cosines recomputed in float64; failed rows
+    (a label past the last class among them) get NaN, -1, False and no explanation."""
+    from cleaner.selection.fit_in_memory import fit_in_memory
+    from cleaner.selection.score_table import ScoreBatch, duplicate_rows_in_memory
+
+    rng = np.random.default_rng(5)
+    bank = make_bank(rng)
+    names = [f"c{i}" for i in range(4)]
+    table = varied_prompt_table(rng, bank)
+    table = table.append_column("max_similarity", pa.array(rng.random(60).astype(np.float32)))
+    cfg = SelectionConfig(probe="none")
+    manifest, summary = fit_and_build_manifest(table, cfg, names, bank, 0.07)
+
+    keys = np.asarray(table["key"].to_pylist(), dtype=object)
+    batch = ScoreBatch(table, duplicate_rows_in_memory(keys, np.asarray(["s.tar"] * 60)))
+    fitted, _ = fit_in_memory(batch, cfg, 4)
+    ok = batch.ok_idx
+    selection_rows = batch.selection_batch(None)
+    spec = fitted.spec
+    ((_, p_column, max_column),) = spec.sources
+    values = fitted.evaluate(
+        {
+            spec.label_column: selection_rows["label"],
+            spec.key_column: selection_rows["key"],
+            p_column: selection_rows["p_label"],
+            max_column: selection_rows["max_p"],
+        }
+    )
+    failed = {7, 11, 59}
+    assert set(range(60)) - set(ok.tolist()) == failed
+    assert values["backfilled"].any() and summary["counts"]["clean"] > 0
+
+    emb = np.asarray(table["embedding"].to_pylist(), dtype=np.float64)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    sims = np.einsum("nd,kjd->nkj", emb, bank.features.astype(np.float64))
+    p_label, max_p = np.asarray(table["p_label"]), np.asarray(table["max_p"])
+    argmax = np.asarray(table["argmax"])
+    rows = manifest.to_pylist()
+    assert rows[11]["label"] == 4 and rows[11]["label_name"] is None
+    for position, i in enumerate(ok):
+        row = rows[i]
+        assert row["p_label_zeroshot"] == p_label[i] and row["max_p_zeroshot"] == max_p[i]
+        assert row["clean_score"] == np.float32(values["clean_score"][position])
+        assert row["clean_score"] == p_label[i]  # one source: the mean is its p_label
+        assert row["backfilled"] == values["backfilled"][position]
+        assert row["is_clean"] == values["is_clean"][position]
+        for quantity in ("loss_score", "gmm_p_clean", "consistency"):
+            expected = np.float32(values[f"{quantity}_zeroshot"][position])
+            assert row[f"{quantity}_zeroshot"] == expected, quantity
+        assert row["consistency_zeroshot"] == np.float32(min(p_label[i] / max_p[i], 1.0))
+        assert row["argmax_zeroshot"] == argmax[i]
+        assert row["max_similarity"] == table["max_similarity"][i].as_py()
+        for which, klass in (("given", row["label"]), ("suggested", row["top_labels"][0])):
+            best = int(sims[i, klass].argmax())
+            assert row[f"explain_{which}_prompt"] == bank.prompts[klass][best], (i, which)
+            assert abs(row[f"explain_{which}_similarity"] - sims[i, klass, best]) < 1e-6
+    assert {int(sims[i, rows[i]["label"]].argmax()) for i in ok} == {0, 1, 2}
+    for i in failed:
+        row = rows[i]
+        assert row["backfilled"] is False and row["is_clean"] is False
+        assert row["argmax_zeroshot"] == -1 and row["top_labels"] == [-1, -1, -1]
+        assert all(math.isnan(p) for p in row["top_probs"])
+        for column in ("clean_score", "p_label_zeroshot", "max_p_zeroshot", "loss_score_zeroshot"):
+            assert math.isnan(row[column]), column
+        assert math.isnan(row["explain_given_similarity"])
+        assert row["explain_given_prompt"] is None and row["explain_suggested_prompt"] is None
+        assert row["max_similarity"] == table["max_similarity"][i].as_py()
+
+
+def test_the_manifest_schema_holds_for_any_rows():
+    """The same column types whether rows are usable, all failed (every name and prompt
+    null) or absent: a manifest written shard by shard must have one schema."""
+    rng = np.random.default_rng(6)
+    bank = make_bank(rng)
+    names = [f"c{i}" for i in range(4)]
+    table = varied_prompt_table(rng, bank)
+    cfg = SelectionConfig(probe="none")
+    assert_manifest_schema(fit_and_build_manifest(table, cfg, names, bank, 0.07)[0])
+
+    all_failed = with_column(table, "status", ["failed"] * 60)
+    all_failed = with_column(all_failed, "reason", ["decode error"] * 60)
+    all_failed = with_column(all_failed, "label", np.full(60, -1))
+    manifest, _ = fit_and_build_manifest(all_failed, cfg, names, bank, 0.07)
+    assert_manifest_schema(manifest)
+    assert set(manifest["status"].to_pylist()) == {"failed"}
+    assert manifest["reason"].to_pylist() == ["decode error"] * 59 + [
+        manifest["reason"][59].as_py()
+    ]
+
+    empty, _ = fit_and_build_manifest(table.slice(0, 0), cfg, names, bank, 0.07)
+    assert_manifest_schema(empty)
+    assert empty.num_rows == 0
+
+
+def test_suggestions_keep_their_types_chunks_and_precision():
+    """The suggestions' dtypes; a partial last chunk; realistic temperatures (tau 0.01)
+    with rows far apart in one chunk; embeddings of any norm; ties broken by class index."""
+    rng = np.random.default_rng(7)
+    bank = make_bank(rng, classes=5, prompts=3)
+    n = 250  # chunks of 64 rows: the last one partial
+    emb = rng.normal(size=(n, 16)).astype(np.float32)
+    emb[0] = bank.features[1, 2]  # cosine 1 with one prompt
+    emb[1] = -bank.features.reshape(-1, 16).sum(axis=0)  # far below every prompt
+    emb *= rng.uniform(0.01, 0.5, size=(n, 1)).astype(np.float32)  # norms below 1
+    labels = rng.integers(0, 5, n)
+    hints = suggest_labels(emb, labels, bank, 0.01, None, budget_bytes=1)
+    assert chunk_rows(5, 3, budget_bytes=1) == 64
+    assert hints.top_labels.dtype == np.int64 and hints.given_prompt.dtype == np.int64
+    assert hints.suggested_prompt.dtype == np.int64
+    for name in ("top_probs", "given_similarity", "suggested_similarity"):
+        assert getattr(hints, name).dtype == np.float32, name
+    assert np.isfinite(hints.top_probs).all()
+    x = emb.astype(np.float64) / np.linalg.norm(emb, axis=1, keepdims=True)
+    sims = np.einsum("nd,kjd->nkj", x, bank.features.astype(np.float64))
+    rows = np.arange(n)
+    np.testing.assert_allclose(hints.given_similarity, sims[rows, labels].max(axis=1), atol=1e-5)
+    from scipy.special import logsumexp, softmax
+
+    expected = softmax(logsumexp(sims / 0.01, axis=2), axis=1)
+    np.testing.assert_allclose(
+        hints.top_probs, np.take_along_axis(expected, hints.top_labels, axis=1), atol=1e-5
+    )
+    assert hints.top_labels[0, 0] == 1 and hints.suggested_prompt[0] == 2
+
+    # prompts in a narrow cone; one image on a prompt, one opposite the cone: at tau 0.01
+    # their logits are 190 apart in one chunk (exp underflows float32 below -103)
+    axis = unit(rng.normal(size=16))
+    cone = unit(axis + 0.2 * rng.normal(size=(5, 3, 16))).astype(np.float32)
+    narrow = PromptBank(cone, np.ones((5, 3), bool), (("a", "b", "c"),) * 5)
+    apart = np.stack([cone[3, 1], -axis]).astype(np.float32)
+    far = suggest_labels(apart, np.array([0, 0]), narrow, 0.01, None)
+    cone_sims = np.einsum("nd,kjd->nkj", unit(apart.astype(np.float64)), cone.astype(np.float64))
+    cone_expected = softmax(logsumexp(cone_sims / 0.01, axis=2), axis=1)
+    assert cone_sims[0].max() - cone_sims[1].max() > 1.5
+    np.testing.assert_allclose(
+        far.top_probs, np.take_along_axis(cone_expected, far.top_labels, axis=1), atol=1e-5
+    )
+
+    # classes with the same prompt tie exactly: the lowest class indices come first
+    basis = np.eye(16, dtype=np.float32)[np.arange(40) % 3][:, None]  # class k: axis k % 3
+    tied = PromptBank(basis, np.ones((40, 1), bool), (("p",),) * 40)
+    points = rng.normal(size=(30, 16)).astype(np.float32)
+    ties = suggest_labels(points, np.zeros(30, np.int64), tied, 0.07, None)
+    best_axis = points[:, :3].argmax(axis=1)
+    expected_top = best_axis[:, None] + 3 * np.arange(3)[None]
+    np.testing.assert_array_equal(ties.top_labels, expected_top)
+
+
+def test_suggestions_hold_two_budget_sized_buffers():
+    """The chunk is as large as the budget allows and the similarities and logits reuse two
+    buffers of that size: peak memory between 1.5 and 2.8 budgets (not the whole table,
+    not float64, not a fresh array per chunk)."""
+    import tracemalloc
+
+    rng = np.random.default_rng(8)
+    bank = make_bank(rng, classes=10, prompts=40, dim=16)
+    budget = 4 * 10 * 40 * 500  # 500 rows per chunk: 800 kB per buffer
+    emb = rng.normal(size=(4_500, 16)).astype(np.float32)
+    labels = rng.integers(0, 10, 4_500)
+    suggest_labels(emb[:100], labels[:100], bank, 0.07, None, budget_bytes=budget)  # warm up
+    tracemalloc.start()
+    try:
+        suggest_labels(emb, labels, bank, 0.07, None, budget_bytes=budget)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert 1.5 * budget < peak < 2.8 * budget, peak / budget
+
+
+def test_relative_shards_keep_a_string_column_when_empty():
+    from cleaner.selection.manifest import with_relative_shards
+
+    empty = pa.table({"shard": pa.array([], pa.string()), "key": pa.array([], pa.string())})
+    moved = with_relative_shards(empty, "/data/shards")
+    assert moved.schema.field("shard").type == pa.string() and moved.num_rows == 0
