@@ -179,3 +179,41 @@ def test_thumbnails_are_read_back_for_the_wanted_keys_only(tmp_path):
     assert sizes["small"].size == (20, 10)  # never enlarged
     assert sizes["other"].getpixel((5, 5))[1] > 100  # the right image: green
     assert fetch_thumbnails({str(first): ["small"]}, ["jpg"]) == {}  # extension not accepted
+
+
+def test_thumbnails_skip_unwanted_samples_and_unreadable_shards_and_convert_to_rgb(tmp_path):
+    """An unreadable shard listed first and an unwanted sample before a wanted one do not
+    stop the search; grey images become RGB; the default thumbnail fits in 96 x 96."""
+    grey = _png(Image.new("L", (200, 100), 90))
+    shard = write_tar(
+        tmp_path / "a.tar",
+        [("skip.jpg", jpeg()), ("skip.cls", b"0"), ("grey.png", grey), ("grey.cls", b"1"),
+         ("later.jpg", jpeg("blue", (30, 300))), ("later.cls", b"2")],
+    )  # fmt: skip
+    wanted = {str(tmp_path / "missing.tar"): ["gone"], str(shard): ["grey", "later"]}
+    thumbs = fetch_thumbnails(wanted, ["jpg", "png"])
+    assert sorted(thumbs) == ["grey", "later"]
+    images = {key: Image.open(io.BytesIO(data)) for key, data in thumbs.items()}
+    assert images["grey"].mode == "RGB" and images["grey"].size == (96, 48)
+    assert images["later"].size == (10, 96)
+
+
+def test_skipped_members_are_counted_by_kind_and_named_up_to_three():
+    from cleaner.reading.shards import SkippedMembers
+
+    skipped = SkippedMembers()
+    for name, why in [(".a", "hidden"), ("l1", "links"), (".b", "hidden"), ("l2", "links"),
+                      (".c", "hidden")]:  # fmt: skip
+        skipped.add(name, why)
+    assert skipped.why == {"hidden": 3, "links": 2}
+    assert skipped.reason() == (
+        "tar members not read as samples: 3 hidden, 2 links ('.a', 'l1', '.b' and 2 more)"
+    )
+    three = SkippedMembers()
+    for name in ("x", "y", "z"):
+        three.add(name, "hidden")
+    assert three.reason() == "tar members not read as samples: 3 hidden ('x', 'y', 'z')"
+    four = SkippedMembers()
+    for name in ("w", "x", "y", "z"):
+        four.add(name, "hidden")
+    assert four.reason().endswith("('w', 'x', 'y' and 1 more)")
