@@ -110,6 +110,8 @@ def test_clip_topk_allows_checks_shapes_and_k() -> None:
     np.testing.assert_array_equal(clip_topk_allows(topk, np.array([2, 3]), 9), [True, False])
     with pytest.raises(ValueError, match="shape"):
         clip_topk_allows(topk, np.array([1, 1, 1]), 1)
+    with pytest.raises(ValueError, match="shape"):  # one row per sample, but not 2-D
+        clip_topk_allows(np.array([3, 1]), np.array([1, 1]), 1)
     with pytest.raises(ValueError, match="k must"):
         clip_topk_allows(topk, np.array([1, 1]), 0)
 
@@ -211,7 +213,16 @@ def test_precision_and_relabel_accuracy_with_true_labels() -> None:
     # 0: wrong) -> precision 2/3, relabel accuracy 1/2.
     assert update.precision == pytest.approx(2 / 3)
     assert update.relabel_accuracy == pytest.approx(0.5)
-    assert update.summary()["selected"] == 3
+    assert update.summary() == {
+        "epoch": update.state.epoch,
+        "absorbed": update.absorbed,
+        "relabelled": update.relabelled,
+        "selected": 3,
+        "added": update.added,
+        "precision": update.precision,
+        "relabel_accuracy": update.relabel_accuracy,
+    }
+    assert update.absorbed + update.relabelled > 0
 
 
 def test_update_selection_rejects_bad_predictions() -> None:
@@ -383,6 +394,30 @@ def test_optimizer_and_scheduler() -> None:
         optimizer.step()
         scheduler.step()
     assert lrs == pytest.approx([0.02, 0.02, 0.002, 0.002, 0.0002])
+    halving = make_optimizer(model, lr=0.02, momentum=0.9, weight_decay=5e-4)
+    scheduler = make_scheduler(halving, milestones=[1], gamma=0.5)
+    halving.step()
+    scheduler.step()
+    assert halving.param_groups[0]["lr"] == pytest.approx(0.01)
+
+
+def test_mixfix_state_from_another_writer_gets_bool_and_int64_arrays() -> None:
+    """A state dict with int32 labels and 0/1 uint8 masks (as another tool or an older
+    checkpoint may store them) loads with the dtypes the updates rely on."""
+    stored = {
+        "initial_clean": np.array([1, 0, 1], np.uint8),
+        "original_labels": np.array([0, 2, 1], np.int32),
+        "selected": [1, 1, 0],
+        "current_labels": np.array([0, 1, 1], np.int64),
+        "epoch": np.int64(4),
+    }
+    state = MixFixState.from_state_dict(stored)
+    state.current_labels[0] = 2
+    assert stored["current_labels"][0] == 0  # a copy: the stored arrays stay as they were
+    assert state.initial_clean.dtype == bool and state.selected.dtype == bool
+    assert state.original_labels.dtype == np.int64 and state.current_labels.dtype == np.int64
+    np.testing.assert_array_equal(state.selected, [True, True, False])
+    assert state.epoch == 4 and type(state.epoch) is int
 
 
 # --------------------------------------------------------------------------------------

@@ -154,11 +154,12 @@ class MixFixState:
         missing -= set(state)
         if missing:
             raise ValueError(f"MixFix state dict lacks {sorted(missing)}")
+        # copies (the checkpoint's arrays stay untouched); __post_init__ sets the dtypes
         return cls(
-            initial_clean=np.array(state["initial_clean"], dtype=bool),
-            original_labels=np.array(state["original_labels"], dtype=np.int64),
-            selected=np.array(state["selected"], dtype=bool),
-            current_labels=np.array(state["current_labels"], dtype=np.int64),
+            initial_clean=np.array(state["initial_clean"]),
+            original_labels=np.array(state["original_labels"]),
+            selected=np.array(state["selected"]),
+            current_labels=np.array(state["current_labels"]),
             epoch=int(state["epoch"]),
         )
 
