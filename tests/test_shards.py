@@ -217,3 +217,94 @@ def test_skipped_members_are_counted_by_kind_and_named_up_to_three():
     for name in ("w", "x", "y", "z"):
         four.add(name, "hidden")
     assert four.reason().endswith("('w', 'x', 'y' and 1 more)")
+
+
+def test_read_shard_batches_word_for_word(tmp_path):
+    """Every column of every batch with its dtype; each failure's reason exactly; a row
+    held back so that only the last batch carries the shard total (-1 before)."""
+    members = [
+        ("a.jpg", jpeg()), ("a.cls", b"0"),
+        ("latin.jpg", jpeg()), ("latin.cls", "é".encode("latin-1")),
+        ("list.jpg", jpeg()), ("list.json", b'["label", 1]'),
+        ("noimage.cls", b"1"),
+        ("broken.jpg", b"not an image"), ("broken.cls", b"2"),
+        (".hidden", b"x"),
+    ]  # fmt: skip
+    path = write_tar(tmp_path / "s.tar", members)
+    batches = list(
+        read_shard(str(path), class_names=CLASSES, image_size=16, extensions=["jpg", "png"],
+                   batch_size=2)
+    )  # fmt: skip
+    assert [len(b["key"]) for b in batches] == [2, 2, 2]
+    dtypes = {"key": object, "shard_pos": np.int64, "shard": object, "label": np.int64,
+              "true_label": np.int64, "image": np.uint8, "status": object, "reason": object,
+              "shard_total": np.int64}  # fmt: skip
+    for batch in batches:
+        assert {name: batch[name].dtype for name in batch} == dtypes
+        assert batch["image"].shape == (2, 16, 16, 3)
+    assert [list(b["shard_total"]) for b in batches] == [[-1, -1], [-1, -1], [6, 6]]
+    rows = {name: np.concatenate([b[name] for b in batches]) for name in dtypes}
+    assert list(rows["shard"]) == [str(path)] * 6
+    assert list(rows["shard_pos"]) == list(range(6))
+    assert list(rows["key"]) == ["a", "latin", "list", "noimage", "broken",
+                                 "__shard_skipped__/s.tar"]  # fmt: skip
+    assert list(rows["status"]) == ["ok"] + ["failed"] * 5
+    assert list(rows["reason"]) == [
+        "",
+        "unreadable .cls (not UTF-8 text)",
+        "no label (.cls or .json 'label')",  # a JSON list is no metadata
+        "no image member (expected one of jpg, png)",
+        "image decode error: UnidentifiedImageError: cannot identify image file",
+        "tar members not read as samples: 1 hidden or metadata files ('.hidden')",
+    ]
+    assert (rows["image"][1:] == 0).all() and rows["image"][0].any()
+
+    _, empty = read_all(write_tar(tmp_path / "empty.tar", []))
+    assert list(empty["reason"]) == ["empty shard: no samples"]
+    assert list(empty["shard_total"]) == [1]
+    _, missing = read_all(tmp_path / "missing.tar")
+    assert missing["reason"][0].startswith("shard unreadable after 0 samples: FileNotFoundError: ")
+
+
+def test_read_shard_defaults_and_passes_its_image_options(tmp_path):
+    """257 samples come in batches of 256 and 1 by default; resize options reach the
+    decoder (longest side with a fill colour, bilinear), and the default fill is black."""
+    noise = np.random.default_rng(0).integers(0, 256, (20, 40, 3), dtype=np.uint8)
+    wide = _png(Image.fromarray(noise))
+    members = [(f"k{i:03d}.png", wide) for i in range(257)]
+    members += [(f"k{i:03d}.cls", b"0") for i in range(257)]
+    path = str(write_tar(tmp_path / "big.tar", members))
+    common = {"class_names": CLASSES, "image_size": 16, "extensions": ["png"]}
+    assert [len(b["key"]) for b in read_shard(path, **common)] == [256, 1]
+    options = {"resize_mode": "longest", "interpolation": "bilinear", "fill_color": 255}
+    first = next(read_shard(path, batch_size=1, **common, **options))["image"][0]
+    np.testing.assert_array_equal(first, decode_image(wide, 16, **options))
+    assert (first[0] == 255).all()  # the padding above the wide image
+    assert not np.array_equal(first, decode_image(wide, 16, "longest", "bicubic", 255))
+    black = next(read_shard(path, batch_size=1, resize_mode="longest", **common))["image"][0]
+    assert (black[0] == 0).all()
+
+
+def test_a_sample_waits_for_its_label_and_is_handed_out_as_soon_as_complete(tmp_path):
+    """A sample with an image but no label yet stays pending while another key comes
+    between (its label arrives later); a complete sample is handed out before the rest
+    of the tar is read."""
+    from cleaner.reading.shards import iter_tar_samples
+
+    members = [("a.jpg", jpeg()), ("a.txt", b"note"), ("b.jpg", jpeg()), ("b.cls", b"1"),
+               ("a.cls", b"0"), ("c.jpg", jpeg()), ("c.cls", b"2")]  # fmt: skip
+    path = write_tar(tmp_path / "wait.tar", members)
+    with open(path, "rb") as stream:
+        samples = list(iter_tar_samples(stream))
+    by_key = {s.key: s for s in samples}
+    assert sorted(by_key) == ["a", "b", "c"] and len(samples) == 3
+    assert by_key["a"].problem is None and set(by_key["a"].members) == {"jpg", "txt", "cls"}
+
+    more = [
+        (f"z{i:02d}.{ext}", data)
+        for i in range(40)
+        for ext, data in (("jpg", jpeg()), ("cls", b"0"))
+    ]
+    data = io.BytesIO(write_tar(tmp_path / "long.tar", members[2:4] + more).read_bytes())
+    first = next(iter_tar_samples(data))
+    assert first.key == "b" and data.tell() < len(data.getvalue()) // 2

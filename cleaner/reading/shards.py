@@ -336,8 +336,8 @@ def find_image(sample: RawSample, extensions: list[str]) -> bytes | None:
 class _BatchBuilder:
     """Accumulates decoded rows and hands them out as column batches."""
 
-    def __init__(self, shard: str, image_size: int):
-        self.shard, self.image_size = shard, image_size
+    def __init__(self, shard: str):
+        self.shard = shard
         self.rows: list[tuple] = []
         self.position = 0
 
@@ -388,7 +388,7 @@ def read_shard(
     require_label=False (prediction): a missing or unreadable label is no failure, the
     sample is decoded with label -1.
     """
-    builder = _BatchBuilder(shard, image_size)
+    builder = _BatchBuilder(shard)
     blank = np.zeros((image_size, image_size, 3), dtype=np.uint8)
     total = 0
     skipped = SkippedMembers()
