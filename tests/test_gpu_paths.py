@@ -33,6 +33,14 @@ from training.mixfix import (
 )
 from training.networks import build_network
 
+
+@pytest.fixture(autouse=True)
+def _empty_working_directory(tmp_path_factory, monkeypatch):
+    """Each test runs in an empty working directory: a checkpoint read or written at a
+    relative path (a bug) finds nothing there instead of another test's files."""
+    monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
+
+
 CUDA = torch.device("cuda")
 CPU = torch.device("cpu")
 
