@@ -265,6 +265,24 @@ def test_mixup_targets_sum_to_one_and_lam_at_least_half() -> None:
     assert lam == 1.0 and same_x is inputs and same_t is targets
 
 
+def test_mixup_mixes_each_row_with_its_permuted_partner() -> None:
+    """mixed = lam * x + (1 - lam) * x[perm], inputs and targets alike, with the lam and
+    permutation that sample_mixup draws from the same generator state."""
+    from training.mixfix import sample_mixup
+
+    inputs = torch.randn(6, 2, 3, 3)
+    targets = F.one_hot(torch.arange(6) % 4, 4).float()
+    lam, perm = sample_mixup(6, 1.0, np.random.default_rng(3))
+    mixed_x, mixed_t, got_lam = mixup(inputs, targets, 1.0, np.random.default_rng(3))
+    assert got_lam == lam and 0.5 < lam < 1.0 and (perm != np.arange(6)).any()
+    index = torch.from_numpy(perm)
+    torch.testing.assert_close(mixed_x, lam * inputs + (1 - lam) * inputs[index])
+    torch.testing.assert_close(mixed_t, lam * targets + (1 - lam) * targets[index])
+    with pytest.raises(ValueError) as error:
+        mixup(torch.zeros(4, 2), torch.zeros(3, 5), 1.0, np.random.default_rng(0))
+    assert str(error.value) == "inputs (4) and targets (3) differ in batch size"
+
+
 def test_soft_cross_entropy_matches_hard_cross_entropy() -> None:
     logits = torch.randn(12, 7)
     labels = torch.randint(0, 7, (12,))
