@@ -502,3 +502,48 @@ def test_noisy_samples_are_listed_most_confident_first(rendered) -> None:
     confidences = [float(row[4]) for row in listed]
     assert confidences == sorted(confidences, reverse=True)
     assert top_noisy_keys(pa.Table.from_pylist(rows), 30) == [row[0] for row in listed]
+
+
+def test_thumbnails_are_embedded_as_they_are_or_shrunk_to_a_jpeg():
+    """Small PNG/JPEG/GIF/WebP thumbnails are embedded byte for byte with their MIME type
+    (up to THUMB_MAX_BYTES inclusive); other formats, larger files and RGBA images become
+    a THUMB_SIZE RGB JPEG at quality 80; unreadable data says so."""
+    from cleaner.report.common import THUMB_MAX_BYTES, THUMB_SIZE
+    from cleaner.report.tables import _image_mime, _thumbnail_tag
+
+    def encoded(image: Image.Image, fmt: str, **options) -> bytes:
+        buf = io.BytesIO()
+        image.save(buf, format=fmt, **options)
+        return buf.getvalue()
+
+    def embedded(tag: str) -> tuple[str, bytes]:
+        match = re.search(r'src="data:([^;]+);base64,([^"]+)"', tag)
+        return match.group(1), base64.b64decode(match.group(2))
+
+    small = Image.new("RGB", (20, 10), "red")
+    for fmt, mime in (("PNG", "image/png"), ("JPEG", "image/jpeg"), ("GIF", "image/gif"),
+                      ("WEBP", "image/webp")):  # fmt: skip
+        data = encoded(small, fmt)
+        assert _image_mime(data) == mime
+        assert embedded(_thumbnail_tag(data, "k")) == (mime, data)
+    assert _image_mime(b"RIFF\x00\x00\x00\x00WAVEfmt ") is None
+    assert _image_mime(b"RIFX\x00\x00\x00\x00WEBPVP8 ") is None
+    assert _image_mime(encoded(small, "BMP")) is None
+
+    # exactly at the limit (a PNG padded after its end): embedded as it is
+    at_limit = encoded(small, "PNG")
+    at_limit += b"\0" * (THUMB_MAX_BYTES - len(at_limit))
+    assert embedded(_thumbnail_tag(at_limit, "k")) == ("image/png", at_limit)
+
+    noise = np.random.default_rng(0).integers(0, 256, (300, 400, 4), dtype=np.uint8)
+    large_rgba = encoded(Image.fromarray(noise, "RGBA"), "PNG")
+    assert len(large_rgba) > THUMB_MAX_BYTES
+    expected = Image.fromarray(noise, "RGBA").convert("RGB")
+    expected.thumbnail((THUMB_SIZE, THUMB_SIZE))
+    for data in (large_rgba, encoded(small, "BMP")):
+        mime, shrunk = embedded(_thumbnail_tag(data, "k"))
+        assert mime == "image/jpeg" and Image.open(io.BytesIO(shrunk)).mode == "RGB"
+    mime, shrunk = embedded(_thumbnail_tag(large_rgba, "k"))
+    assert shrunk == encoded(expected, "JPEG", quality=80)
+    assert Image.open(io.BytesIO(shrunk)).size == (THUMB_SIZE, 96)
+    assert "unreadable" in _thumbnail_tag(b"\0" * 100, "k")
