@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from training.mixfix import (
     MixFixState,
@@ -570,3 +571,73 @@ def test_pretrained_path_with_different_head(tmp_path, caplog) -> None:
     assert not report.exact
     exact = load_initial_weights(build_network("tiny_cnn", 10), f"file://{path}")
     assert exact.mismatched == [] and exact.unexpected == ["extra.weight"]
+
+
+def _reference_epoch(model, batches, beta, seed, amp_dtype=None):
+    """train_one_epoch written out plainly: per batch, mixup of inputs, one-hot targets
+    and weights with sample_mixup's draw, weighted soft cross-entropy, one SGD step."""
+    from training.mixfix import sample_mixup
+
+    generator = np.random.default_rng(seed)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    losses = []
+    for inputs, labels, *extra in batches:
+        inputs = torch.as_tensor(inputs)
+        lam, perm = sample_mixup(len(inputs), beta, generator)
+        index = torch.from_numpy(perm)
+        mixed = lam * inputs + (1 - lam) * inputs[index]
+        if amp_dtype is None:
+            logits = model(mixed)
+        else:
+            with torch.autocast("cpu", dtype=amp_dtype):
+                logits = model(mixed)
+        targets = F.one_hot(torch.as_tensor(labels), 5).float()
+        targets = lam * targets + (1 - lam) * targets[index]
+        weights = torch.ones(len(inputs))
+        if extra:
+            weights = torch.as_tensor(extra[0]).float()
+            weights = lam * weights + (1 - lam) * weights[index]
+        per_sample = -(targets * F.log_softmax(logits.float(), dim=1)).sum(dim=1)
+        loss = (weights * per_sample).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()) * len(inputs))
+    return sum(losses) / sum(len(b[0]) for b in batches)
+
+
+@pytest.mark.parametrize("amp_dtype", [None, torch.float16])
+def test_train_one_epoch_equals_mixup_and_weighted_soft_cross_entropy(amp_dtype) -> None:
+    """Parameters and mean loss after an epoch equal the plain reference: inputs, targets
+    and weights mixed with the same lam and permutation, hard targets one-hot over the
+    model's K outputs (a batch without the last class too), autocast in the given dtype."""
+    import copy
+
+    gen = torch.Generator().manual_seed(0)
+    batches = [
+        (torch.randn(6, 3, 2, 2, generator=gen), torch.tensor([0, 1, 2, 3, 0, 1])),
+        (torch.randn(6, 3, 2, 2, generator=gen), torch.tensor([4, 4, 0, 2, 1, 3]),
+         torch.tensor([1.0, 0.2, 0.5, 1.0, 0.0, 0.7])),
+        (np.random.default_rng(1).normal(size=(4, 3, 2, 2)).astype(np.float32),
+         np.array([0, 1, 1, 0])),
+    ]  # fmt: skip
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 5))
+    reference = copy.deepcopy(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    result = train_one_epoch(
+        model, optimizer, batches, beta=1.0, device="cpu",
+        generator=np.random.default_rng(4), amp_dtype=amp_dtype,
+    )  # fmt: skip
+    expected_loss = _reference_epoch(reference, batches, 1.0, 4, amp_dtype)
+    assert result["samples"] == 16 and result["batches"] == 3
+    assert result["loss"] == pytest.approx(expected_loss, rel=1e-5)
+    for got, want in zip(model.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(got, want)
+    if amp_dtype is not None:  # autocast really ran in that dtype: float32 differs
+        plain = copy.deepcopy(reference)
+        assert _reference_epoch(plain, batches, 1.0, 4) != pytest.approx(expected_loss, rel=1e-6)
+    with pytest.raises(ValueError) as error:
+        train_one_epoch(model, optimizer, [(torch.zeros(3, 3, 2, 2), torch.zeros(2, 5))],
+                        beta=1.0, device="cpu", generator=np.random.default_rng(0))  # fmt: skip
+    assert str(error.value) == "batch of 3 inputs but 2 targets"
