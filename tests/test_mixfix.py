@@ -234,6 +234,54 @@ def test_update_selection_rejects_bad_predictions() -> None:
         update_selection(state, np.array([np.nan, 0.5]), np.array([0, 1]), 0.8, 0.9)
 
 
+def test_update_selection_errors_word_for_word() -> None:
+    state = _state([0, 1], [True, False])
+    cases = [
+        ((np.array([0.5]), np.array([0, 1])), "predictions must have shape (2,), got (1,) and (2,)"),
+        ((np.array([0.5, 0.5]), np.array([0])), "predictions must have shape (2,), got (2,) and (1,)"),
+        ((np.array([np.inf, 0.5]), np.array([0, 1])), "pred_prob_max contains NaN or infinite values"),
+        ((np.array([0.5, 0.5]), np.array([0, -1])), "pred_label must be non-negative"),
+    ]  # fmt: skip
+    for (prob, pred), message in cases:
+        with pytest.raises(ValueError) as error:
+            update_selection(state, prob, pred, 0.8, 0.9)
+        assert str(error.value) == message
+    with pytest.raises(ValueError) as error:
+        update_selection(state, np.array([0.5, 0.5]), np.array([0, 1]), 0.8, 0.9, np.zeros(3))
+    assert str(error.value) == "true_labels must have shape (2,), got (3,)"
+    with pytest.raises(ValueError) as error:
+        MixFixState(
+            np.ones((2, 2), bool), np.zeros((2, 2)), np.ones((2, 2), bool), np.zeros((2, 2))
+        )
+    assert str(error.value).startswith("MixFixState arrays must be 1-D of one length, got ")
+    with pytest.raises(ValueError) as error:
+        MixFixState(np.ones(2, bool), np.array([0, -1]), np.ones(2, bool), np.zeros(2))
+    assert str(error.value) == "original_labels must be non-negative"
+
+
+def test_clip_guard_checks_the_label_each_sample_would_get_and_metrics() -> None:
+    """The CLIP guard (default k = 1) looks up y_i for absorbed samples and y_m for
+    relabelled ones; without true labels both metrics are None; the relabel accuracy
+    counts the relabels that hit the truth."""
+    #        0: absorb (y 1, CLIP top-1 1)   1: absorb refused (CLIP top-1 0, y 1 second)
+    #        2: relabel 0 -> 2 (CLIP top-1 2, y 0 second)   3: relabel 1 -> 0 refused
+    state = _state([1, 1, 0, 1], [False] * 4)
+    clip = np.array([[1, 0], [0, 1], [2, 0], [1, 2]])
+    update = update_selection(
+        state, np.full(4, 0.99), np.array([1, 1, 2, 0]), 0.8, 0.9, clip_topk=clip
+    )
+    np.testing.assert_array_equal(update.state.selected, [True, False, True, False])
+    np.testing.assert_array_equal(update.state.current_labels, [1, 1, 2, 1])
+    assert update.precision is None and update.relabel_accuracy is None
+    assert update.state.selected_indices().dtype == np.int64
+
+    three = _state([0, 0, 0, 1], [False] * 4)
+    relabels = update_selection(
+        three, np.full(4, 0.99), np.array([1, 2, 1, 1]), 0.8, 0.9, np.array([1, 2, 2, 1])
+    )
+    assert relabels.relabelled == 3 and relabels.relabel_accuracy == pytest.approx(2 / 3)
+
+
 def test_state_dict_round_trip() -> None:
     state = _state([0, 1, 2], [True, False, True])
     state = update_selection(state, np.array([0.9, 0.99, 0.1]), np.array([0, 2, 2]), 0.8, 0.9).state
@@ -427,12 +475,12 @@ def test_mixfix_state_from_another_writer_gets_bool_and_int64_arrays() -> None:
         "initial_clean": np.array([1, 0, 1], np.uint8),
         "original_labels": np.array([0, 2, 1], np.int32),
         "selected": [1, 1, 0],
-        "current_labels": np.array([0, 1, 1], np.int64),
+        "current_labels": np.array([0, 1, 1], np.int32),
         "epoch": np.int64(4),
     }
     state = MixFixState.from_state_dict(stored)
-    state.current_labels[0] = 2
-    assert stored["current_labels"][0] == 0  # a copy: the stored arrays stay as they were
+    state.original_labels[0] = 2
+    assert stored["original_labels"][0] == 0  # a copy: the stored arrays stay as they were
     assert state.initial_clean.dtype == bool and state.selected.dtype == bool
     assert state.original_labels.dtype == np.int64 and state.current_labels.dtype == np.int64
     np.testing.assert_array_equal(state.selected, [True, True, False])
