@@ -454,6 +454,8 @@ def test_optimizer_and_scheduler() -> None:
     model = torch.nn.Linear(3, 2)
     optimizer = make_optimizer(model, lr=0.02, momentum=0.9, weight_decay=5e-4)
     assert optimizer.param_groups[0]["weight_decay"] == 5e-4
+    defaults = make_optimizer(model, lr=0.02).param_groups[0]  # the paper's SGD settings
+    assert (defaults["momentum"], defaults["weight_decay"]) == (0.9, 5e-4)
     scheduler = make_scheduler(optimizer, milestones=[2, 4])
     lrs = []
     for _ in range(5):
