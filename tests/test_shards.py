@@ -308,3 +308,35 @@ def test_a_sample_waits_for_its_label_and_is_handed_out_as_soon_as_complete(tmp_
     data = io.BytesIO(write_tar(tmp_path / "long.tar", members[2:4] + more).read_bytes())
     first = next(iter_tar_samples(data))
     assert first.key == "b" and data.tell() < len(data.getvalue()) // 2
+
+
+def test_resize_image_defaults_edges_and_interpolation():
+    """Defaults (short side, bicubic, black fill), the exact error for an unknown mode and
+    an empty image, one-pixel strips kept one pixel thick, bilinear honoured in every
+    mode (against PIL's own resize and crop)."""
+    from cleaner.reading.shards import resize_image
+
+    noise = np.random.default_rng(0).integers(0, 256, (20, 40, 3), dtype=np.uint8)
+    wide = Image.fromarray(noise)
+    np.testing.assert_array_equal(
+        resize_image(wide, 10), resize_image(wide, 10, "shortest", "bicubic", 0)
+    )
+    bilinear = resize_image(wide, 10, "shortest", "bilinear")
+    expected = wide.resize((20, 10), Image.Resampling.BILINEAR).crop((5, 0, 15, 10))
+    np.testing.assert_array_equal(bilinear, np.asarray(expected))
+    assert not np.array_equal(bilinear, resize_image(wide, 10))
+    padded = resize_image(wide, 10, "longest")
+    assert (padded[:2] == 0).all() and (padded[-2:] == 0).all()  # black above and below
+    with pytest.raises(ValueError) as error:
+        resize_image(wide, 10, "crop")
+    assert str(error.value) == "unknown resize_mode 'crop' (shortest, squash or longest)"
+    for empty in ((0, 5), (5, 0)):
+        with pytest.raises(ValueError) as error:
+            resize_image(Image.new("RGB", empty), 8)
+        assert str(error.value) == "empty image"
+    for size in ((1, 3), (3, 1)):
+        assert resize_image(Image.new("RGB", size, "white"), 8).shape == (8, 8, 3)
+    strip = resize_image(Image.new("RGB", (100, 1), "white"), 8, "longest")
+    assert (strip.any(axis=(1, 2))).sum() == 1  # one row of image, the rest fill
+    column = resize_image(Image.new("RGB", (1, 100), "white"), 8, "longest")
+    assert (column.any(axis=(0, 2))).sum() == 1
