@@ -258,6 +258,26 @@ def test_backfill_picks_the_best_samples_with_min_nonzero_count() -> None:
     assert result.counts()["per_class"]["clean"] == [6, 5, 5]
 
 
+@pytest.mark.parametrize("key_dtype", [str, object])
+@pytest.mark.parametrize("chunk_rows", [4, 1000])
+def test_backfill_ties_go_to_the_smallest_keys_in_any_chunking(key_dtype, chunk_rows) -> None:
+    """Class 2's ten samples tie on the loss score: the backfill takes exactly m of them,
+    those with the smallest keys (here the last rows), whether the candidates come from
+    one block or are folded across blocks of 4 rows, with str or object keys."""
+    labels = np.repeat([0, 1, 2], 10)
+    consistent = np.zeros(30, dtype=bool)
+    consistent[:6] = True
+    consistent[10:15] = True
+    rng = np.random.default_rng(14)
+    p_label = rng.uniform(0.05, 0.9, 30)
+    p_label[20:] = 0.3  # tied
+    keys = np.array([f"k{99 - i:02d}" for i in range(30)], dtype=key_dtype)
+    sources = {"zeroshot": _consistency_source(p_label, consistent)}
+    result = select_from_scores(labels, 3, sources, theta_gmm=0.0, keys=keys, chunk_rows=chunk_rows)
+    assert result.backfill_size == 5
+    assert np.flatnonzero(result.backfilled).tolist() == [25, 26, 27, 28, 29]
+
+
 def test_backfill_size_uses_floor_n_over_k_squared() -> None:
     # K=2, N=60: floor(60 / 4) = 15 > smallest non-zero clean count 3
     labels = np.repeat([0, 1], [40, 20])
