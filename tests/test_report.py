@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import html
 import io
 import math
 import re
@@ -547,3 +548,91 @@ def test_thumbnails_are_embedded_as_they_are_or_shrunk_to_a_jpeg():
     assert shrunk == encoded(expected, "JPEG", quality=80)
     assert Image.open(io.BytesIO(shrunk)).size == (THUMB_SIZE, 96)
     assert "unreadable" in _thumbnail_tag(b"\0" * 100, "k")
+
+
+def _cards(text: str) -> dict[str, str]:
+    """The summary section's cards: {label: value}."""
+    pairs = re.findall(r'<div class="v">([^<]*)</div><div class="l">([^<]*)</div>', text)
+    return {html.unescape(label): value for value, label in pairs}
+
+
+def test_summary_cards_take_the_run_counts_before_the_manifest() -> None:
+    """The cards show the summary's counts when it has them (a run's totals), and the
+    manifest's own counts when it has none."""
+    manifest = make_manifest(n=120, seed=2)
+    summary = make_summary(manifest)
+    summary["counts"].update(samples=10_000, clean=6_000, noisy=3_000, failed=1_000)
+    cards = _cards(render_report(manifest, summary))
+    assert cards["samples"] == "10,000"
+    assert cards["clean (66.7% of usable)"] == "6,000"
+    assert cards["noisy (33.3% of usable)"] == "3,000"
+    assert cards["failed (10.0%)"] == "1,000"
+
+    rows = manifest.to_pylist()
+    failed = sum(r["status"] == "failed" for r in rows)
+    clean = sum(r["status"] == "clean" for r in rows)
+    noisy = sum(r["status"] == "noisy" for r in rows)
+    assert len({failed, clean, noisy, 120}) == 4
+    summary["counts"] = "not a mapping"
+    cards = _cards(render_report(manifest, summary))
+    assert cards["samples"] == "120"
+    assert cards[f"clean ({percent_text(clean, 120 - failed)} of usable)"] == str(clean)
+    assert cards[f"noisy ({percent_text(noisy, 120 - failed)} of usable)"] == str(noisy)
+    assert cards[f"failed ({percent_text(failed, 120)})"] == str(failed)
+
+
+def test_worst_classes_name_the_label_most_often_suggested_instead() -> None:
+    """The worst-classes table, row by row against the manifest: lowest clean share first
+    (ties: larger class first), and per class the label most often suggested for its
+    noisy samples and how often (ties: the lower label); a class whose noisy samples have
+    no suggestion shows none."""
+    manifest = make_manifest(n=600, num_classes=6, seed=9)
+    rows = manifest.to_pylist()
+    # class 5: its noisy rows suggest 1 and 3 equally often (a tie), and class 4's noisy
+    # rows get no suggestion at all
+    noisy5 = [r for r in rows if r["status"] == "noisy" and r["label"] == 5]
+    for i, r in enumerate(noisy5):
+        r["suggested_label"] = [3, 1][i % 2] if i < 2 * (len(noisy5) // 2) else 0
+    for r in rows:
+        if r["status"] == "noisy" and r["label"] == 4:
+            r["suggested_label"] = -1
+        elif r["status"] == "noisy" and r["label"] == 3:
+            r["suggested_label"] = 0
+    manifest = pa.Table.from_pylist(rows, schema=manifest.schema)
+    summary = make_summary(manifest)
+    names = summary["class_names"]
+    tables = SectionTables(render_report(manifest, summary))
+    usable = [r for r in rows if r["status"] != "failed"]
+    expected = []
+    for k in range(6):
+        mine = [r for r in usable if r["label"] == k]
+        clean = sum(r["is_clean"] for r in mine)
+        suggested = Counter(
+            r["suggested_label"] for r in mine if not r["is_clean"] and r["suggested_label"] >= 0
+        )
+        best = min(suggested, key=lambda s: (-suggested[s], s)) if suggested else None
+        expected.append(
+            (clean / len(mine), -len(mine), k, [
+                str(k), names[k], count_text(len(mine)), count_text(clean),
+                percent_text(clean, len(mine)),
+                names[best] if best is not None else "—",
+                count_text(suggested[best]) if best is not None else "",
+            ])
+        )  # fmt: skip
+    header, *listed = tables.rows("worst")
+    assert header[:7] == ["#", "class", "usable", "clean", "clean %", "most suggested instead",
+                          "times"]  # fmt: skip
+    assert [row[:7] for row in listed] == [row for *_, row in sorted(expected)]
+    assert listed[[row[0] for row in listed].index("5")][5] == names[1]  # the tie: lower label
+    assert listed[[row[0] for row in listed].index("3")][5] == names[0]
+
+    # one noisy sample with a suggestion in the whole run: its class names it, once
+    lone = [dict(r, suggested_label=-1) if r["status"] == "noisy" else r for r in rows]
+    first_noisy = next(i for i, r in enumerate(lone) if r["status"] == "noisy")
+    lone[first_noisy]["suggested_label"] = 2
+    lone_manifest = pa.Table.from_pylist(lone, schema=manifest.schema)
+    header, *listed = SectionTables(render_report(lone_manifest, summary)).rows("worst")
+    named = {row[0]: row[5:7] for row in listed}
+    given = str(lone[first_noisy]["label"])
+    assert named[given] == [names[2], "1"]
+    assert all(v == ["—", ""] for k, v in named.items() if k != given)
