@@ -551,9 +551,18 @@ def test_thumbnails_are_embedded_as_they_are_or_shrunk_to_a_jpeg():
 
 
 def _cards(text: str) -> dict[str, str]:
-    """The summary section's cards: {label: value}."""
-    pairs = re.findall(r'<div class="v">([^<]*)</div><div class="l">([^<]*)</div>', text)
-    return {html.unescape(label): value for value, label in pairs}
+    """The summary section's cards: {label: value}; each count card's CSS class (its
+    colour) is checked to be the count's name."""
+    found = re.findall(
+        r'<div class="card ([^"]*)"><div class="v">([^<]*)</div><div class="l">([^<]*)</div>', text
+    )
+    for css, _, label in found:
+        assert css == (label.split(" ")[0] if label.split(" ")[0] in COUNT_CARDS else ""), label
+    assert {css for css, _, _ in found} >= set(COUNT_CARDS)
+    return {html.unescape(label): value for _, value, label in found}
+
+
+COUNT_CARDS = ("samples", "clean", "noisy", "failed")
 
 
 def test_summary_cards_take_the_run_counts_before_the_manifest() -> None:

@@ -53,20 +53,20 @@ def _section_summary(data: _ReportData, summary: Mapping) -> str:
     clean = count("clean", int(data.clean.sum()))
     noisy = count("noisy", int(data.noisy.sum()))
     failed = count("failed", int((~data.ok).sum()))
-    cards = [
-        ("samples", f"{samples:,}", "samples", ""),
-        ("clean", f"{clean:,}", f"clean ({_pct(_ratio(clean, samples - failed))} of usable)", ""),
-        ("noisy", f"{noisy:,}", f"noisy ({_pct(_ratio(noisy, samples - failed))} of usable)", ""),
-        ("failed", f"{failed:,}", f"failed ({_pct(_ratio(failed, samples))})", ""),
+    cards = [  # (CSS class: the card's colour, value, label)
+        ("samples", f"{samples:,}", "samples"),
+        ("clean", f"{clean:,}", f"clean ({_pct(_ratio(clean, samples - failed))} of usable)"),
+        ("noisy", f"{noisy:,}", f"noisy ({_pct(_ratio(noisy, samples - failed))} of usable)"),
+        ("failed", f"{failed:,}", f"failed ({_pct(_ratio(failed, samples))})"),
     ]
     detection = summary.get("detection") if isinstance(summary.get("detection"), Mapping) else {}
     for key in ("precision", "recall", "f1", "auroc"):
         value = detection.get(key)
         if _is_number(value):
-            cards.append(("", f"{float(value):.4f}", f"selection {key} (vs true labels)", ""))
+            cards.append(("", f"{float(value):.4f}", f"selection {key} (vs true labels)"))
     card_html = "".join(
         f'<div class="card {cls}"><div class="v">{v}</div><div class="l">{html.escape(label)}</div></div>'
-        for cls, v, label, _ in cards
+        for cls, v, label in cards
     )
 
     run_rows: list[tuple[str, str]] = []
