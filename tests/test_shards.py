@@ -340,3 +340,89 @@ def test_resize_image_defaults_edges_and_interpolation():
     assert (strip.any(axis=(1, 2))).sum() == 1  # one row of image, the rest fill
     column = resize_image(Image.new("RGB", (1, 100), "white"), 8, "longest")
     assert (column.any(axis=(0, 2))).sum() == 1
+
+
+@pytest.mark.parametrize("compression", ["gz", "bz2", "xz"])
+def test_compressed_tars_are_read_like_plain_ones(tmp_path, compression):
+    from cleaner.reading.shards import iter_tar_samples
+
+    members = [("a.jpg", jpeg()), ("a.cls", b"0"), ("b.jpg", jpeg()), ("b.cls", b"1")]
+    path = tmp_path / f"s.tar.{compression}"
+    with tarfile.open(path, f"w:{compression}") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    with open(path, "rb") as stream:
+        samples = list(iter_tar_samples(stream))
+    assert [(s.key, sorted(s.members), s.problem) for s in samples] == [
+        ("a", ["cls", "jpg"], None),
+        ("b", ["cls", "jpg"], None),
+    ]
+
+
+def test_prefixed_stream_hands_out_its_head_then_the_rest():
+    from cleaner.reading.shards import _Prefixed
+
+    for size in (None, -1):
+        stream = _Prefixed(b"abc", io.BytesIO(b"defgh"))
+        assert stream.read(size) == b"abcdefgh" and stream.read() == b"" and stream.head == b""
+    stream = _Prefixed(b"abc", io.BytesIO(b"defgh"))
+    assert stream.read(2) == b"ab" and stream.read(3) == b"cde" and stream.read() == b"fgh"
+
+
+def test_directories_links_and_hidden_members_do_not_stop_the_samples_after_them(tmp_path):
+    from cleaner.reading.shards import SkippedMembers, iter_tar_samples
+
+    path = tmp_path / "mixed.tar"
+    with tarfile.open(path, "w") as tar:
+        folder = tarfile.TarInfo("sub")
+        folder.type = tarfile.DIRTYPE
+        tar.addfile(folder)
+        link = tarfile.TarInfo("sub/link.jpg")
+        link.type, link.linkname = tarfile.SYMTYPE, "elsewhere.jpg"
+        tar.addfile(link)
+        for name, data in [("sub/.DS_Store", b"x"), ("sub/a.jpg", jpeg()), ("sub/a.cls", b"0"),
+                           ("../up.jpg", jpeg()), ("../up.cls", b"1")]:  # fmt: skip
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    skipped = SkippedMembers()
+    with open(path, "rb") as stream:
+        samples = list(iter_tar_samples(stream, skipped))
+    assert [s.key for s in samples] == ["sub/a", "../up"]
+    assert samples[0].problem is None
+    assert samples[1].problem == "member path has a '..' component (points outside the tar)"
+    assert skipped.why == {"links or special files": 1, "hidden or metadata files": 1}
+
+
+def test_a_tar_with_a_single_end_block_is_complete(tmp_path):
+    """The end-of-archive marker is two zero blocks, but one is what the reader needs to
+    tell a complete tar from one cut at a member boundary."""
+    from cleaner.reading.shards import iter_tar_samples
+
+    full = write_tar(tmp_path / "full.tar", [("a.jpg", jpeg()), ("a.cls", b"0")]).read_bytes()
+    with tarfile.open(fileobj=io.BytesIO(full)) as tar:
+        tar.getmembers()
+        end = tar.offset  # where the end-of-archive blocks start
+    one_block = full[: end + tarfile.BLOCKSIZE]
+    assert [s.key for s in iter_tar_samples(io.BytesIO(one_block))] == ["a"]
+    with pytest.raises(tarfile.ReadError, match="truncated tar"):
+        list(iter_tar_samples(io.BytesIO(full[:end])))
+
+
+def test_labels_by_number_name_and_their_errors_word_for_word():
+    names = ["a", "missile", "missile", "b"]
+    assert parse_label(" 3 ", names) == (3, None)
+    assert parse_label("b", names) == (3, None)
+    assert parse_label("-3", names) == (-1, "label -3 out of range [0, 4)")
+    assert parse_label("missile", names) == (
+        -1,
+        "class name 'missile' names several classes: label by number",
+    )
+
+
+def test_grey_and_palette_images_decode_to_rgb():
+    for mode in ("L", "P", "RGBA"):
+        image = decode_image(_png(Image.new(mode, (12, 9))), 8)
+        assert image.shape == (8, 8, 3) and image.dtype == np.uint8, mode
