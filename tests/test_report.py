@@ -645,3 +645,70 @@ def test_worst_classes_name_the_label_most_often_suggested_instead() -> None:
     given = str(lone[first_noisy]["label"])
     assert named[given] == [names[2], "1"]
     assert all(v == ["—", ""] for k, v in named.items() if k != given)
+
+
+def test_summary_tables_word_for_word() -> None:
+    """The summary section's key-value tables, each row as written from the summary: the
+    run, detection, suggestions, configuration, timings and versions."""
+    manifest = make_manifest(n=200, seed=3)
+    summary = make_summary(manifest)
+    summary["counts"].update(ok=190, duplicate_keys=3, noisy_with_suggestion=40)
+    summary.update(
+        shards=12,
+        zero_shot_accuracy_vs_true_labels=0.8,
+        given_label_noise_rate=0.4,
+        detection={"precision": 0.93, "recall": 0.81, "f1": 0.866, "auroc": 0.95,
+                   "true_negatives": None, "note": "text is left out"},
+        suggestions={"wrong_labels_fixed_fraction": 0.5, "noisy_with_true_label": 1234},
+        config={"data": {"input": "s3://bucket/in", "classes": "shapes"},
+                "model": {"name": "ViT-B-32", "pretrained": "openai", "precision": "fp16"},
+                "scoring": {"tau": 0.01},
+                "selection": {"probe": "crossfit", "probe_folds": 5, "gmm": "per_class",
+                              "theta_gmm": 0.5, "theta_cons": 0.8, "suggest_min_confidence": 0.6},
+                "seed": 7},
+        scoring={"images_per_second": 1234.5, "steady_images_per_second": 2000.0},
+    )  # fmt: skip
+    summary["selection"].update(num_backfilled=5, num_backfilled_classes=2, backfill_size=3)
+    text = render_report(manifest, summary)
+    run, detection, suggestions, config, timings, versions = SectionTables(text).tables["summary"]
+
+    def pairs(table):
+        return [[cell for _, cell, _ in row] for row in table]
+
+    assert pairs(run) == [
+        ["output", "s3://bucket/runs/test"], ["job", "clean"], ["shards", "12"],
+        ["classes", "5"], ["ok", "190"], ["duplicate keys", "3"],
+        ["noisy with suggestion", "40"], ["zero-shot accuracy vs given labels", "71.0%"],
+        ["zero-shot accuracy vs true labels", "80.0%"],
+        ["given-label noise rate (true)", "40.0%"], ["backfilled", "5"],
+        ["backfilled classes", "2"], ["backfill size", "3"],
+    ]  # fmt: skip
+    assert pairs(detection) == [
+        ["precision", "0.93"], ["recall", "0.81"], ["f1", "0.866"], ["auroc", "0.95"],
+        ["true negatives", "—"],
+    ]  # fmt: skip
+    assert pairs(suggestions) == [
+        ["wrong labels fixed fraction", "0.5"],
+        ["noisy with true label", "1,234"],
+    ]
+    assert pairs(config) == [
+        ["input", "s3://bucket/in"], ["classes", "shapes"], ["model", "ViT-B-32"],
+        ["pretrained", "openai"], ["precision", "fp16"], ["tau", "0.01"],
+        ["probe", "crossfit"], ["probe folds", "5"], ["gmm", "per_class"],
+        ["theta_gmm", "0.5"], ["theta_cons", "0.8"], ["suggest min confidence", "0.6"],
+        ["seed", "7"],
+    ]  # fmt: skip
+    assert pairs(timings) == [
+        ["setup_s", "1.5"], ["scoring_s", "12.25"], ["total_s", "20"],
+        ["images per second", "1,234.5"], ["steady images per second", "2,000.0"],
+    ]  # fmt: skip
+    assert pairs(versions) == [["python", "3.11"], ["torch", "2.5"]]
+    cards = _cards(text)
+    for key, value in (("precision", "0.9300"), ("recall", "0.8100"), ("f1", "0.8660"),
+                       ("auroc", "0.9500")):  # fmt: skip
+        assert cards[f"selection {key} (vs true labels)"] == value
+    titles = re.findall(
+        r"<h3>([^<]*)</h3>", text.split('id="summary"', 1)[1].split("</section>")[0]
+    )
+    assert titles == ["Run", "Detection vs true labels", "Suggestions vs true labels",
+                      "Configuration", "Timings and scoring"]  # fmt: skip
