@@ -608,3 +608,67 @@ def test_edge_inputs_that_are_valid_pass_and_the_edges_of_bad_ones_fail() -> Non
     assert validate_probs("probs", np.ones((1, 2)), 1).shape == (1, 2)  # one row is fine
     low = SourceScores(p_label=np.array([0.5], np.float32), max_p=np.array([0.5], np.float32))
     assert low.p_label.dtype == low.max_p.dtype == np.float64
+
+
+def _engine_fit(labels, p_label, max_p, num_classes=3, **spec_options):
+    from cleaner.selection.engine import local_runner, make_spec, run_fit
+
+    options = {"theta_gmm": 0.5, "theta_cons": 0.8, "gmm": "per_class", "max_iter": 100,
+               "tol": 1e-3, "reg_covar": 1e-6, **spec_options}  # fmt: skip
+    spec = make_spec(
+        num_classes, {"zeroshot": ("p", "m")}, label_column="label", key_column=None, **options
+    )
+    batch = {"label": np.asarray(labels), "p": np.asarray(p_label), "m": np.asarray(max_p)}
+    return run_fit(spec, local_runner(batch, 4))
+
+
+def test_the_engine_checks_its_own_input_word_for_word() -> None:
+    """run_fit (the path the distributed fit takes, without the library's validation in
+    front): label dtype, labels outside [0, K) counted exactly, bad probability rows
+    counted exactly, an empty dataset, and make_spec's bounds (1 iteration and a variance
+    floor of 1 allowed)."""
+    good_p, good_m = np.full(6, 0.5), np.full(6, 0.6)
+    for labels, dtype in ((np.array([True, False] * 3), "bool"), (np.array(["a"] * 6), "<U1")):
+        with pytest.raises(ValueError) as error:
+            _engine_fit(labels, good_p, good_m)
+        assert str(error.value) == f"labels must be integers, got dtype {dtype}"
+    labels = np.array([0.0, 1.0, -1.0, 3.0, 1.5, np.nan])
+    with pytest.raises(ValueError) as error:
+        _engine_fit(labels, good_p, good_m)
+    assert str(error.value) == "4 label(s) are not integers in [0, 3) (column 'label')"
+    p_label = np.array([np.nan, 0.7, 0.2, -0.1, 0.5, 0.5])
+    max_p = np.array([0.5, 0.6, 0.0, 0.5, 0.6, 0.6])
+    with pytest.raises(ValueError) as error:
+        _engine_fit(np.array([0, 1, 2, 0, 1, 2]), p_label, max_p)
+    assert str(error.value) == (
+        "source 'zeroshot': 4 row(s) with NaN, inf, negative or zero max_p, or p_label above max_p"
+    )
+    with pytest.raises(ValueError) as error:
+        _engine_fit(np.array([], np.int64), np.array([]), np.array([]))
+    assert str(error.value) == "the dataset is empty"
+    with pytest.raises(ValueError) as error:
+        _engine_fit([0], [0.5], [0.5], num_classes=0)
+    assert str(error.value) == "num_classes must be at least 1, got 0"
+    for reg_covar in (0.0, 1.5):
+        with pytest.raises(ValueError) as error:
+            _engine_fit([0], [0.5], [0.5], reg_covar=reg_covar)
+        assert str(error.value) == f"reg_covar must be in (0, 1], got {reg_covar!r}"
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat([0, 1, 2], 20)
+    p_label = rng.uniform(0.1, 0.9, 60)
+    fitted = _engine_fit(labels, p_label, p_label * 1.1, max_iter=1, reg_covar=1.0)
+    assert fitted.columns_read == ("label", "m", "p")
+    assert fitted.class_counts.tolist() == [20, 20, 20]
+
+
+def test_backfill_size_counts_a_class_with_one_clean_sample() -> None:
+    # K=3, N=8: floor(8 / 9) = 0; clean counts 1 and 3 -> m = 1 for the empty class 2
+    labels = np.array([0, 0, 1, 1, 1, 1, 2, 2])
+    consistent = np.array([True, False, True, True, True, False, False, False])
+    p_label = np.linspace(0.2, 0.9, 8)
+    sources = {"zeroshot": _consistency_source(p_label, consistent)}
+    result = select_from_scores(labels, 3, sources, theta_gmm=0.0)
+    assert result.counts()["per_class"]["clean"][:2] == [1, 3]
+    assert result.backfill_size == 1
+    assert np.flatnonzero(result.backfilled).tolist() == [7]
