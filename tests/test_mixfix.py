@@ -241,6 +241,7 @@ def test_update_selection_errors_word_for_word() -> None:
         ((np.array([0.5, 0.5]), np.array([0])), "predictions must have shape (2,), got (2,) and (1,)"),
         ((np.array([np.inf, 0.5]), np.array([0, 1])), "pred_prob_max contains NaN or infinite values"),
         ((np.array([0.5, 0.5]), np.array([0, -1])), "pred_label must be non-negative"),
+        ((np.array([0.5, 0.5]), np.array([0.0, 1.0])), "pred_label must be integer, got float64"),
     ]  # fmt: skip
     for (prob, pred), message in cases:
         with pytest.raises(ValueError) as error:
@@ -691,3 +692,23 @@ def test_train_one_epoch_equals_mixup_and_weighted_soft_cross_entropy(amp_dtype)
         train_one_epoch(model, optimizer, [(torch.zeros(3, 3, 2, 2), torch.zeros(2, 5))],
                         beta=1.0, device="cpu", generator=np.random.default_rng(0))  # fmt: skip
     assert str(error.value) == "batch of 3 inputs but 2 targets"
+
+
+def test_initial_state_owns_its_arrays_and_a_one_sample_epoch_keeps_its_loss() -> None:
+    clean, labels = np.array([True, False]), np.array([1, 0])
+    state = MixFixState.initial(clean, labels)
+    clean[0], labels[0] = False, 0
+    assert state.initial_clean.tolist() == [True, False] and state.selected.tolist() == [
+        True,
+        False,
+    ]
+    assert state.original_labels.tolist() == [1, 0] and state.current_labels.tolist() == [1, 0]
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
+    inputs, targets = torch.randn(1, 1, 2, 2), torch.tensor([2])
+    expected = float(F.cross_entropy(model(inputs), targets))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    result = train_one_epoch(model, optimizer, [(inputs, targets)], beta=1.0, device="cpu",
+                             generator=np.random.default_rng(0))  # fmt: skip
+    assert result["samples"] == 1 and result["loss"] == pytest.approx(expected, rel=1e-6)
