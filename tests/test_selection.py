@@ -672,3 +672,16 @@ def test_backfill_size_counts_a_class_with_one_clean_sample() -> None:
     assert result.counts()["per_class"]["clean"][:2] == [1, 3]
     assert result.backfill_size == 1
     assert np.flatnonzero(result.backfilled).tolist() == [7]
+
+
+def test_every_mixture_that_converged_stays_marked_converged() -> None:
+    """Mixtures converge at different iterations; each keeps its converged flag and its own
+    iteration count after it leaves the EM (the summary reports both)."""
+    rng = np.random.default_rng(5)
+    labels = np.repeat([0, 1, 2], 200)
+    clean = rng.random(600) < np.repeat([0.9, 0.6, 0.75], 200)
+    p_label = np.clip(np.where(clean, rng.beta(8, 2, 600), rng.beta(2, 8, 600)), 0.01, 0.99)
+    fitted = _engine_fit(labels, p_label, np.maximum(p_label, 0.5))
+    source = fitted.sources["zeroshot"]
+    assert source.converged.all()
+    assert len(set(source.n_iter.tolist())) > 1 and source.n_iter.max() < 100
