@@ -712,3 +712,49 @@ def test_summary_tables_word_for_word() -> None:
     )
     assert titles == ["Run", "Detection vs true labels", "Suggestions vs true labels",
                       "Configuration", "Timings and scoring"]  # fmt: skip
+
+
+def test_criterion_counts_from_the_manifest_include_values_at_the_threshold() -> None:
+    from cleaner.report.common import _ReportData
+    from cleaner.report.tables import _criterion_counts
+
+    manifest = make_manifest(n=60, num_classes=3, probe=False, seed=5)
+    rows = manifest.to_pylist()
+    for i, r in enumerate(rows):
+        if r["status"] != "failed":
+            r["gmm_p_clean_zeroshot"] = [0.2, 0.5, 0.9][i % 3]  # 0.5: exactly theta_gmm
+            r["consistency_zeroshot"] = [0.8, 0.7, 1.0][i % 3]  # 0.8: exactly theta_cons
+    manifest = pa.Table.from_pylist(rows, schema=manifest.schema)
+    summary = make_summary(manifest)
+    del summary["selection"]
+    counts = _criterion_counts(_ReportData.from_manifest(manifest, summary), summary)
+    usable = [(i, r) for i, r in enumerate(rows) if r["status"] != "failed"]
+    for criterion, passing in (("gmm", (1, 2)), ("consistency", (0, 2))):
+        expected = [sum(1 for i, r in usable if r["label"] == k and i % 3 in passing)
+                    for k in range(3)]  # fmt: skip
+        assert counts[f"zeroshot_{criterion}"].tolist() == expected, criterion
+
+
+def test_summary_section_without_timings_or_versions_and_its_note() -> None:
+    manifest = make_manifest(n=80, seed=6)
+    summary = make_summary(manifest)
+    del summary["timings"]
+    summary["versions"] = "not a mapping"
+    summary["scoring"] = {"images_per_second": 10.0}
+    text = render_report(manifest, summary)
+    section = text.split('id="summary"', 1)[1].split("</section>", 1)[0]
+    timings = SectionTables(text).tables["summary"][-1]
+    assert [[cell for _, cell, _ in row] for row in timings] == [["images per second", "10"]]
+    assert "<details>" not in section
+    between = section.rsplit("</table></div></div>", 1)[1].split('<p class="note">', 1)[0]
+    assert between.strip() == ""  # nothing between the tables and the note
+    assert re.search(
+        r'<p class="note">Report generated \d{4}-\d{2}-\d{2} \d{2}:\d{2} UTC\.</p>', section
+    )
+
+
+def test_per_class_numbers_are_right_aligned(rendered) -> None:
+    _, _, tables = rendered
+    header = tables.tables["per-class"][0][0]
+    aligned = [attributes.get("class") == "num" for _, _, attributes in header]
+    assert aligned == [True, False] + [True] * (len(header) - 2)
