@@ -437,8 +437,9 @@ def test_suggestions_keep_their_types_chunks_and_precision():
 
 def test_suggestions_hold_two_budget_sized_buffers():
     """The chunk is as large as the budget allows and the similarities and logits reuse two
-    buffers of that size: peak memory between 1.5 and 2.8 budgets (not the whole table,
-    not float64, not a fresh array per chunk)."""
+    buffers of that size: peak memory between 1.5 and 3.3 budgets (2.73 measured: the two
+    buffers and the chunk's small arrays; a fresh buffer per chunk adds 1, float64 buffers
+    2, the whole table at once 15)."""
     import tracemalloc
 
     rng = np.random.default_rng(8)
@@ -453,7 +454,7 @@ def test_suggestions_hold_two_budget_sized_buffers():
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    assert 1.5 * budget < peak < 2.8 * budget, peak / budget
+    assert 1.5 * budget < peak < 3.3 * budget, peak / budget
 
 
 def test_relative_shards_keep_a_string_column_when_empty():
