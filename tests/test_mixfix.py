@@ -711,4 +711,4 @@ def test_initial_state_owns_its_arrays_and_a_one_sample_epoch_keeps_its_loss() -
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     result = train_one_epoch(model, optimizer, [(inputs, targets)], beta=1.0, device="cpu",
                              generator=np.random.default_rng(0))  # fmt: skip
-    assert result["samples"] == 1 and result["loss"] == pytest.approx(expected, rel=1e-6)
+    assert result["samples"] == 1 and result["loss"] == pytest.approx(expected, rel=1e-5)
