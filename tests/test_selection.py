@@ -676,7 +676,7 @@ def test_backfill_size_counts_a_class_with_one_clean_sample() -> None:
 
 def test_every_mixture_that_converged_stays_marked_converged() -> None:
     """Mixtures converge at different iterations; each keeps its converged flag and its own
-    iteration count after it leaves the EM (the summary reports both)."""
+    iteration count after it leaves the EM (`FittedSelection` gives both to its callers)."""
     rng = np.random.default_rng(5)
     labels = np.repeat([0, 1, 2], 200)
     clean = rng.random(600) < np.repeat([0.9, 0.6, 0.75], 200)
