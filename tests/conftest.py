@@ -155,9 +155,18 @@ def jpeg(color=(200, 10, 10), size=(40, 30)) -> bytes:
     return buf.getvalue()
 
 
-def write_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
-    """A tar file with the given (member name, bytes), in that order."""
-    with tarfile.open(path, "w") as tar:
+def write_tar(
+    path: Path,
+    members: list[tuple[str, bytes]],
+    *,
+    mode: str = "w",
+    entries: list[tarfile.TarInfo] = (),
+) -> Path:
+    """A tar file with the given (member name, bytes), in that order, after `entries`
+    (directories, links: members without data); mode "w:gz", "w:bz2", "w:xz" compresses."""
+    with tarfile.open(path, mode) as tar:
+        for entry in entries:
+            tar.addfile(entry)
         for name, data in members:
             info = tarfile.TarInfo(name)
             info.size = len(data)
@@ -204,3 +213,10 @@ def decoded_split(folder: Path, class_names: list[str], image_size: int):
             images.append(batch["image"][ok])
             labels.append(batch["label"][ok])
     return np.concatenate(images), np.concatenate(labels)
+
+
+def tar_entry(name: str, kind: bytes, linkname: str = "") -> tarfile.TarInfo:
+    """A tar member without data: a directory (tarfile.DIRTYPE) or a link (SYMTYPE)."""
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname = kind, linkname
+    return info

@@ -240,14 +240,18 @@ def test_clean_score_is_mean_p_label_over_sources() -> None:
 # --------------------------------------------------------------------------- backfill
 
 
-def test_backfill_picks_the_best_samples_with_min_nonzero_count() -> None:
-    # K=3, N=30: floor(N / K^2) = 3; clean counts 6 and 5 -> m = max(5, 3) = 5
+def _two_clean_classes_and_an_empty_one() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """K=3, N=30 (labels, consistent, p_label): classes 0 and 1 keep 6 and 5 consistent
+    samples, class 2 none; floor(N / K^2) = 3 -> the backfill takes m = 5 of class 2."""
     labels = np.repeat([0, 1, 2], 10)
     consistent = np.zeros(30, dtype=bool)
     consistent[:6] = True
     consistent[10:15] = True
-    rng = np.random.default_rng(14)
-    p_label = rng.uniform(0.05, 0.9, 30)
+    return labels, consistent, np.random.default_rng(14).uniform(0.05, 0.9, 30)
+
+
+def test_backfill_picks_the_best_samples_with_min_nonzero_count() -> None:
+    labels, consistent, p_label = _two_clean_classes_and_an_empty_one()
     sources = {"zeroshot": _consistency_source(p_label, consistent)}
     result = select_from_scores(labels, 3, sources, theta_gmm=0.0)
     assert result.backfill_size == 5
@@ -264,12 +268,7 @@ def test_backfill_ties_go_to_the_smallest_keys_in_any_chunking(key_dtype, chunk_
     """Class 2's ten samples tie on the loss score: the backfill takes exactly m of them,
     those with the smallest keys (here the last rows), whether the candidates come from
     one block or are folded across blocks of 4 rows, with str or object keys."""
-    labels = np.repeat([0, 1, 2], 10)
-    consistent = np.zeros(30, dtype=bool)
-    consistent[:6] = True
-    consistent[10:15] = True
-    rng = np.random.default_rng(14)
-    p_label = rng.uniform(0.05, 0.9, 30)
+    labels, consistent, p_label = _two_clean_classes_and_an_empty_one()
     p_label[20:] = 0.3  # tied
     keys = np.array([f"k{99 - i:02d}" for i in range(30)], dtype=key_dtype)
     sources = {"zeroshot": _consistency_source(p_label, consistent)}

@@ -24,7 +24,7 @@ from cleaner.reading.shards import (
     split_member_name,
 )
 from cleaner.reasons import group_reasons, stable_reason
-from tests.conftest import jpeg, write_tar
+from tests.conftest import jpeg, tar_entry, write_tar
 
 CLASSES = ["circle", "square", "star"]
 
@@ -102,20 +102,10 @@ def test_python_tarfile_add_of_dot_with_directory_entries(tmp_path):
 def test_bsdtar_style_names_and_absolute_names(tmp_path):
     # bsdtar (libarchive) writes `./` members too; it is not installed here, so its naming
     # is written member by member: a `./` directory entry, `./`-prefixed files, and `/x`.
-    path = tmp_path / "bsd.tar"
-    with tarfile.open(path, "w") as tar:
-        info = tarfile.TarInfo("./")
-        info.type = tarfile.DIRTYPE
-        tar.addfile(info)
-        for name, data in [
-            ("./k1.jpg", jpeg()),
-            ("./k1.cls", b"1"),
-            ("/abs/k2.jpg", jpeg()),
-            ("/abs/k2.cls", b"2"),
-        ]:
-            member = tarfile.TarInfo(name)
-            member.size = len(data)
-            tar.addfile(member, io.BytesIO(data))
+    members = [("./k1.jpg", jpeg()), ("./k1.cls", b"1"), ("/abs/k2.jpg", jpeg()),
+               ("/abs/k2.cls", b"2")]  # fmt: skip
+    entries = [tar_entry("./", tarfile.DIRTYPE)]
+    path = write_tar(tmp_path / "bsd.tar", members, entries=entries)
     assert by_key(read_rows(path)) == {"k1": ("ok", ""), "abs/k2": ("ok", "")}
 
 

@@ -19,7 +19,7 @@ from cleaner.reading.shards import (
     read_shard,
     split_member_name,
 )
-from tests.conftest import jpeg, write_tar
+from tests.conftest import jpeg, tar_entry, write_tar
 
 CLASSES = ["circle", "square", "star"]
 
@@ -347,12 +347,7 @@ def test_compressed_tars_are_read_like_plain_ones(tmp_path, compression):
     from cleaner.reading.shards import iter_tar_samples
 
     members = [("a.jpg", jpeg()), ("a.cls", b"0"), ("b.jpg", jpeg()), ("b.cls", b"1")]
-    path = tmp_path / f"s.tar.{compression}"
-    with tarfile.open(path, f"w:{compression}") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
+    path = write_tar(tmp_path / f"s.tar.{compression}", members, mode=f"w:{compression}")
     with open(path, "rb") as stream:
         samples = list(iter_tar_samples(stream))
     assert [(s.key, sorted(s.members), s.problem) for s in samples] == [
@@ -374,19 +369,11 @@ def test_prefixed_stream_hands_out_its_head_then_the_rest():
 def test_directories_links_and_hidden_members_do_not_stop_the_samples_after_them(tmp_path):
     from cleaner.reading.shards import SkippedMembers, iter_tar_samples
 
-    path = tmp_path / "mixed.tar"
-    with tarfile.open(path, "w") as tar:
-        folder = tarfile.TarInfo("sub")
-        folder.type = tarfile.DIRTYPE
-        tar.addfile(folder)
-        link = tarfile.TarInfo("sub/link.jpg")
-        link.type, link.linkname = tarfile.SYMTYPE, "elsewhere.jpg"
-        tar.addfile(link)
-        for name, data in [("sub/.DS_Store", b"x"), ("sub/a.jpg", jpeg()), ("sub/a.cls", b"0"),
-                           ("../up.jpg", jpeg()), ("../up.cls", b"1")]:  # fmt: skip
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
+    members = [("sub/.DS_Store", b"x"), ("sub/a.jpg", jpeg()), ("sub/a.cls", b"0"),
+               ("../up.jpg", jpeg()), ("../up.cls", b"1")]  # fmt: skip
+    entries = [tar_entry("sub", tarfile.DIRTYPE),
+               tar_entry("sub/link.jpg", tarfile.SYMTYPE, "elsewhere.jpg")]  # fmt: skip
+    path = write_tar(tmp_path / "mixed.tar", members, entries=entries)
     skipped = SkippedMembers()
     with open(path, "rb") as stream:
         samples = list(iter_tar_samples(stream, skipped))
