@@ -89,7 +89,11 @@ def parent(uri: str) -> str:
 
 
 def exists(uri: str) -> bool:
-    fs, path = resolve(uri)
+    return path_exists(*resolve(uri))
+
+
+def path_exists(fs: pafs.FileSystem, path: str) -> bool:
+    """Whether `path` exists on an already resolved filesystem."""
     return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
@@ -151,7 +155,7 @@ def remove(uri: str) -> None:
 def remove_tree(uri: str) -> None:
     """Delete a folder (or S3 prefix) and everything under it; no error if absent."""
     fs, path = resolve(uri)
-    if fs.get_file_info(path).type != pafs.FileType.NotFound:
+    if path_exists(fs, path):
         fs.delete_dir(path)
 
 

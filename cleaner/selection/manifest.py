@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from cleaner.config import SelectionConfig
@@ -299,5 +298,5 @@ class ManifestWriter:
         if exc_type is None:
             if not uri_lib.is_s3(self.uri):
                 os.replace(self.target, self.path)
-        elif self.fs.get_file_info(self.target).type != pafs.FileType.NotFound:
+        elif uri_lib.path_exists(self.fs, self.target):
             self.fs.delete_file(self.target)  # no partial manifest is left behind
