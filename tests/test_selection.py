@@ -609,16 +609,20 @@ def test_edge_inputs_that_are_valid_pass_and_the_edges_of_bad_ones_fail() -> Non
     assert low.p_label.dtype == low.max_p.dtype == np.float64
 
 
-def _engine_fit(labels, p_label, max_p, num_classes=3, **spec_options):
+def _engine_run(batch, source_columns, num_classes=3, wrap=None, **spec_options):
+    """run_fit on an in-memory batch (chunks of 4 rows); `wrap` wraps the runner."""
     from cleaner.selection.engine import local_runner, make_spec, run_fit
 
     options = {"theta_gmm": 0.5, "theta_cons": 0.8, "gmm": "per_class", "max_iter": 100,
                "tol": 1e-3, "reg_covar": 1e-6, **spec_options}  # fmt: skip
-    spec = make_spec(
-        num_classes, {"zeroshot": ("p", "m")}, label_column="label", key_column=None, **options
-    )
-    batch = {"label": np.asarray(labels), "p": np.asarray(p_label), "m": np.asarray(max_p)}
-    return run_fit(spec, local_runner(batch, 4))
+    spec = make_spec(num_classes, source_columns, label_column="label", key_column=None, **options)
+    runner = local_runner({name: np.asarray(values) for name, values in batch.items()}, 4)
+    return run_fit(spec, runner if wrap is None else wrap(runner))
+
+
+def _engine_fit(labels, p_label, max_p, num_classes=3, **spec_options):
+    batch = {"label": labels, "p": p_label, "m": max_p}
+    return _engine_run(batch, {"zeroshot": ("p", "m")}, num_classes, **spec_options)
 
 
 def test_the_engine_checks_its_own_input_word_for_word() -> None:
@@ -635,7 +639,7 @@ def test_the_engine_checks_its_own_input_word_for_word() -> None:
     with pytest.raises(ValueError) as error:
         _engine_fit(labels, good_p, good_m)
     assert str(error.value) == "4 label(s) are not integers in [0, 3) (column 'label')"
-    p_label = np.array([np.nan, 0.7, 0.2, -0.1, 0.5, 0.5])
+    p_label = np.array([np.nan, 0.7, 0.0, -0.1, 0.5, 0.5])  # row 2: only its max_p of 0
     max_p = np.array([0.5, 0.6, 0.0, 0.5, 0.6, 0.6])
     with pytest.raises(ValueError) as error:
         _engine_fit(np.array([0, 1, 2, 0, 1, 2]), p_label, max_p)
@@ -684,3 +688,132 @@ def test_every_mixture_that_converged_stays_marked_converged() -> None:
     source = fitted.sources["zeroshot"]
     assert source.converged.all()
     assert len(set(source.n_iter.tolist())) > 1 and source.n_iter.max() < 100
+
+
+def _assert_same_fit(fitted, expected, names=("zeroshot",)) -> None:
+    for name in names:
+        got, want = fitted.sources[name], expected.sources[name]
+        for field in ("log_min", "log_max", "degenerate", "means", "variances", "weights"):
+            np.testing.assert_array_equal(getattr(got, field), getattr(want, field), err_msg=field)
+        assert got.n_iter.tolist() == want.n_iter.tolist()
+        assert got.converged.tolist() == want.converged.tolist()
+
+
+def test_mixtures_left_unfitted_keep_their_placeholders() -> None:
+    """An absent class (NaN ranges, not degenerate) and a degenerate one (one score) get no
+    fit: their mixtures keep the documented placeholders (`fitted.SourceFit`: means 0 and 1,
+    variances reg_covar, weights 0.5, no iteration, not converged), which the summary's
+    mixtures carry; the fitted classes iterate and converge. Dtypes as documented."""
+    rng = np.random.default_rng(3)
+    labels = np.repeat([0, 1, 2], [120, 80, 7])  # class 3 is absent
+    p_label = np.r_[rng.uniform(0.05, 0.95, 200), np.full(7, 0.4)]
+    fitted = _engine_fit(labels, p_label, np.maximum(p_label, 0.5), num_classes=4, reg_covar=1e-4)
+    assert fitted.class_counts.dtype == np.int64
+    assert fitted.class_counts.tolist() == [120, 80, 7, 0]
+    source = fitted.sources["zeroshot"]
+    assert source.degenerate.dtype == bool and source.degenerate.tolist() == [0, 0, 1, 0]
+    assert np.isnan(source.log_min[3]) and np.isnan(source.log_max[3])
+    assert source.log_min[2] == source.log_max[2] == np.log(0.4)
+    for c in (0, 1):
+        rows = labels == c
+        assert source.log_min[c] == np.log(p_label[rows]).min()
+        assert source.log_max[c] == np.log(p_label[rows]).max()
+    for field in ("means", "variances", "weights"):
+        assert getattr(source, field).dtype == np.float64
+    assert source.n_iter.dtype == np.int64 and source.converged.dtype == bool
+    unfitted = [2, 3]
+    assert source.means[unfitted].tolist() == [[0.0, 1.0]] * 2
+    assert source.variances[unfitted].tolist() == [[1e-4, 1e-4]] * 2
+    assert source.weights[unfitted].tolist() == [[0.5, 0.5]] * 2
+    assert source.n_iter.tolist()[2:] == [0, 0] and min(source.n_iter[:2]) >= 1
+    assert source.converged.tolist() == [True, True, False, False]
+
+
+def test_float32_columns_fit_as_their_float64_widening() -> None:
+    """Score files hold float32: labels, p(label) and max p in float32 give the fit of the
+    same values widened to float64 (the logs of the ranges taken in float64, not float32),
+    and a p(label) within the 1e-6 tolerance above a float32 max p is accepted."""
+    rng = np.random.default_rng(8)
+    labels = np.repeat([0, 1, 2], 40)
+    p_label = rng.uniform(0.05, 0.95, 120).astype(np.float32)
+    max_p = np.maximum(p_label, np.float32(0.6))
+    narrow = _engine_fit(labels.astype(np.float32), p_label, max_p)
+    wide = _engine_fit(labels, p_label.astype(np.float64), max_p.astype(np.float64))
+    _assert_same_fit(narrow, wide)
+    for c in range(3):
+        rows = labels == c
+        assert narrow.sources["zeroshot"].log_min[c] == np.log(p_label[rows].astype(float)).min()
+    # 0.5 * (1 + 9.8e-7) is above 0.5 * (1 + 1e-6) rounded to float32, below it in float64
+    p_close = np.r_[p_label[:-1].astype(np.float64), 0.5 * (1 + 9.8e-7)]
+    max_close = np.r_[max_p[:-1], np.float32(0.5)].astype(np.float32)
+    assert _engine_fit(labels, p_close, max_close).class_counts.tolist() == [40, 40, 40]
+
+
+def test_a_source_without_fitted_mixtures_leaves_the_others_alone() -> None:
+    """A source whose every class is degenerate (one score per class) fits no mixture; the
+    next source is fitted exactly as it is alone."""
+    rng = np.random.default_rng(9)
+    labels = np.repeat([0, 1, 2], 50)
+    p_label = rng.uniform(0.05, 0.95, 150)
+    flat = np.repeat([0.3, 0.5, 0.7], 50)
+    batch = {"label": labels, "p": p_label, "m": np.maximum(p_label, 0.5), "f": flat, "fm": flat}
+    both = _engine_run(batch, {"flat": ("f", "fm"), "zeroshot": ("p", "m")})
+    alone = _engine_run(batch, {"zeroshot": ("p", "m")})
+    assert both.sources["flat"].degenerate.all() and both.sources["flat"].n_iter.sum() == 0
+    assert alone.sources["zeroshot"].n_iter.min() >= 1
+    _assert_same_fit(both, alone)
+
+
+class _CountingRunner:
+    """A runner that records the name of every pass it runs (its derived runners too)."""
+
+    def __init__(self, inner, passes: list[str]) -> None:
+        self.inner, self.passes = inner, passes
+
+    def __call__(self, fn):
+        self.passes.append(type(fn).__name__)
+        return self.inner(fn)
+
+    def derive(self, build):
+        return _CountingRunner(self.inner.derive(build), self.passes)
+
+
+def _lloyd_passes(x: np.ndarray, threshold: float) -> int:
+    """Passes of the engine's initialisation (one per split, the last one finding that no
+    sample changed side) from `threshold`, by plain 1-D 2-means (lower side: x < threshold)."""
+    passes, sides = 0, None
+    while True:
+        passes += 1
+        lower = x < threshold
+        if sides is not None and (lower == sides).all():
+            return passes
+        sides = lower
+        threshold = (x[lower].mean() + x[~lower].mean()) / 2
+
+
+def test_the_initial_split_refines_any_start_and_stops_once_no_sample_moves(monkeypatch) -> None:
+    """The k-means initialisation: from a start with one sample below the threshold (class 0)
+    or the right split at once (class 1), exact Lloyd passes reach the partition the
+    histogram's split gives, so the fit is the same; a pass that moves no sample ends it
+    (the pass count of a plain 2-means, not LLOYD_MAX_ITER)."""
+    from cleaner.selection import engine
+
+    rng = np.random.default_rng(11)
+    labels = np.repeat([0, 1], 100)
+    p_label = np.r_[
+        rng.uniform(0.01, 0.03, 30), rng.uniform(0.6, 0.9, 70),  # class 0: 30 low, 70 high
+        rng.uniform(0.01, 0.03, 50), rng.uniform(0.6, 0.9, 50),  # class 1: 50 / 50
+    ]  # fmt: skip
+    plain = _engine_fit(labels, p_label, p_label, num_classes=2)
+    x = plain.sources["zeroshot"].loss_score(p_label, labels)
+    start = np.array([np.sort(x[labels == 0])[:2].mean(), 0.5])
+    assert (x[labels == 0] < start[0]).sum() == 1
+    monkeypatch.setattr(engine, "otsu_threshold", lambda histogram: start.copy())
+    passes: list[str] = []
+    forced = _engine_fit(
+        labels, p_label, p_label, num_classes=2, wrap=lambda run: _CountingRunner(run, passes)
+    )
+    expected = max(_lloyd_passes(x[labels == c], start[c]) for c in (0, 1))
+    assert expected >= 3  # class 0's lowest sample alone moves at least once
+    assert passes.count("SplitSumsPass") == expected < engine.LLOYD_MAX_ITER
+    _assert_same_fit(forced, plain)

@@ -71,7 +71,11 @@ class SelectionSpec:
 
 @dataclass(frozen=True, eq=False)
 class SourceFit:
-    """One source's per-class score ranges and mixture parameters (G mixtures)."""
+    """One source's per-class score ranges and mixture parameters (G mixtures).
+
+    A mixture with no sample to fit (its class absent or degenerate) keeps placeholders:
+    means (0, 1), variances reg_covar, weights 0.5, n_iter 0, not converged.
+    """
 
     log_min: np.ndarray  # float64[K], NaN for absent classes
     log_max: np.ndarray  # float64[K]
