@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import base64
+import datetime
 import html
 import io
 import math
 import re
+import time
 from collections import Counter
 from html.parser import HTMLParser
 
@@ -751,6 +753,23 @@ def test_summary_section_without_timings_or_versions_and_its_note() -> None:
     assert re.search(
         r'<p class="note">Report generated \d{4}-\d{2}-\d{2} \d{2}:\d{2} UTC\.</p>', section
     )
+
+
+def test_the_generation_time_is_utc_whatever_the_machines_zone(monkeypatch) -> None:
+    """The note's time is UTC on a machine whose local zone is not (UTC+5:30 here)."""
+    manifest = make_manifest(n=40, seed=7)
+    monkeypatch.setenv("TZ", "XYZ-5:30")
+    time.tzset()
+    try:
+        before = datetime.datetime.now(datetime.UTC).replace(second=0, microsecond=0)
+        text = render_report(manifest, make_summary(manifest))
+        after = datetime.datetime.now(datetime.UTC)
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+    stamp = re.search(r"Report generated (\d{4}-\d{2}-\d{2} \d{2}:\d{2}) UTC", text).group(1)
+    generated = datetime.datetime.strptime(stamp, "%Y-%m-%d %H:%M").replace(tzinfo=datetime.UTC)
+    assert before <= generated <= after
 
 
 def test_per_class_numbers_are_right_aligned(rendered) -> None:
