@@ -727,6 +727,7 @@ def test_mixtures_left_unfitted_keep_their_placeholders() -> None:
     assert source.weights[unfitted].tolist() == [[0.5, 0.5]] * 2
     assert source.n_iter.tolist()[2:] == [0, 0] and min(source.n_iter[:2]) >= 1
     assert source.converged.tolist() == [True, True, False, False]
+    assert fitted.criterion_counts["clean"][:3].min() > 0 and fitted.backfill is None
 
 
 def test_float32_columns_fit_as_their_float64_widening() -> None:
@@ -817,3 +818,66 @@ def test_the_initial_split_refines_any_start_and_stops_once_no_sample_moves(monk
     assert expected >= 3  # class 0's lowest sample alone moves at least once
     assert passes.count("SplitSumsPass") == expected < engine.LLOYD_MAX_ITER
     _assert_same_fit(forced, plain)
+
+
+def test_make_spec_refuses_each_bad_setting_word_for_word_and_keeps_the_good_ones() -> None:
+    from cleaner.selection.engine import make_spec
+
+    good = {"theta_gmm": 0.5, "theta_cons": 0.8, "gmm": "per_class", "max_iter": 100,
+            "tol": 1e-3, "reg_covar": 1e-6}  # fmt: skip
+    cases = [
+        ({"num_classes": True}, "num_classes must be an integer, got True"),
+        ({"num_classes": 2.5}, "num_classes must be an integer, got 2.5"),
+        ({"max_iter": 0}, "max_iter must be a positive integer, got 0"),
+        ({"max_iter": True}, "max_iter must be a positive integer, got True"),
+        ({"max_iter": 1.5}, "max_iter must be a positive integer, got 1.5"),
+        ({"tol": 0.0}, "tol must be a positive number, got 0.0"),
+        ({"tol": float("inf")}, "tol must be a positive number, got inf"),
+        ({"tol": -1.0}, "tol must be a positive number, got -1.0"),
+    ]
+    for change, message in cases:
+        options = {"num_classes": 3, **good, **change}
+        with pytest.raises(ValueError) as error:
+            make_spec(source_columns={"zeroshot": ("p", "m")}, label_column="label",
+                      key_column=None, **options)  # fmt: skip
+        assert str(error.value) == message
+    spec = make_spec(np.int64(4), {"zeroshot": ("p", "m")}, label_column="label",
+                     key_column="key", **{**good, "max_iter": np.int64(7), "tol": 0.25})  # fmt: skip
+    assert (spec.num_classes, spec.max_iter, spec.tol) == (4, 7, 0.25)
+    assert type(spec.num_classes) is int and type(spec.max_iter) is int
+    assert type(spec.tol) is float
+
+
+def test_run_fit_without_sources_or_without_any_block() -> None:
+    """No probability source, and a runner with no block at all (a Ray dataset of zero
+    blocks): each refused by its own message."""
+    from cleaner.selection.engine import make_spec, run_fit
+    from cleaner.selection.runners import LocalRunner
+
+    options = {"theta_gmm": 0.5, "theta_cons": 0.8, "gmm": "per_class", "max_iter": 100,
+               "tol": 1e-3, "reg_covar": 1e-6}  # fmt: skip
+    batch = {"label": np.array([0, 1]), "p": np.array([0.5, 0.5]), "m": np.array([0.5, 0.5])}
+    no_source = make_spec(2, {}, label_column="label", key_column=None, **options)
+    with pytest.raises(ValueError) as error:
+        run_fit(no_source, LocalRunner([batch]))
+    assert str(error.value) == "source_columns is empty: at least one probability source is needed"
+    spec = make_spec(2, {"zeroshot": ("p", "m")}, label_column="label", key_column=None, **options)
+    with pytest.raises(ValueError) as error:
+        run_fit(spec, LocalRunner([]))
+    assert str(error.value) == "the dataset is empty"
+
+
+def test_the_engines_backfill_plan_without_keys() -> None:
+    """A class with no clean sample, no key column: the plan's cut has no key (ties at the
+    cut all picked) and its arrays have the documented types."""
+    labels = np.repeat([0, 1, 2], 20)
+    p_label = np.r_[np.linspace(0.3, 0.9, 40), np.linspace(0.05, 0.2, 20)]
+    max_p = np.r_[p_label[:40], np.full(20, 0.9)]  # class 2 is never the argmax: not clean
+    fitted = _engine_fit(labels, p_label, max_p)
+    plan = fitted.backfill
+    clean = fitted.criterion_counts["clean"]
+    assert clean[2] == 0 and min(clean[:2]) > 60 // 9
+    assert plan.key is None and plan.size == min(clean[:2])  # m: the smallest clean class
+    assert plan.classes.tolist() == [2] and plan.classes.dtype == np.int64
+    assert plan.counts.dtype == np.int64 and plan.counts.tolist() == [0, 0, plan.size]
+    assert plan.score.dtype == np.float64
