@@ -452,7 +452,11 @@ def test_bad_input_raises_value_error_naming_the_problem(
         (3, {"zeroshot": SourceScores(np.full(4, np.nan), np.ones(4))}, "p_label contains NaN"),
         (3, {"zeroshot": SourceScores(np.ones(4), np.zeros(4))}, "max_p"),
         (3, {"zeroshot": SourceScores(np.ones(4), np.full(4, 0.5))}, "p_label exceeds max_p"),
-        (3, {"zeroshot": np.ones(4)}, "must be a SourceScores"),
+        (
+            3,
+            {"zeroshot": np.ones(4)},
+            r"^source 'zeroshot' must be a SourceScores, got <class 'numpy\.ndarray'>$",
+        ),
         (2, {"zeroshot": SourceScores(np.ones(4), np.ones(4))}, r"labels must be in \[0, 2\)"),
         (0, {"zeroshot": SourceScores(np.ones(4), np.ones(4))}, "num_classes"),
     ],
