@@ -41,6 +41,7 @@ def read_all(path: Path, batch_size: int = 256) -> tuple[list[dict], dict]:
 def test_split_member_name_uses_first_dot_of_file_name():
     assert split_member_name("a/b.c/key.seg.JPG") == ("a/b.c/key", "seg.jpg")
     assert split_member_name("k001.cls") == ("k001", "cls")
+    assert split_member_name("./dir/README") == ("dir/README", "")
 
 
 @pytest.mark.parametrize(
@@ -364,6 +365,8 @@ def test_prefixed_stream_hands_out_its_head_then_the_rest():
         assert stream.read(size) == b"abcdefgh" and stream.read() == b"" and stream.head == b""
     stream = _Prefixed(b"abc", io.BytesIO(b"defgh"))
     assert stream.read(2) == b"ab" and stream.read(3) == b"cde" and stream.read() == b"fgh"
+    stream = _Prefixed(b"abc", io.BytesIO(b"defgh"))
+    assert stream.read(0) == b"" and stream.head == b"abc" and stream.read() == b"abcdefgh"
 
 
 def test_directories_links_and_hidden_members_do_not_stop_the_samples_after_them(tmp_path):
@@ -381,6 +384,8 @@ def test_directories_links_and_hidden_members_do_not_stop_the_samples_after_them
     assert samples[0].problem is None
     assert samples[1].problem == "member path has a '..' component (points outside the tar)"
     assert skipped.why == {"links or special files": 1, "hidden or metadata files": 1}
+    with open(path, "rb") as stream:  # without a SkippedMembers of the caller's
+        assert [s.key for s in iter_tar_samples(stream)] == ["sub/a", "../up"]
 
 
 def test_a_tar_with_a_single_end_block_is_complete(tmp_path):
@@ -394,8 +399,10 @@ def test_a_tar_with_a_single_end_block_is_complete(tmp_path):
         end = tar.offset  # where the end-of-archive blocks start
     one_block = full[: end + tarfile.BLOCKSIZE]
     assert [s.key for s in iter_tar_samples(io.BytesIO(one_block))] == ["a"]
-    with pytest.raises(tarfile.ReadError, match="truncated tar"):
-        list(iter_tar_samples(io.BytesIO(full[:end])))
+    for cut in (end, end + tarfile.BLOCKSIZE - 1):  # no end block, or a partial one
+        with pytest.raises(tarfile.ReadError) as error:
+            list(iter_tar_samples(io.BytesIO(full[:cut])))
+        assert str(error.value) == f"truncated tar: no end-of-archive block after {end} bytes"
 
 
 def test_labels_by_number_name_and_their_errors_word_for_word():
@@ -403,6 +410,11 @@ def test_labels_by_number_name_and_their_errors_word_for_word():
     assert parse_label(" 3 ", names) == (3, None)
     assert parse_label("b", names) == (3, None)
     assert parse_label("-3", names) == (-1, "label -3 out of range [0, 4)")
+    assert parse_label(4, names) == (-1, "label 4 out of range [0, 4)")
+    assert parse_label("X3", names) == (
+        -1,
+        "label 'X3' is neither an integer nor a known class name",
+    )
     assert parse_label("missile", names) == (
         -1,
         "class name 'missile' names several classes: label by number",
@@ -413,3 +425,67 @@ def test_grey_and_palette_images_decode_to_rgb():
     for mode in ("L", "P", "RGBA"):
         image = decode_image(_png(Image.new(mode, (12, 9))), 8)
         assert image.shape == (8, 8, 3) and image.dtype == np.uint8, mode
+
+
+NOT_CONTIGUOUS = "tar members of this key are not contiguous (key seen earlier in shard)"
+
+
+def _budgeted(tmp_path, members: list[tuple[str, int]], budget: int) -> list[tuple]:
+    """(key, extensions, problem) of each sample iter_tar_samples hands out, in order, for
+    members of the given sizes (bytes, not images: the reader does not decode)."""
+    from cleaner.reading.shards import iter_tar_samples
+
+    path = write_tar(tmp_path / "budget.tar", [(name, b"x" * size) for name, size in members])
+    with open(path, "rb") as stream:
+        samples = list(iter_tar_samples(stream, pending_bytes=budget))
+    for sample in samples:
+        assert sample.names == {ext: f"{sample.key}.{ext}" for ext in sample.members}
+    return [(s.key, sorted(s.members), s.problem) for s in samples]
+
+
+def test_samples_waiting_for_their_label_are_held_up_to_the_byte_budget(tmp_path):
+    """Two images wait for labels written after both (21 bytes at most): a budget of 21
+    holds both; 20 hands out the oldest one not being read (y, without its label), and
+    y's label then makes a sample of its own that is not contiguous."""
+    members = [("x.jpg", 10), ("y.jpg", 10), ("x.cls", 1), ("y.cls", 1)]
+    assert _budgeted(tmp_path, members, 21) == [
+        ("x", ["cls", "jpg"], None),
+        ("y", ["cls", "jpg"], None),
+    ]
+    assert _budgeted(tmp_path, members, 20) == [
+        ("y", ["jpg"], None),
+        ("x", ["cls", "jpg"], None),
+        ("y", ["cls"], NOT_CONTIGUOUS),
+    ]
+
+
+def test_the_byte_budget_counts_exactly_what_still_waits(tmp_path):
+    """Budget 25: the bytes of handed-out samples leave the count, so only a (after c.jpg,
+    30 bytes) and b (after e.jpg, 26) go early; later samples fit again (f and g wait for
+    their labels at 23 bytes), and a's and b's labels come as samples of their own. Then
+    a budget crossed by one byte after a sample left."""
+    sizes = {"a": 10, "b": 10, "c": 10, "d": 5, "e": 1}
+    members = [(f"{k}.jpg", n) for k, n in sizes.items()] + [(f"{k}.cls", 1) for k in sizes]
+    members += [("f.jpg", 10), ("g.jpg", 10), ("f.cls", 1), ("g.cls", 1)]
+    complete = ["cls", "jpg"]
+    assert _budgeted(tmp_path, members, 25) == [
+        ("a", ["jpg"], None),
+        ("b", ["jpg"], None),
+        ("c", complete, None),
+        ("d", complete, None),
+        ("e", complete, None),
+        ("f", complete, None),
+        ("a", ["cls"], NOT_CONTIGUOUS),
+        ("b", ["cls"], NOT_CONTIGUOUS),
+        ("g", complete, None),
+    ]
+    # budget 20: a goes when c.jpg makes 25 bytes (15 left), b when d.jpg makes 21
+    members = [("a.jpg", 10), ("b.jpg", 10), ("c.jpg", 5), ("d.jpg", 6)]
+    members += [("b.cls", 1), ("c.cls", 1), ("d.cls", 1)]
+    assert _budgeted(tmp_path, members, 20) == [
+        ("a", ["jpg"], None),
+        ("b", ["jpg"], None),
+        ("c", complete, None),
+        ("d", complete, None),
+        ("b", ["cls"], NOT_CONTIGUOUS),
+    ]
