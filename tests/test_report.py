@@ -777,3 +777,79 @@ def test_per_class_numbers_are_right_aligned(rendered) -> None:
     header = tables.tables["per-class"][0][0]
     aligned = [attributes.get("class") == "num" for _, _, attributes in header]
     assert aligned == [True, False] + [True] * (len(header) - 2)
+
+
+PER_CLASS_NOTE = "Every class, in label order; the box above the table filters it by name."
+
+
+def _relabelled(manifest: pa.Table, names: list[str], relabel) -> pa.Table:
+    """The manifest with each row's label (and label name) set by relabel(index, row)."""
+    rows = manifest.to_pylist()
+    for i, r in enumerate(rows):
+        r["label"] = relabel(i, r)
+        r["label_name"] = names[r["label"]]
+    return pa.Table.from_pylist(rows, schema=manifest.schema)
+
+
+def test_per_class_table_lists_the_classes_with_a_sample_usable_or_failed() -> None:
+    """Of six classes: 5 has no sample (not listed), 4 only a failed one, 3 one usable one
+    (both listed); the note says how the table is ordered and filtered."""
+    names = [f"class {k}" for k in range(6)]
+    base = make_manifest(n=200, num_classes=6, truth=False, failed_every=10, seed=8)
+    failed = [i for i, s in enumerate(base.column("status").to_pylist()) if s == "failed"]
+    usable = [i for i in range(200) if i not in failed]
+
+    def relabel(i: int, r: dict) -> int:
+        if i == failed[0]:
+            return 4
+        if i == usable[0]:
+            return 3
+        return r["label"] if r["label"] < 3 else 0
+
+    manifest = _relabelled(base, names, relabel)
+    summary = make_summary(manifest, names)
+    del summary["selection"]
+    tables = SectionTables(render_report(manifest, summary))
+    _, everything, *class_rows = tables.rows("per-class")
+    assert [row[0] for row in class_rows] == ["0", "1", "2", "3", "4"]
+    clean = int(base.column("is_clean")[usable[0]].as_py())
+    assert class_rows[3][2:5] == ["1", str(clean), str(1 - clean)]  # total, clean, noisy
+    assert class_rows[4][2] == "0" and class_rows[4][7] == "1"  # total, failed
+    assert everything[7] == count_text(len(failed))
+    assert tables.notes["per-class"][0] == PER_CLASS_NOTE
+    assert len(tables.notes["per-class"]) == 2  # no "Listing the largest" note
+
+
+def test_per_class_table_beyond_its_cap_lists_the_largest_classes_with_their_failures(
+    monkeypatch,
+) -> None:
+    """More classes than the table holds: the largest by usable + failed samples, in label
+    order, and a note that says so; exactly as many as it holds: all, without that note."""
+    import cleaner.report.tables as tables_module
+
+    names = [f"class {k}" for k in range(4)]
+    base = make_manifest(n=400, num_classes=4, truth=False, failed_every=0, seed=9)
+    rows = base.to_pylist()
+    # class 3 loses two thirds of its usable rows to failures: usable alone would rank it last
+    in_three = [i for i, r in enumerate(rows) if r["label"] == 3]
+    for i in in_three[: 2 * len(in_three) // 3]:
+        rows[i].update(status="failed", is_clean=False, suggested_label=-1, suggested_name=None)
+    manifest = pa.Table.from_pylist(rows, schema=base.schema)
+    summary = make_summary(manifest, names)
+    del summary["selection"]
+    sizes = Counter(r["label"] for r in rows)
+    usable = Counter(r["label"] for r in rows if r["status"] != "failed")
+    largest = sorted(sorted(sizes, key=lambda k: (-sizes[k], k))[:2])
+    assert largest != sorted(sorted(usable, key=lambda k: (-usable[k], k))[:2])
+
+    monkeypatch.setattr(tables_module, "MAX_TABLE_CLASSES", 2)
+    tables = SectionTables(render_report(manifest, summary))
+    assert [int(row[0]) for row in tables.rows("per-class")[2:]] == largest
+    assert tables.notes["per-class"][:2] == [
+        PER_CLASS_NOTE,
+        "Listing the 2 largest of 4 classes (the 'all classes' row covers every class).",
+    ]
+    monkeypatch.setattr(tables_module, "MAX_TABLE_CLASSES", 4)
+    tables = SectionTables(render_report(manifest, summary))
+    assert [int(row[0]) for row in tables.rows("per-class")[2:]] == [0, 1, 2, 3]
+    assert len(tables.notes["per-class"]) == 2

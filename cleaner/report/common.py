@@ -354,7 +354,8 @@ def _get(mapping, *path):
     return node
 
 
-def _largest_classes(data: _ReportData, totals: np.ndarray, cap: int) -> list[int]:
+def _largest_classes(totals: np.ndarray, cap: int) -> list[int]:
+    """Up to `cap` classes with the largest positive totals, largest first (ties: lower index)."""
     present = np.nonzero(totals > 0)[0]
     order = present[np.lexsort((present, -totals[present]))]
     return [int(k) for k in order[:cap]]

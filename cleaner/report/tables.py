@@ -230,7 +230,7 @@ def _section_per_class(data: _ReportData, summary: Mapping) -> str:
     listed = np.nonzero((totals > 0) | (failed > 0))[0]
     notes = [_note("Every class, in label order; the box above the table filters it by name.")]
     if len(listed) > MAX_TABLE_CLASSES:
-        keep = _largest_classes(data, totals + failed, MAX_TABLE_CLASSES)
+        keep = _largest_classes(totals + failed, MAX_TABLE_CLASSES)
         notes.append(
             _note(
                 f"Listing the {len(keep)} largest of {len(listed)} classes (the 'all classes' "
