@@ -853,3 +853,65 @@ def test_per_class_table_beyond_its_cap_lists_the_largest_classes_with_their_fai
     tables = SectionTables(render_report(manifest, summary))
     assert [int(row[0]) for row in tables.rows("per-class")[2:]] == [0, 1, 2, 3]
     assert len(tables.notes["per-class"]) == 2
+
+
+COUNTS_NOTE = (
+    "Counts are over usable (not failed) samples by given label; clean includes backfilled "
+    "samples. Criterion columns count the samples each criterion alone selects."
+)
+
+
+@pytest.mark.parametrize("truth", [True, False])
+def test_every_note_of_the_report_word_for_word(truth: bool, monkeypatch) -> None:
+    """Each section's notes, their numbers counted here from the manifest (the confusion
+    table capped at 3 classes, so that its "showing" note appears)."""
+    import cleaner.report.tables as tables_module
+
+    monkeypatch.setattr(tables_module, "MAX_CONFUSION_CLASSES", 3)
+    manifest = make_manifest(n=300, num_classes=5, truth=truth, seed=10)
+    rows = manifest.to_pylist()
+    noisy = [r for r in rows if r["status"] == "noisy"]
+    suggested = [r for r in noisy if r["suggested_label"] >= 0]
+    involved = {r["label"] for r in suggested} | {r["suggested_label"] for r in suggested}
+    present = len({r["label"] for r in rows if r["status"] != "failed"})
+    notes = SectionTables(render_report(manifest, make_summary(manifest))).notes
+    assert notes["per-class"] == [
+        PER_CLASS_NOTE,
+        COUNTS_NOTE
+        + (
+            " Precision / recall: of the class's clean selection against 'label = true label'."
+            if truth
+            else ""
+        ),
+    ]
+    assert notes["worst"] == [
+        f"The {present} of {present} classes with the lowest share of their usable samples "
+        "selected clean, lowest first (ties: the larger class first). 'Most suggested "
+        "instead': the label most often suggested for the class's noisy samples."
+    ]
+    assert notes["confusion"] == [
+        f"{len(suggested)} noisy samples have a suggested label; {len(noisy) - len(suggested)} "
+        "have none (not confident enough). Rows: given label; columns: suggested label.",
+        f"Showing the 3 most involved of {len(involved)} classes involved.",
+    ]
+    assert notes["noisy"] == [
+        f"The 30 noisy samples (of {len(noisy)}) whose suggested label is the most confident "
+        "(combined zero-shot and probe probability)."
+        + (" ✓: the suggestion is the true label." if truth else "")
+    ]
+    assert len(noisy) > 30 and len(involved) > 3 and "failures" not in notes
+
+
+def test_the_notes_of_empty_sections_word_for_word() -> None:
+    failed = make_manifest(n=40, failed_every=1, seed=11)
+    notes = SectionTables(render_report(failed, make_summary(failed))).notes
+    assert notes["worst"] == ["No usable sample."]
+    assert notes["noisy"] == ["No noisy sample."]
+    assert notes["confusion"] == [
+        "0 noisy samples have a suggested label; 0 have none (not confident enough). "
+        "Rows: given label; columns: suggested label."
+    ]
+    whole = make_manifest(n=40, failed_every=0, seed=11)
+    summary = make_summary(whole)
+    summary["counts"]["failed_by_reason"] = {}
+    assert SectionTables(render_report(whole, summary)).notes["failures"] == ["No sample failed."]
