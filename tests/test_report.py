@@ -809,7 +809,10 @@ def test_per_class_table_lists_the_classes_with_a_sample_usable_or_failed() -> N
     manifest = _relabelled(base, names, relabel)
     summary = make_summary(manifest, names)
     del summary["selection"]
-    tables = SectionTables(render_report(manifest, summary))
+    text = render_report(manifest, summary)
+    per_class = text.split('<section id="per-class">')[1].split("</section>")[0]
+    assert 'placeholder="filter by class name" aria-label="filter by class name"' in per_class
+    tables = SectionTables(text)
     _, everything, *class_rows = tables.rows("per-class")
     assert [row[0] for row in class_rows] == ["0", "1", "2", "3", "4"]
     clean = int(base.column("is_clean")[usable[0]].as_py())
