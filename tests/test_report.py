@@ -918,3 +918,43 @@ def test_the_notes_of_empty_sections_word_for_word() -> None:
     summary = make_summary(whole)
     summary["counts"]["failed_by_reason"] = {}
     assert SectionTables(render_report(whole, summary)).notes["failures"] == ["No sample failed."]
+
+
+def _headings(text: str, section: str) -> list[str]:
+    body = text.split(f'<section id="{section}">')[1].split("</section>")[0]
+    return re.findall(r"<h3>(.*?)</h3>", body)
+
+
+def test_failures_by_reason_and_the_first_failed_samples_word_for_word() -> None:
+    """The reasons from the run's counts (in their order) or, without them, grouped from the
+    manifest (most frequent first); then the first 20 failed rows: key, shard file name and
+    reason, a missing key or shard shown as a dash."""
+    base = make_manifest(n=500, failed_every=20, seed=12)  # 25 failed rows
+    rows = base.to_pylist()
+    failed = [r for r in rows if r["status"] == "failed"]
+    for j, r in enumerate(failed):
+        r["reason"] = "decode error: truncated JPEG" if j % 5 else "no label: missing .cls"
+    failed[1].update(key=None, shard=None)
+    manifest = pa.Table.from_pylist(rows, schema=base.schema)
+    summary = make_summary(manifest)
+    summary["counts"]["failed_by_reason"] = {"no label": 5, "decode error": 20}
+    text = render_report(manifest, summary)
+    assert _headings(text, "failures") == ["By reason", "First 20 of 25 failed samples"]
+    by_reason, first = SectionTables(text).tables["failures"]
+    cells = [[cell for _, cell, _ in row] for row in by_reason]
+    assert cells == [["reason", "samples"], ["no label", "5"], ["decode error", "20"]]
+    expected = [
+        [r["key"] or "—", r["shard"].rsplit("/", 1)[1] if r["shard"] else "—", r["reason"]]
+        for r in failed[:20]
+    ]
+    assert [[cell for _, cell, _ in row] for row in first] == [
+        ["key", "shard", "reason"],
+        *expected,
+    ]
+
+    del summary["counts"]["failed_by_reason"]
+    by_reason = SectionTables(render_report(manifest, summary)).tables["failures"][0]
+    assert [[cell for _, cell, _ in row] for row in by_reason][1:] == [
+        ["decode error: truncated JPEG", "20"],
+        ["no label: missing .cls", "5"],
+    ]
