@@ -216,6 +216,7 @@ def _rank_predictions(rank: int, world: int, port: int, out) -> None:
     torch.distributed.destroy_process_group()
 
 
+@pytest.mark.integration  # two spawned processes in a gloo group over a TCP port (a service)
 def test_ranks_predict_alike_after_broadcasting_batchnorm_buffers():
     """Two gloo ranks with different running statistics predict differently until rank
     0's buffers are broadcast; then they predict exactly alike (1 or N workers decide
