@@ -77,7 +77,7 @@ test-fast: $(INSTALLED)
 # mutmut mutates them ([tool.mutmut] in pyproject.toml), runs on each mutant the unit tests
 # that call its function, and tests.mutation_score prints the score on its last line.
 # Incremental: mutants/ is kept, and a rerun tests only functions changed since (`rm -rf
-# mutants` starts afresh). MUTANTS narrows a run to mutant names (globs), module by module:
+# mutants` starts afresh). MUTANTS names mutants (globs) to rerun, whatever their result:
 #   make mutate MUTANTS='training.checkpoint.* cleaner.selection.rules.*'
 MUTATE_JOBS ?= 2
 MUTANTS ?=
