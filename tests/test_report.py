@@ -599,6 +599,8 @@ def test_worst_classes_name_the_label_most_often_suggested_instead() -> None:
     no suggestion shows none."""
     manifest = make_manifest(n=600, num_classes=6, seed=9)
     rows = manifest.to_pylist()
+    for r in rows[::7]:
+        r["true_label"] = -1  # true label unknown: left out of the true noise
     # class 5: its noisy rows suggest 1 and 3 equally often (a tie), and class 4's noisy
     # rows get no suggestion at all
     noisy5 = [r for r in rows if r["status"] == "noisy" and r["label"] == 5]
@@ -622,18 +624,26 @@ def test_worst_classes_name_the_label_most_often_suggested_instead() -> None:
             r["suggested_label"] for r in mine if not r["is_clean"] and r["suggested_label"] >= 0
         )
         best = min(suggested, key=lambda s: (-suggested[s], s)) if suggested else None
+        known = [r for r in mine if r["true_label"] >= 0]
+        wrong = sum(r["true_label"] != k for r in known)
         expected.append(
             (clean / len(mine), -len(mine), k, [
                 str(k), names[k], count_text(len(mine)), count_text(clean),
                 percent_text(clean, len(mine)),
                 names[best] if best is not None else "—",
                 count_text(suggested[best]) if best is not None else "",
+                percent_text(wrong, len(known)),
             ])
         )  # fmt: skip
+    assert any(r["true_label"] == 0 for r in usable)
     header, *listed = tables.rows("worst")
-    assert header[:7] == ["#", "class", "usable", "clean", "clean %", "most suggested instead",
-                          "times"]  # fmt: skip
-    assert [row[:7] for row in listed] == [row for *_, row in sorted(expected)]
+    assert header == ["#", "class", "usable", "clean", "clean %", "most suggested instead",
+                      "times", "true noise %"]  # fmt: skip
+    assert listed == [row for *_, row in sorted(expected)]
+    aligned = [
+        attributes.get("class") == "num" for _, _, attributes in tables.tables["worst"][0][0]
+    ]
+    assert aligned == [True, False, True, True, True, False, True, True]
     assert listed[[row[0] for row in listed].index("5")][5] == names[1]  # the tie: lower label
     assert listed[[row[0] for row in listed].index("3")][5] == names[0]
 
@@ -647,6 +657,14 @@ def test_worst_classes_name_the_label_most_often_suggested_instead() -> None:
     given = str(lone[first_noisy]["label"])
     assert named[given] == [names[2], "1"]
     assert all(v == ["—", ""] for k, v in named.items() if k != given)
+
+    # class 4 without a sample, class 5 with one usable sample: 5 classes are present
+    odd = [dict(r, label=0) if r["label"] == 4 else r for r in rows]
+    fives = [i for i, r in enumerate(odd) if r["label"] == 5 and r["status"] != "failed"]
+    odd = [dict(r, label=1) if r["label"] == 5 and i != fives[0] else r for i, r in enumerate(odd)]
+    odd_manifest = pa.Table.from_pylist(odd, schema=manifest.schema)
+    notes = SectionTables(render_report(odd_manifest, summary)).notes["worst"]
+    assert notes[0].startswith("The 5 of 5 classes with the lowest share")
 
 
 def test_summary_tables_word_for_word() -> None:
