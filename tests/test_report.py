@@ -976,3 +976,64 @@ def test_failures_by_reason_and_the_first_failed_samples_word_for_word() -> None
         ["decode error: truncated JPEG", "20"],
         ["no label: missing .cls", "5"],
     ]
+
+
+def _confusion(tables: SectionTables) -> tuple[list[str], dict, dict, dict]:
+    """(column classes, cells {(given, suggested): n}, row totals, cell styles) of the
+    confusion table, by class name."""
+    header, *body = tables.tables["confusion"][0]
+    columns = [attributes["title"] for _, _, attributes in header[1:-1]]
+    cells, totals, styles = {}, {}, {}
+    for row in body:
+        given = row[0][1]
+        totals[given] = row[-1][1]
+        for column, (_, text, attributes) in zip(columns, row[1:-1], strict=True):
+            cells[given, column] = int(text.replace(",", "")) if text else 0
+            styles[given, column] = attributes.get("style")
+    return columns, cells, totals, styles
+
+
+def test_a_capped_confusion_table_shows_the_most_involved_classes(monkeypatch) -> None:
+    """Capped at 3 of 6 classes: the classes with the most noisy samples given or suggested
+    (ties: the lower label), in label order, their cells, and each row's total over all
+    suggestions (hidden columns too); cells shaded by their share of the largest."""
+    import cleaner.report.tables as tables_module
+
+    monkeypatch.setattr(tables_module, "MAX_CONFUSION_CLASSES", 3)
+    manifest = make_manifest(n=600, num_classes=6, seed=13)
+    summary = make_summary(manifest)
+    names = summary["class_names"]
+    rows = manifest.to_pylist()
+    pairs = Counter(
+        (r["label"], r["suggested_label"])
+        for r in rows
+        if r["status"] == "noisy" and r["suggested_label"] >= 0
+    )
+    involvement = Counter()
+    for (given, suggested), n in pairs.items():
+        involvement[given] += n
+        involvement[suggested] += n
+    top = sorted(sorted(involvement, key=lambda c: (-involvement[c], c))[:3])
+    columns, cells, totals, styles = _confusion(SectionTables(render_report(manifest, summary)))
+    assert columns == [names[c] for c in top] and len(involvement) == 6
+    assert cells == {(names[g], names[s]): pairs[g, s] for g in top for s in top}
+    assert totals == {
+        names[g]: count_text(sum(n for (given, _), n in pairs.items() if given == g)) for g in top
+    }
+    peak = max(pairs[g, s] for g in top for s in top)
+    for (g, s), n in cells.items():
+        alpha = f"{0.12 + 0.75 * n / peak:.2f}"
+        assert styles[g, s] == (f"background-color: rgba(231,111,81,{alpha})" if n else None)
+
+    # one noisy sample with a suggestion: two classes involved, the cell at full shade
+    lone = [dict(r, suggested_label=-1) if r["status"] == "noisy" else r for r in rows]
+    first = next(r for r in lone if r["status"] == "noisy")
+    first["suggested_label"] = (first["label"] + 1) % 6
+    tables = SectionTables(
+        render_report(pa.Table.from_pylist(lone, schema=manifest.schema), summary)
+    )
+    columns, cells, totals, styles = _confusion(tables)
+    pair = (names[first["label"]], names[first["suggested_label"]])
+    assert sorted(columns) == sorted(pair) and cells[pair] == 1 and sum(cells.values()) == 1
+    assert styles[pair] == "background-color: rgba(231,111,81,0.87)"
+    assert len(tables.notes["confusion"]) == 1  # every involved class shown: no "showing" note
