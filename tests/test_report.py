@@ -493,13 +493,19 @@ def test_noisy_samples_are_listed_most_confident_first(rendered) -> None:
     expected = sorted(noisy, key=most_confident_first)[:30]
     assert len(noisy) > 30  # the cut is exercised
     header, *listed = tables.rows("noisy")
-    assert header[:6] == ["key", "shard", "given label", "suggested", "confidence", "clean_score"]
+    assert header == ["key", "shard", "given label", "suggested", "confidence", "clean_score",
+                      "true label"]  # fmt: skip
+    aligned = [
+        attributes.get("class") == "num" for _, _, attributes in tables.tables["noisy"][0][0]
+    ]
+    assert aligned == [False, False, False, False, True, True, False]
     assert [row[0] for row in listed] == [r["key"] for _, r in expected]
     for row, (_, r) in zip(listed, expected, strict=True):
         assert row[1] == r["shard"].rsplit("/", 1)[1]
         assert row[2] == names[r["label"]]
         assert row[3] == names[r["suggested_label"]]
         assert row[4] == f"{r['suggested_confidence']:.4f}"
+        assert row[5] == f"{r['clean_score']:.4f}"
         assert row[6].removesuffix(" ✓") == names[r["true_label"]]
         assert row[6].endswith("✓") == (r["true_label"] == r["suggested_label"])
     confidences = [float(row[4]) for row in listed]
@@ -1037,3 +1043,18 @@ def test_a_capped_confusion_table_shows_the_most_involved_classes(monkeypatch) -
     assert sorted(columns) == sorted(pair) and cells[pair] == 1 and sum(cells.values()) == 1
     assert styles[pair] == "background-color: rgba(231,111,81,0.87)"
     assert len(tables.notes["confusion"]) == 1  # every involved class shown: no "showing" note
+
+
+def test_a_noisy_row_without_key_shard_suggestion_or_true_label() -> None:
+    """Dashes for what a noisy row lacks (its suggestion's confidence NaN: listed last), an
+    empty key, and no check mark where neither the suggestion nor the true label exists."""
+    base = make_manifest(n=60, num_classes=3, failed_every=0, seed=14)
+    rows = base.to_pylist()
+    noisy = [r for r in rows if r["status"] == "noisy"]
+    noisy[0].update(key=None, shard=None, suggested_label=-1, suggested_name=None,
+                    suggested_confidence=float("nan"), true_label=-1)  # fmt: skip
+    manifest = pa.Table.from_pylist(rows, schema=base.schema)
+    listed = SectionTables(render_report(manifest, make_summary(manifest))).rows("noisy")[1:]
+    assert len(listed) == len(noisy) and noisy[0]["clean_score"] is not None
+    assert listed[-1] == ["", "—", f"class {noisy[0]['label']}", "—", "—",
+                          f"{noisy[0]['clean_score']:.4f}", "—"]  # fmt: skip
