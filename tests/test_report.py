@@ -1058,3 +1058,35 @@ def test_a_noisy_row_without_key_shard_suggestion_or_true_label() -> None:
     assert len(listed) == len(noisy) and noisy[0]["clean_score"] is not None
     assert listed[-1] == ["", "—", f"class {noisy[0]['label']}", "—", "—",
                           f"{noisy[0]['clean_score']:.4f}", "—"]  # fmt: skip
+
+
+def test_criterion_counts_keep_only_the_summarys_per_class_lists_of_k_numbers() -> None:
+    """From the summary: every per-class list of K numbers except the totals; entries of
+    another length, with a non-number, or not a list are left out. Without any, from the
+    manifest, for the criteria whose threshold the configuration gives."""
+    from cleaner.report.common import _ReportData
+    from cleaner.report.tables import _criterion_counts
+
+    manifest = make_manifest(n=200, num_classes=3, seed=15)
+    summary = make_summary(manifest)
+    summary["selection"]["per_class"] = {
+        "total": [9, 9, 9], "clean": [8, 8, 8], "backfilled": [0, 1, 0],
+        "zeroshot_gmm": [1, 2, 3], "zeroshot_consistency": (4, 5, 6),
+        "probe_gmm": [1, 2], "probe_consistency": [1, "2", 3], "note": "text",
+    }  # fmt: skip
+    data = _ReportData.from_manifest(manifest, summary)
+    counts = _criterion_counts(data, summary)
+    assert {k: v.tolist() for k, v in counts.items()} == {
+        "zeroshot_gmm": [1, 2, 3],
+        "zeroshot_consistency": [4, 5, 6],
+    }
+    assert all(v.dtype == np.int64 for v in counts.values())
+
+    summary["selection"]["per_class"] = {"probe_gmm": [1, 2]}
+    del summary["config"]["selection"]["theta_gmm"]
+    counts = _criterion_counts(data, summary)
+    rows = [r for r in manifest.to_pylist() if r["status"] != "failed"]
+    assert sorted(counts) == ["probe_consistency", "zeroshot_consistency"]
+    for source in ("zeroshot", "probe"):
+        expected = Counter(r["label"] for r in rows if r[f"consistency_{source}"] >= 0.8)
+        assert counts[f"{source}_consistency"].tolist() == [expected[k] for k in range(3)]
