@@ -959,6 +959,7 @@ def test_failures_by_reason_and_the_first_failed_samples_word_for_word() -> None
     for j, r in enumerate(failed):
         r["reason"] = "decode error: truncated JPEG" if j % 5 else "no label: missing .cls"
     failed[1].update(key=None, shard=None)
+    failed[2]["reason"] = None
     manifest = pa.Table.from_pylist(rows, schema=base.schema)
     summary = make_summary(manifest)
     summary["counts"]["failed_by_reason"] = {"no label": 5, "decode error": 20}
@@ -968,19 +969,28 @@ def test_failures_by_reason_and_the_first_failed_samples_word_for_word() -> None
     cells = [[cell for _, cell, _ in row] for row in by_reason]
     assert cells == [["reason", "samples"], ["no label", "5"], ["decode error", "20"]]
     expected = [
-        [r["key"] or "—", r["shard"].rsplit("/", 1)[1] if r["shard"] else "—", r["reason"]]
+        [r["key"] or "—", r["shard"].rsplit("/", 1)[1] if r["shard"] else "—", r["reason"] or ""]
         for r in failed[:20]
     ]
     assert [[cell for _, cell, _ in row] for row in first] == [
         ["key", "shard", "reason"],
         *expected,
     ]
+    aligned = [[a.get("class") == "num" for _, _, a in table[0]] for table in (by_reason, first)]
+    assert aligned == [[False, True], [False, False, False]]
+
+    summary["counts"]["failed_by_reason"] = {}  # none given: the failed rows still show
+    assert _headings(render_report(manifest, summary), "failures") == [
+        "By reason",
+        "First 20 of 25 failed samples",
+    ]
 
     del summary["counts"]["failed_by_reason"]
     by_reason = SectionTables(render_report(manifest, summary)).tables["failures"][0]
     assert [[cell for _, cell, _ in row] for row in by_reason][1:] == [
-        ["decode error: truncated JPEG", "20"],
+        ["decode error: truncated JPEG", "19"],
         ["no label: missing .cls", "5"],
+        ["unknown", "1"],
     ]
 
 
