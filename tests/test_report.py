@@ -395,9 +395,11 @@ def test_mixture_curves_hold_the_class_count_and_skip_degenerate_classes() -> No
 # The tables against values computed here, row by row, from the manifest itself.
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def rendered() -> tuple[list[dict], dict, SectionTables]:
-    """A manifest (as rows), its summary, and its rendered report's tables."""
+    """A manifest (as rows), its summary, and its rendered report's tables. Rendered for
+    each test: mutmut maps a test to the functions it calls while it runs, so a report
+    rendered once per module would count only for the first test that asked for it."""
     manifest = make_manifest(n=400, truth=True, probe=True, seed=4)
     summary = make_summary(manifest)
     return manifest.to_pylist(), summary, SectionTables(render_report(manifest, summary))
