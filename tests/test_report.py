@@ -1032,8 +1032,15 @@ def test_a_capped_confusion_table_shows_the_most_involved_classes(monkeypatch) -
         involvement[given] += n
         involvement[suggested] += n
     top = sorted(sorted(involvement, key=lambda c: (-involvement[c], c))[:3])
-    columns, cells, totals, styles = _confusion(SectionTables(render_report(manifest, summary)))
+    text = render_report(manifest, summary)
+    tables = SectionTables(text)
+    columns, cells, totals, styles = _confusion(tables)
     assert columns == [names[c] for c in top] and len(involvement) == 6
+    section = text.split('<section id="confusion">')[1].split("</section>")[0]
+    assert not re.search(r"</t[hd]>[^<]", section)  # no text between the cells
+    for row in tables.tables["confusion"][0][1:]:
+        kinds = [attributes.get("class") for _, _, attributes in row[1:-1]]
+        assert kinds == ["num diag" if row[0][1] == c else "num" for c in columns]
     assert cells == {(names[g], names[s]): pairs[g, s] for g in top for s in top}
     assert totals == {
         names[g]: count_text(sum(n for (given, _), n in pairs.items() if given == g)) for g in top
