@@ -1109,3 +1109,12 @@ def test_criterion_counts_keep_only_the_summarys_per_class_lists_of_k_numbers() 
     for source in ("zeroshot", "probe"):
         expected = Counter(r["label"] for r in rows if r[f"consistency_{source}"] >= 0.8)
         assert counts[f"{source}_consistency"].tolist() == [expected[k] for k in range(3)]
+
+    # compared in float64: float32(0.7) is just below 0.7, so it does not pass theta 0.7
+    summary["config"]["selection"]["theta_cons"] = 0.7
+    usable = [r for r in manifest.to_pylist() if r["status"] != "failed"]
+    for r in usable:
+        r["consistency_zeroshot"] = 0.7
+    table = pa.Table.from_pylist(usable, schema=manifest.schema)
+    counts = _criterion_counts(_ReportData.from_manifest(table, summary), summary)
+    assert counts["zeroshot_consistency"].tolist() == [0, 0, 0]
