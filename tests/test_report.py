@@ -309,6 +309,7 @@ def test_thumbnails_are_embedded_for_listed_noisy_samples() -> None:
     assert 'class="thumb"' in text and text.count('class="thumb"') == 3
     assert "unreadable" in text
     assert len(png_images(text)) == 4 + 1  # the plots plus the PNG thumbnail
+    assert SectionTables(text).rows("noisy")[0][:2] == ["thumbnail", "key"]
 
 
 def test_large_class_count_lists_the_worst_classes_first_and_every_class_searchably(
