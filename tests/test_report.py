@@ -190,6 +190,11 @@ class SectionTables(HTMLParser):
         return [[text for _, text, _ in row] for row in table]
 
 
+def section_html(text: str, section: str) -> str:
+    """The markup of one section of a rendered report."""
+    return text.split(f'<section id="{section}">')[1].split("</section>")[0]
+
+
 def count_text(value: int) -> str:
     return f"{value:,}"
 
@@ -324,8 +329,8 @@ def test_large_class_count_lists_the_worst_classes_first_and_every_class_searcha
     assert text.startswith("<!DOCTYPE html>")
     assert "Showing the 50 classes with the lowest clean fraction, of 300 classes" in text
     assert "Showing the 30 most involved" in text
-    worst_section = text.split('<section id="worst">')[1].split("</section>")[0]
-    per_class = text.split('<section id="per-class">')[1].split("</section>")[0]
+    worst_section = section_html(text, "worst")
+    per_class = section_html(text, "per-class")
     assert 'input type="search" class="filter"' in per_class
     assert "getElementById(&#x27;per-class-table&#x27;)" in per_class
     assert '<table id="per-class-table">' in per_class
@@ -837,7 +842,7 @@ def test_per_class_table_lists_the_classes_with_a_sample_usable_or_failed() -> N
     summary = make_summary(manifest, names)
     del summary["selection"]
     text = render_report(manifest, summary)
-    per_class = text.split('<section id="per-class">')[1].split("</section>")[0]
+    per_class = section_html(text, "per-class")
     assert 'placeholder="filter by class name" aria-label="filter by class name"' in per_class
     tables = SectionTables(text)
     _, everything, *class_rows = tables.rows("per-class")
@@ -948,8 +953,7 @@ def test_the_notes_of_empty_sections_word_for_word() -> None:
 
 
 def _headings(text: str, section: str) -> list[str]:
-    body = text.split(f'<section id="{section}">')[1].split("</section>")[0]
-    return re.findall(r"<h3>(.*?)</h3>", body)
+    return re.findall(r"<h3>(.*?)</h3>", section_html(text, section))
 
 
 def test_failures_by_reason_and_the_first_failed_samples_word_for_word() -> None:
@@ -1037,7 +1041,7 @@ def test_a_capped_confusion_table_shows_the_most_involved_classes(monkeypatch) -
     tables = SectionTables(text)
     columns, cells, totals, styles = _confusion(tables)
     assert columns == [names[c] for c in top] and len(involvement) == 6
-    section = text.split('<section id="confusion">')[1].split("</section>")[0]
+    section = section_html(text, "confusion")
     assert not re.search(r"</t[hd]>[^<]", section)  # no text between the cells
     for row in tables.tables["confusion"][0][1:]:
         kinds = [attributes.get("class") for _, _, attributes in row[1:-1]]
