@@ -310,6 +310,16 @@ def detectors_stage(env: dict, address: str, run: Path, classes: str, args) -> d
     }
 
 
+STAGES = ("make_shards", "inspect", "clean", "train", "export")
+
+
+def stages_from(first: str | None) -> dict[str, bool]:
+    """Which stages run: all, or `first` and those after it (the earlier ones' outputs are
+    read from the workdir, e.g. after a later stage failed)."""
+    start = STAGES.index(first) if first else 0
+    return {name: i >= start for i, name in enumerate(STAGES)}
+
+
 def rate(items: float | None, seconds: float | None) -> float | None:
     return round(items / seconds, 1) if items and seconds else None
 
@@ -337,15 +347,19 @@ def run(args) -> dict:
         os.environ.update(info.env())  # this process's Ray clients (the sampler) too
         sampler = ClusterSampler(info.temp_dir, info.gcs_address)
         sampler.start()
-        timed(stage, "make_shards", lambda: run_job(
-            env, info.address, "make_shards", "--layout=imagefolder", f"--input={images}",
-            f"--output={shards}", f"shard_size={args.shard_size}",
-            f"class_names={generated['class_names']}"))  # fmt: skip
-        result["inspect"] = timed(stage, "inspect", lambda: inspect(shards))
-        timed(stage, "clean", lambda: run_job(
-            env, info.address, "clean", "--config=configs/local-cluster.yaml",
-            f"data.input={shards}", f"data.classes={classes}", f"output={run_dir}",
-            "selection.fit_mode=distributed"))  # fmt: skip
+        ran = stages_from(args.from_stage)
+        if ran["make_shards"]:
+            timed(stage, "make_shards", lambda: run_job(
+                env, info.address, "make_shards", "--layout=imagefolder", f"--input={images}",
+                f"--output={shards}", f"shard_size={args.shard_size}",
+                f"class_names={generated['class_names']}"))  # fmt: skip
+        if ran["inspect"]:
+            result["inspect"] = timed(stage, "inspect", lambda: inspect(shards))
+        if ran["clean"]:
+            timed(stage, "clean", lambda: run_job(
+                env, info.address, "clean", "--config=configs/local-cluster.yaml",
+                f"data.input={shards}", f"data.classes={classes}", f"output={run_dir}",
+                "selection.fit_mode=distributed"))  # fmt: skip
         summary = json.loads((run_dir / "summary.json").read_text())
         result.update(manifest_figures(run_dir))
         result["fit_mode"] = summary["fit"]["mode"]
@@ -355,11 +369,13 @@ def run(args) -> dict:
         result["scoring_images_per_second"] = summary["scoring"]["images_per_second"]
         result["scoring_steady_images_per_second"] = summary["scoring"]["steady_images_per_second"]
         storage = workdir / "train-runs"
-        timed(stage, "train", lambda: run_job(
-            env, info.address, "train", "--config=configs/train-local-cluster.yaml",
-            f"data.input={shards}", f"data.manifest={run_dir}", f"data.classes={classes}",
-            "data.test_input=null", "data.cache_decoded=false", "optim.epochs=1",
-            "optim.batch_size=256", "optim.milestones=[1]", f"run.storage={storage}"))  # fmt: skip
+        if ran["train"]:
+            shutil.rmtree(storage, ignore_errors=True)  # a failed run's state: start afresh
+            timed(stage, "train", lambda: run_job(
+                env, info.address, "train", "--config=configs/train-local-cluster.yaml",
+                f"data.input={shards}", f"data.manifest={run_dir}", f"data.classes={classes}",
+                "data.test_input=null", "data.cache_decoded=false", "optim.epochs=1",
+                "optim.batch_size=256", "optim.milestones=[1]", f"run.storage={storage}"))  # fmt: skip
         trained = json.loads((storage / "local-cluster" / "summary.json").read_text())
         first = trained["history"][0] if trained.get("history") else {}
         result.update(train_epochs_completed=trained.get("epochs_completed"),
@@ -371,6 +387,8 @@ def run(args) -> dict:
         if args.detectors:  # last: it rewrites the clean run's manifest (the ensemble's)
             result.update(timed(stage, "detectors", lambda: detectors_stage(
                 env, info.address, run_dir, classes, args)))  # fmt: skip
+    except Exception as err:  # the figures measured so far still go to the JSON
+        result["error"] = f"{type(err).__name__}: {err}"[-4000:]
     finally:
         if sampler is not None:
             sampler.stopping.set()
@@ -380,6 +398,8 @@ def run(args) -> dict:
     result["whole_path_seconds"] = round(
         sum(v for k, v in stage.items() if k not in ("generate", "detectors")), 1
     )
+    if sampler is None:  # the cluster did not come up: nothing was sampled
+        sampler = ClusterSampler("", "")
     result["driver_peak_rss_mb"] = round(max(sampler.driver_peak_kb.values(), default=0) / 1024)
     result["driver_peak_rss_mb_by_job"] = {
         job: round(kb / 1024) for job, kb in sampler.driver_peak_kb.items()
@@ -391,7 +411,7 @@ def run(args) -> dict:
     throughput = {
         "make_shards": rate(n, stage.get("make_shards")),
         "scoring": result.get("scoring_images_per_second"),
-        "fit": rate(n, result["clean_timings"].get("selection_s")),
+        "fit": rate(n, result.get("clean_timings", {}).get("selection_s")),
         "train": result.get("train_images_per_second"),
         # export reads every input sample's row and shard, and writes the clean ones
         "export": rate(n, stage.get("export")),
@@ -420,12 +440,19 @@ def main(argv: list[str] | None = None) -> int:
         help="then refit with selection.detector=ensemble (DeFT, CleanNet) on the same scores",
     )  # fmt: skip
     parser.add_argument("--verified-fraction", type=float, default=0.01)
+    parser.add_argument(
+        "--from-stage", choices=STAGES,
+        help="rerun from this stage on, reading the earlier stages' outputs from --workdir",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     with environ_restored():
         result = run(args)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
+    if "error" in result:
+        print(f"[rehearsal] failed: {result['error']}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -254,15 +254,19 @@ def verified_labels(cfg: CleanJobConfig, class_names: list[str]) -> VerifiedLabe
 def report_thumbnails(manifest, extensions: list[str], root: str | None) -> dict[str, bytes]:
     """Thumbnails of the samples the report lists, read back from their shards (the
     manifest's shard paths are relative to root)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
     from cleaner.report import checks_thumbnail_keys, top_noisy_keys
 
     keys = set(top_noisy_keys(manifest)) | set(checks_thumbnail_keys(manifest))
-    by_shard: dict[str, list[str]] = {}
+    wanted = pa.array(sorted(keys), type=pa.string())
+    listed = manifest.filter(pc.is_in(manifest.column("key").cast(pa.string()), value_set=wanted))
+    by_shard: dict[str, list[str]] = {}  # only the listed rows become Python strings
     for key, shard in zip(
-        manifest.column("key").to_pylist(), manifest.column("shard").to_pylist(), strict=True
+        listed.column("key").to_pylist(), listed.column("shard").to_pylist(), strict=True
     ):
-        if key in keys:
-            by_shard.setdefault(absolute_shard(shard, root), []).append(key)
+        by_shard.setdefault(absolute_shard(shard, root), []).append(key)
     return fetch_thumbnails(by_shard, extensions)
 
 

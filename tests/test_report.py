@@ -1123,3 +1123,38 @@ def test_criterion_counts_keep_only_the_summarys_per_class_lists_of_k_numbers() 
     table = pa.Table.from_pylist(usable, schema=manifest.schema)
     counts = _criterion_counts(_ReportData.from_manifest(table, summary), summary)
     assert counts["zeroshot_consistency"].tolist() == [0, 0, 0]
+
+
+def test_the_report_reads_only_the_columns_it_uses_and_renders_the_same(tmp_path) -> None:
+    """read_manifest_for_report leaves the unused columns on disk (the job's driver holds
+    what it reads: half the table at 1M rows), and the report from it is the same page."""
+    import pyarrow.parquet as pq
+
+    from cleaner.selection.manifest import read_manifest_for_report
+
+    manifest = make_manifest(n=400, seed=3)
+    n = manifest.num_rows
+    extra = {
+        "max_similarity": pa.array(np.linspace(0.1, 0.3, n)),
+        "explain_given_prompt": [f"a photo of a class {i % 5}." for i in range(n)],
+        "explain_given_similarity": pa.array(np.linspace(0.2, 0.3, n)),
+        "explain_suggested_prompt": [f"a drawing of a class {i % 3}." for i in range(n)],
+        "explain_suggested_similarity": pa.array(np.linspace(0.25, 0.35, n)),
+    }
+    for name, values in extra.items():
+        manifest = manifest.append_column(name, pa.array(values))
+    path = tmp_path / "manifest.parquet"
+    pq.write_table(manifest, path)
+    read = read_manifest_for_report(str(path))
+    left_out = set(manifest.column_names) - set(read.column_names)
+    assert left_out == {
+        "shard_pos", "argmax_zeroshot", "topk_labels_zeroshot", "topk_probs_zeroshot",
+        "p_label_zeroshot", "max_p_zeroshot", "p_label_probe", "max_p_probe", *extra,
+    }  # fmt: skip
+    assert read.num_rows == n and read.schema.equals(manifest.select(read.column_names).schema)
+
+    def page(table: pa.Table) -> str:
+        text = render_report(table, make_summary(manifest))
+        return re.sub(r"Report generated [^<]*UTC", "", text)
+
+    assert page(read) == page(manifest)

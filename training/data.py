@@ -329,7 +329,7 @@ def training_stream(index: SampleIndex, cfg, class_names: list[str], store):
         base = decoded_with_ids(index.shards, index.offsets, cfg, class_names)
         if cfg.data.cache_decoded:
             base = base.materialize()
-    return base.map_batches(
+    stream = base.map_batches(
         expand_for_epoch, fn_kwargs={"store": store, "seed": cfg.seed}
     ).map_batches(
         augment,
@@ -339,6 +339,24 @@ def training_stream(index: SampleIndex, cfg, class_names: list[str], store):
             "seed": cfg.seed,
         },
     )
+    without_downstream_capacity_backpressure(stream)
+    return stream
+
+
+def without_downstream_capacity_backpressure(ds) -> None:
+    """Turn off Ray Data's downstream-capacity backpressure for `ds` (its own context,
+    which travels with it to Ray Train's split coordinator); the object-store budget
+    still bounds it.
+
+    Ray Train splits the stream with `streaming_split(equal=True)`: the splitter hands a
+    block to the rank with the fewest rows only if the blocks left in its buffer can even
+    the ranks out again. Blocks of `expand_for_epoch` vary widely in rows (a shard's
+    selected samples times their repetition), and in DDP the ranks advance in lockstep.
+    With this policy on, the 1M-sample rehearsal deadlocked after 297 batches: rank 1
+    waited for a block the splitter could not safely hand over, rank 0 waited for rank 1
+    in DDP, so no rank pulled, and the policy held the expansion back because nobody
+    pulled (docs/benchmarks.md, the WebVision-scale rehearsal)."""
+    ds.context.downstream_capacity_backpressure_ratio = None
 
 
 def split_shards_by_samples(

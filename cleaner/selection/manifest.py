@@ -255,15 +255,29 @@ def read_shard_root(manifest_uri: str) -> str | None:
     return root.decode() if root is not None else None
 
 
+# manifest columns the report never reads: left on disk by read_manifest_for_report
+REPORT_UNUSED_COLUMNS = frozenset(
+    ("shard_pos", "argmax_zeroshot", "max_similarity", "explain_given_prompt",
+     "explain_given_similarity", "explain_suggested_prompt", "explain_suggested_similarity")
+)  # fmt: skip
+REPORT_UNUSED_PREFIXES = ("p_label_", "max_p_")
+
+
 def read_manifest_for_report(manifest_uri: str) -> pa.Table:
-    """The manifest without its list columns (the report does not read them)."""
+    """The manifest's columns that the report reads: no list columns, none of
+    REPORT_UNUSED_COLUMNS / _PREFIXES. The clean job's driver holds this table while it
+    writes the report; at 1M rows the unused columns (the explanation prompts above all)
+    were about half of it."""
     fs, path = uri_lib.resolve(manifest_uri)
     with fs.open_input_file(path) as f:
         schema = pq.read_schema(f)
         columns = [
             field.name
             for field in schema
-            if not pa.types.is_fixed_size_list(field.type) and not pa.types.is_list(field.type)
+            if not pa.types.is_fixed_size_list(field.type)
+            and not pa.types.is_list(field.type)
+            and field.name not in REPORT_UNUSED_COLUMNS
+            and not field.name.startswith(REPORT_UNUSED_PREFIXES)
         ]
     with fs.open_input_file(path) as f:
         return pq.read_table(f, columns=columns)
