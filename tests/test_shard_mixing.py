@@ -126,6 +126,10 @@ def test_the_training_stream_follows_the_epoch_order(local_ray, tmp_path, cache_
     context.execution_options.preserve_order = True
     try:
         stream = training_stream(index, cfg, load_class_spec("demo").names, store)
+        # the policy that deadlocked the 1M rehearsal's split epoch is off for this stream
+        # alone (training.data.without_downstream_capacity_backpressure)
+        assert stream.context.downstream_capacity_backpressure_ratio is None
+        assert context.downstream_capacity_backpressure_ratio is not None
         seen = []
         for epoch in range(2):
             state = {"repeat": np.ones(n), "labels": np.zeros(n, dtype=np.int64)}
