@@ -316,6 +316,8 @@ STAGES = ("make_shards", "inspect", "clean", "train", "export")
 def stages_from(first: str | None) -> dict[str, bool]:
     """Which stages run: all, or `first` and those after it (the earlier ones' outputs are
     read from the workdir, e.g. after a later stage failed)."""
+    if first is not None and first not in STAGES:
+        raise ValueError(f"unknown stage {first!r}; the stages: {', '.join(STAGES)}")
     start = STAGES.index(first) if first else 0
     return {name: i >= start for i, name in enumerate(STAGES)}
 
