@@ -15,10 +15,11 @@ import os
 import subprocess
 import sys
 
+from benchmarks.procstats import status_kb
+
 
 def _peak_mb() -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) // 1024 for line in f if line.startswith("VmHWM"))
+    return status_kb("self", "VmHWM") // 1024
 
 
 def measure(path: str, how: str) -> dict:
